@@ -1,0 +1,241 @@
+"""The ``finegrain`` command line: train, evaluate, predict, data check."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from finegrain import __version__
+from finegrain.config import TrainConfig
+from finegrain.errors import FinegrainError
+
+TRAIN_HELP = {
+    "data": "dataset folder (CUB layout or ImageFolder) or CSV manifest",
+    "format": "dataset layout: auto, cub, imagefolder, manifest",
+    "val_fraction": "fraction of each class's training images held out for validation (model selection)",
+    "test_fraction": "fraction of each class held out as test when the dataset has no test split",
+    "skip_bad": "skip unreadable images (and report them) instead of stopping",
+    "method": "FGVC method (see `finegrain models`)",
+    "backbone": "timm backbone name",
+    "pretrained": "start from ImageNet weights (offline for tf_efficientnet_lite0/1/2)",
+    "weights": "local backbone weights file (.pth/.safetensors) instead of downloading",
+    "drop_rate": "dropout before the classifier",
+    "freeze_backbone": "train only the head (fast: features are computed once and cached)",
+    "input_size": "input resolution (default: the backbone's)",
+    "crop_pct": "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)",
+    "epochs": "training epochs",
+    "batch_size": "batch size per process",
+    "optimizer": "adamw or sgd",
+    "lr": "peak learning rate",
+    "weight_decay": "weight decay (not applied to biases and norms)",
+    "momentum": "SGD momentum",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "min_lr": "final learning rate of the cosine schedule",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "clip_grad": "clip the gradient norm to this value (0 or none: off)",
+    "ema": "keep an exponential moving average of the weights and evaluate/save it",
+    "ema_decay": "EMA decay per step",
+    "scale_min": "smallest area fraction of the random-resized crop",
+    "color_jitter": "brightness/contrast/saturation jitter strength",
+    "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
+    "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
+    "amp": "bf16 autocast (faster on CPU and GPU) or none",
+    "channels_last": "channels-last memory format (faster convolutions on CPU)",
+    "workers": "DataLoader worker processes",
+    "device": "auto, cpu, cuda",
+    "seed": "random seed (splits, initialisation, data order)",
+    "run_dir": "output folder (default runs/<method>-<time>)",
+    "cache_dir": "feature cache folder (env FINEGRAIN_CACHE)",
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(type(default).__name__, str)
+            if f.name in ("input_size",):
+                kind = int
+            if f.name == "clip_grad":
+                kind = _optional_float
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "0", "off") else float(text)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finegrain.engine.train import fit
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        cfg = TrainConfig(**{"epochs": overrides["epochs"]}) if "epochs" in overrides else None
+        run_dir = fit(cfg, resume=args.resume).run_dir
+    else:
+        base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
+        cfg = TrainConfig.from_dict({**base, **overrides})
+        run_dir = fit(cfg).run_dir
+    print(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from finegrain.engine.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(
+        args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, workers=args.workers,
+        amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out,
+    )  # fmt: skip
+    print(
+        f"{args.split}: {r['n']} images  top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+        f"mean per-class {100 * r['mean_class_acc']:.2f}%  ({r['seconds']:.0f}s)"
+    )
+    if r["skipped_bad"]:
+        print(f"skipped {r['skipped_bad']} unreadable image(s) (--skip-bad)")
+    print(f"written: {Path(args.out or Path(r['checkpoint']).parent) / f'eval_{args.split}.json'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from finegrain.predict import Predictor, list_images
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "class", "prob"])
+        for r in results:
+            writer.writerows([r["path"], i + 1, t["class"], f"{t['prob']:.6f}"] for i, t in enumerate(r["top"]))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("image", "rank", "class", "probability")
+        for r in results:
+            for i, t in enumerate(r["top"]):
+                table.add_row(Path(r["path"]).name if i == 0 else "", str(i + 1), t["class"], f"{t['prob']:.3f}")
+        Console().print(table)
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from finegrain.data import load_dataset
+    from finegrain.data.check import check_dataset
+
+    index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed)
+    report = check_dataset(index)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 1
+    d = report.to_dict()
+    print(f"{index.format} dataset '{args.path}': {d['num_classes']} classes, images per split {d['images']}")
+    for sp, c in report.counts.items():
+        print(f"  {sp:5s}: {min(c)}-{max(c)} images per class")
+    w, h = report.sizes["width"], report.sizes["height"]
+    if w:
+        print(f"  image size: width {w['min']}-{w['max']} (median {w['median']:.0f}), "
+              f"height {h['min']}-{h['max']} (median {h['median']:.0f})")  # fmt: skip
+    for note in report.notes:
+        print(f"  note: {note}")
+    for path, reason in report.bad:
+        print(f"BAD IMAGE {path}: {reason}")
+    for group in report.duplicates:
+        print(f"DUPLICATE files (identical bytes): {', '.join(group)}")
+    for group in report.leaks:
+        print(f"LEAK across train/test: {', '.join(group)}")
+    verdict = "OK" if report.ok else f"{len(report.bad)} bad file(s), {len(report.leaks)} train/test leak(s)"
+    print(f"result: {verdict}" + (f"; {len(report.duplicates)} duplicate group(s)" if report.duplicates else ""))
+    return 0 if report.ok else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    from finegrain.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image classification.")
+    parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model", description="Train a model; works under torchrun (DDP).")
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
+    _add_train_options(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5/per-class accuracy and confusion matrix")
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default: test)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    p.add_argument("--workers", type=int, default=TrainConfig().workers, help="DataLoader workers")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default: none)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("target", help="image file or folder")
+    p.add_argument("--topk", type=int, default=5, help="(default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON output")
+    out.add_argument("--csv", action="store_true", help="CSV output")
+    p.set_defaults(func=_predict)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")
+    p.add_argument("path", help="dataset folder or CSV manifest")
+    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--val-fraction", type=float, default=0.0, help="(default: 0)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="JSON report")
+    p.set_defaults(func=_data_check)
+
+    p = sub.add_parser("models", help="list the registered methods")
+    p.set_defaults(func=_models)
+    return parser
+
+
+def _clean_message(e: Exception) -> str:
+    """DataLoader workers wrap errors with their traceback: keep the finegrain message only."""
+    text = str(e)
+    if "Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FinegrainError as e:
+        print(f"finegrain: error: {_clean_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finegrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Training configuration: one flat dataclass; the CLI, YAML files and checkpoints all map onto it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from finegrain.errors import ConfigError
+
+DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FINEGRAIN_CACHE", str(Path.home() / ".cache" / "finegrain"))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = DEFAULT_DATA
+    format: str = "auto"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    skip_bad: bool = False
+    # model
+    method: str = "baseline"
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    drop_rate: float = 0.2
+    freeze_backbone: bool = True
+    input_size: int | None = None  # None: the backbone's own
+    crop_pct: float = 1.0
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 5.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    # augmentation (full training) / feature views (frozen backbone)
+    scale_min: float = 0.35
+    color_jitter: float = 0.2
+    cache_features: bool = True
+    feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
+    # speed
+    amp: str = "bf16"  # bf16 autocast (CPU and GPU) or "none"
+    channels_last: bool = True
+    workers: int = min(4, os.cpu_count() or 1)
+    device: str = "auto"
+    # bookkeeping
+    seed: int = 0
+    run_dir: str | None = None
+    cache_dir: str = default_cache_dir()
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got '{self.optimizer}'"),
+            (self.amp in ("none", "bf16"), f"amp must be none or bf16, got '{self.amp}'"),
+            (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
+            (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"),
+            (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
+            (0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]"),
+            (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of option: value")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})

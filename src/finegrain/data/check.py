@@ -1,0 +1,81 @@
+"""``finegrain data check``: everything wrong with a dataset, listed by path, in one pass."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from finegrain.data.datasets import DatasetIndex
+from finegrain.data.loading import open_image
+from finegrain.errors import BadImageError
+
+
+@dataclass
+class CheckReport:
+    classes: list[str]
+    counts: dict[str, list[int]]  # split -> images per class
+    sizes: dict[str, dict[str, float]]  # width/height -> min/median/max
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical files
+    leaks: list[list[str]] = field(default_factory=list)  # duplicate groups that span train/val and test
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Bad files and train/test leaks are errors; duplicates inside one split are only listed."""
+        return not self.bad and not self.leaks
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "num_classes": len(self.classes),
+            "images": {sp: int(sum(c)) for sp, c in self.counts.items()},
+            "per_class": {name: {sp: c[i] for sp, c in self.counts.items()} for i, name in enumerate(self.classes)},
+            "image_size": self.sizes,
+            "bad_files": [{"path": p, "reason": r} for p, r in self.bad],
+            "duplicates": self.duplicates,
+            "train_test_leaks": self.leaks,
+            "notes": self.notes,
+        }
+
+
+def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
+    """Decode every image (truncation included), hash every file, and count per class and split."""
+    splits = sorted({s.split for s in index.samples}, key=["train", "val", "test"].index)
+    counts = {sp: [0] * len(index.classes) for sp in splits}
+    widths, heights, bad = [], [], []
+    by_hash: dict[str, list] = defaultdict(list)
+    for s in tqdm(index.samples, desc="checking", disable=not progress, unit="img"):
+        counts[s.split][s.label] += 1
+        data = s.path.read_bytes()
+        by_hash[hashlib.sha1(data).hexdigest()].append(s)
+        try:
+            w, h = open_image(s.path).size
+            widths.append(w)
+            heights.append(h)
+        except BadImageError as e:
+            bad.append((str(s.path), str(e.__cause__)))
+    groups = [g for g in by_hash.values() if len(g) > 1]
+    leaks = [g for g in groups if {x.split for x in g} & {"test"} and {x.split for x in g} - {"test"}]
+
+    def stats(v: list[int]) -> dict[str, float]:
+        return {"min": int(min(v)), "median": float(np.median(v)), "max": int(max(v))} if v else {}
+
+    notes = list(index.notes)
+    for sp, c in counts.items():
+        empty = [index.classes[i] for i, n in enumerate(c) if n == 0]
+        if empty and sp != "val":
+            notes.append(f"{len(empty)} class(es) have no {sp} images: {', '.join(empty[:5])}")
+    return CheckReport(
+        classes=index.classes,
+        counts=counts,
+        sizes={"width": stats(widths), "height": stats(heights)},
+        bad=bad,
+        duplicates=[[str(x.path) for x in g] for g in groups],
+        leaks=[[f"{x.split}:{x.path}" for x in g] for g in leaks],
+        notes=notes,
+    )

@@ -1,0 +1,59 @@
+"""Image preprocessing: one implementation shared by training, evaluation, prediction, export and serving."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torchvision import transforms as T
+
+INTERPOLATION = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its input; stored in every checkpoint and exported file."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0  # resize to input_size / crop_pct, then centre-crop input_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def eval_transform(pre: Preprocess) -> T.Compose:
+    resize = int(round(pre.input_size / pre.crop_pct))
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=INTERPOLATION[pre.interpolation]),
+            T.CenterCrop(pre.input_size),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+def train_transform(
+    pre: Preprocess, scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, color_jitter: float = 0.2
+) -> T.Compose:
+    """Random-resized crop (milder than ImageNet's 0.08: small parts must stay in view), flip, colour."""
+    ops = [
+        T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=INTERPOLATION[pre.interpolation]),
+        T.RandomHorizontalFlip(hflip),
+    ]
+    if color_jitter > 0:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    ops += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(ops)

@@ -1,0 +1,72 @@
+"""Checkpoints that carry everything needed to predict: weights, classes, method config, preprocessing.
+
+Written atomically (temp file + rename) so a killed run never leaves half a file; read with
+``weights_only=True``, so loading a checkpoint never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from finegrain import __version__
+from finegrain.data.transforms import Preprocess
+from finegrain.errors import CheckpointError
+from finegrain.models import create_model
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_record(model: nn.Module, classes: list[str]) -> dict:
+    """The part of a checkpoint that rebuilds and runs the model without the dataset."""
+    kwargs = {k: v for k, v in model.model_kwargs.items() if k not in ("pretrained", "weights")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "finegrain_version": __version__,
+        "method": model.method,
+        "model_kwargs": kwargs,
+        "classes": list(classes),
+        "preprocess": model.preprocess.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist (pass a .pt file or a run directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"'{path}' is not a finegrain checkpoint (no method / state_dict)")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def build_model(ckpt: dict) -> nn.Module:
+    """Rebuild the model of a checkpoint (no download, no dataset) and load its weights strictly."""
+    model = create_model(ckpt["method"], pretrained=False, **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    return model.eval()

@@ -1,0 +1,325 @@
+"""The training engine: one loop for full fine-tuning and for a head on cached features, DDP-ready.
+
+Under ``torchrun`` each rank trains on its shard (DistributedSampler), gradients are averaged by DDP,
+metrics are summed across ranks, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+from tqdm import tqdm
+
+from finegrain.config import TrainConfig
+from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
+from finegrain.data.transforms import eval_transform, train_transform
+from finegrain.engine import distributed as fgdist
+from finegrain.engine.checkpoint import load_checkpoint, model_record, save_atomic
+from finegrain.engine.evaluate import autocast, evaluate, to_device
+from finegrain.engine.features import extract_features
+from finegrain.errors import CheckpointError, DataError
+from finegrain.models import create_model
+
+
+@dataclass
+class Task:
+    """What the loop optimises: the whole model on images, or only the head on cached features."""
+
+    trainable: nn.Module
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset | None
+    workers: int
+    images: bool
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _log(info: fgdist.DistInfo, message: str) -> None:
+    if info.is_main:
+        tqdm.write(message)
+
+
+def _prepare_run_dir(cfg: TrainConfig, info: fgdist.DistInfo) -> Path:
+    name = [cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if info.enabled:
+        dist.broadcast_object_list(name, src=0)  # every rank must agree on the folder
+    run_dir = Path(name[0])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _drop_bad(index, cfg: TrainConfig, run_dir: Path, info: fgdist.DistInfo):
+    """--skip-bad: decode everything once, drop what fails, and say how many and which."""
+    bad = find_bad_images([s for s in index.samples if s.split != "test"], progress=info.is_main)
+    if bad:
+        dropped = {s.path for s, _ in bad}
+        index.samples = [s for s in index.samples if s.path not in dropped]
+        if info.is_main:
+            (run_dir / "skipped.txt").write_text("".join(f"{s.path}\t{why}\n" for s, why in bad))
+        _log(info, f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
+    return index
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    model = create_model(
+        cfg.method,
+        num_classes=num_classes,
+        backbone=cfg.backbone,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        drop_rate=cfg.drop_rate,
+        freeze_backbone=cfg.freeze_backbone,
+    )
+    if cfg.input_size is not None or cfg.crop_pct != model.preprocess.crop_pct:
+        model.preprocess = replace(
+            model.preprocess, input_size=cfg.input_size or model.preprocess.input_size, crop_pct=cfg.crop_pct
+        )
+    return model
+
+
+def _feature_task(model, index, cfg, device, info) -> Task:
+    """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
+    labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
+
+    def features(split: str, flip: bool) -> torch.Tensor:
+        kw = dict(amp=cfg.amp, channels_last=cfg.channels_last, workers=cfg.workers, cache_dir=cfg.cache_dir)
+        return extract_features(model, index.split(split), model.preprocess, device, flip=flip, desc=split, **kw)
+
+    views = [False, True] if cfg.feature_flip else [False]
+    for rank_turn in (True, False):  # rank 0 fills the cache first; the others then read it
+        if info.is_main == rank_turn:
+            train_x = torch.cat([features("train", f) for f in views])
+            val_x = features("val", False) if len(labels["val"]) else None
+        fgdist.barrier()
+    train_set = TensorDataset(train_x, labels["train"].repeat(len(views)))
+    val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
+    return Task(model.head, train_set, val_set, workers=0, images=False)
+
+
+def _image_task(model, index, cfg) -> Task:
+    pre = model.preprocess
+    tf = train_transform(pre, scale=(cfg.scale_min, 1.0), color_jitter=cfg.color_jitter)
+    val = index.split("val")
+    val_set = ImageDataset(val, eval_transform(pre)) if val else None
+    return Task(model, ImageDataset(index.split("train"), tf), val_set, workers=cfg.workers, images=True)
+
+
+def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+
+
+def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info) -> dict:
+    module.train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    steps = len(loader)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main, leave=False)
+    for step, (x, y) in enumerate(bar):
+        x = to_device(x, device, task.images and cfg.channels_last)
+        y = y.to(device)
+        with autocast(device, cfg.amp if task.images else "none"):
+            logits = module(x)
+        loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}: lower --lr or use --amp none")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
+        optimizer.step()
+        scheduler.step_update(epoch * steps + step + 1)
+        if ema is not None:
+            ema.update(module.module if isinstance(module, DistributedDataParallel) else module)
+        stats += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+        rate = stats[2].item() * info.world_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.3f}", img_s=f"{rate:.1f}")
+    fgdist.all_reduce_sum(stats)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": stats[0].item() / stats[2].item(),
+        "train_acc": stats[1].item() / stats[2].item(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_seconds": seconds,
+        "samples_per_s": stats[2].item() / seconds,
+    }
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    model: nn.Module  # the trained model, on every rank
+    history: list[dict]  # one metrics row per epoch run in this call
+
+
+def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> FitResult:
+    """Train as ``cfg`` says, or continue the run in ``resume`` from its ``last.pt``."""
+    resume_state = None
+    if resume is not None:
+        last = Path(resume) / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"cannot resume: '{last}' does not exist (pass the run directory of a run)")
+        resume_state = load_checkpoint(last)
+        saved = TrainConfig.from_dict(resume_state["config"])
+        saved.run_dir = str(resume)
+        if cfg is not None and cfg.epochs != saved.epochs:
+            saved.epochs = cfg.epochs  # the one setting that may change on resume: train longer
+        cfg = saved
+    cfg = (cfg or TrainConfig()).validate()
+
+    device = fgdist.resolve_device(cfg.device)
+    info = fgdist.init_distributed(device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    seed_everything(cfg.seed + info.rank)
+    run_dir = _prepare_run_dir(cfg, info)
+
+    split_file = run_dir / "split.csv"
+    index = load_dataset(
+        cfg.data, cfg.format, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        split_file=split_file if resume_state else None,
+    )  # fmt: skip
+    if not index.split("train"):
+        raise DataError(f"'{cfg.data}' has no training images after the split")
+    if info.is_main:
+        save_split(index, split_file)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.skip_bad:
+        index = _drop_bad(index, cfg, run_dir, info)
+    counts = {sp: len(index.split(sp)) for sp in ("train", "val", "test")}
+    _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
+
+    model = build_model(cfg, len(index.classes)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cached = cfg.freeze_backbone and cfg.cache_features and hasattr(model, "pooled_features")
+    task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
+    _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
+
+    sampler = DistributedSampler(
+        task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+        drop_last=len(task.train_set) >= cfg.batch_size * info.world_size * 2,
+    )  # fmt: skip
+    loader = DataLoader(
+        task.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=task.workers,
+        persistent_workers=task.workers > 0, drop_last=sampler.drop_last,
+    )  # fmt: skip
+    val_loader = None
+    if task.val_set is not None:
+        shard = Subset(task.val_set, range(info.rank, len(task.val_set), info.world_size))
+        val_loader = DataLoader(shard, batch_size=cfg.batch_size * 2, num_workers=task.workers)
+
+    module = DistributedDataParallel(task.trainable) if info.enabled else task.trainable
+    optimizer = _optimizer(task.trainable, cfg)
+    steps = len(loader)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
+        warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False,
+    )  # fmt: skip
+    ema = ModelEmaV3(task.trainable, decay=cfg.ema_decay) if cfg.ema else None
+
+    start_epoch, best = 0, -math.inf
+    if resume_state is not None:
+        state = resume_state["resume"]
+        task.trainable.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        start_epoch, best = resume_state["epoch"] + 1, state["best"]
+        _log(info, f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
+
+    classes, history = index.classes, []
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        row = {"epoch": epoch + 1}
+        row.update(train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info))
+        scheduler.step(epoch + 1)
+        eval_module = ema.module if ema is not None else task.trainable
+        if val_loader is not None:
+            m = evaluate(eval_module, val_loader, len(classes), device, amp=cfg.amp if task.images else "none",
+                         channels_last=cfg.channels_last and task.images)  # fmt: skip
+            row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
+        score = row.get("val_top1", row["train_acc"])
+        if info.is_main:
+            _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, scheduler, ema, best)
+            if score >= best:
+                best = score
+                save_atomic(_record(model, task, eval_module, classes, cfg, epoch, row), run_dir / "best.pt")
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
+            tqdm.write(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}"
+                f"{val} ({row['epoch_seconds']:.1f}s, {row['samples_per_s']:.1f}/s)"
+            )
+        best = max(best, score)
+        history.append(row)
+    fgdist.barrier()
+    return FitResult(run_dir, model, history)
+
+
+def _record(model, task, eval_module, classes, cfg, epoch, row) -> dict:
+    """A predict-ready checkpoint; with EMA, the averaged weights are the ones to predict with."""
+    trained = {k: v.clone() for k, v in task.trainable.state_dict().items()}
+    task.trainable.load_state_dict(eval_module.state_dict())
+    record = model_record(model, classes)
+    task.trainable.load_state_dict(trained)
+    record.update({"config": cfg.to_dict(), "epoch": epoch, "metrics": row})
+    return record
+
+
+def _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, scheduler, ema, best) -> None:
+    record = _record(model, task, eval_module, classes, cfg, epoch, row)
+    record["resume"] = {
+        "trainable": task.trainable.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": _rng_state(),
+        "best": max(best, row.get("val_top1", row["train_acc"])),
+    }
+    save_atomic(record, run_dir / "last.pt")

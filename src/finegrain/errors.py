@@ -1,0 +1,33 @@
+"""Errors that finegrain reports to the user as a message, not a traceback."""
+
+
+class FinegrainError(Exception):
+    """Base class: the CLI prints the message and exits with status 2."""
+
+
+class DataError(FinegrainError):
+    """The dataset on disk is malformed: a missing file, an unresolved id, an empty class ..."""
+
+
+class BadImageError(DataError):
+    """An image file cannot be decoded (unreadable, truncated or not an image)."""
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        # The DataLoader re-raises worker errors as ``type(exc)(message)``: accept a single string too.
+        if reason:
+            message = (
+                f"cannot read image '{path}': {reason}. "
+                "Run `finegrain data check` on the dataset to list every bad file, "
+                "fix or remove them, or pass --skip-bad to train without them."
+            )
+        else:
+            message = path
+        super().__init__(message)
+
+
+class ConfigError(FinegrainError):
+    """An option or configuration value is invalid."""
+
+
+class CheckpointError(FinegrainError):
+    """A checkpoint or weights file is missing or cannot be used."""

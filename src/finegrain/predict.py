@@ -1,0 +1,69 @@
+"""Prediction from a checkpoint alone: no dataset, no download; the training-time eval preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from finegrain.data.loading import open_image
+from finegrain.data.transforms import Preprocess, eval_transform
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.distributed import resolve_device
+from finegrain.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def list_images(target: str | Path) -> list[Path]:
+    """An image file, or every image file under a folder (sorted)."""
+    target = Path(target).expanduser()
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{target}'")
+        return files
+    raise DataError(f"'{target}' does not exist: pass an image file or a folder of images")
+
+
+class Predictor:
+    """Top-k classes with probabilities for PIL images or files."""
+
+    def __init__(self, model: nn.Module, classes: Sequence[str], preprocess: Preprocess, device="cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.transform = eval_transform(preprocess)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt)
+        return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device))
+
+    @torch.inference_mode()
+    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = torch.stack([self.transform(img.convert("RGB")) for img in images])
+        x = x.to(self.device, memory_format=torch.channels_last)
+        return self.model(x).float().softmax(-1).cpu()
+
+    def topk(self, probs: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [
+            [{"class": self.classes[i], "index": int(i), "prob": float(v)} for v, i in zip(vs, ix, strict=True)]
+            for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def predict_files(self, paths: Sequence[str | Path], k: int = 5, batch_size: int = 32) -> list[dict]:
+        out = []
+        for i in range(0, len(paths), batch_size):
+            chunk = list(paths[i : i + batch_size])
+            probs = self.probabilities([open_image(p) for p in chunk])
+            out += [{"path": str(p), "top": t} for p, t in zip(chunk, self.topk(probs, k), strict=True)]
+        return out
