@@ -237,6 +237,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     cached = cfg.freeze_backbone and cfg.cache_features and hasattr(model, "pooled_features")
     task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
+    seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm
 
     sampler = DistributedSampler(
         task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
@@ -264,8 +265,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     if resume_state is not None:
         state = resume_state["resume"]
         task.trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of the step: nothing to load
         if ema is not None:
             ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
@@ -285,7 +285,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
             row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
         score = row.get("val_top1", row["train_acc"])
         if info.is_main:
-            _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, scheduler, ema, best)
+            _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, ema, best)
             if score >= best:
                 best = score
                 save_atomic(_record(model, task, eval_module, classes, cfg, epoch, row), run_dir / "best.pt")
@@ -312,12 +312,11 @@ def _record(model, task, eval_module, classes, cfg, epoch, row) -> dict:
     return record
 
 
-def _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, scheduler, ema, best) -> None:
+def _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, ema, best) -> None:
     record = _record(model, task, eval_module, classes, cfg, epoch, row)
     record["resume"] = {
         "trainable": task.trainable.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "rng": _rng_state(),
         "best": max(best, row.get("val_top1", row["train_acc"])),

@@ -1,0 +1,113 @@
+"""Tiny generated datasets in each layout: fast, and learnable (the class decides colour and shape)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from finegrain.config import TrainConfig
+
+CUB100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cub100"
+COLOURS = [(220, 40, 40), (40, 180, 40), (40, 60, 220), (230, 200, 30)]
+
+
+def synthetic_image(label: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Noise background; a class-coloured shape at a random place (square for even, disc for odd)."""
+    bg = rng.integers(60, 140, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    draw = ImageDraw.Draw(img)
+    r = size // 5
+    cx, cy = rng.integers(r, size - r, size=2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    colour = COLOURS[label % len(COLOURS)]
+    (draw.rectangle if label % 2 == 0 else draw.ellipse)(box, fill=colour)
+    return img
+
+
+def write_images(folder: Path, label: int, n: int, rng: np.random.Generator, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"img_{i:03d}.jpg"
+        synthetic_image(label, rng).save(p, quality=95)
+        paths.append(p)
+    return paths
+
+
+def make_imagefolder(root: Path, num_classes: int = 4, per_class: int = 10, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        write_images(root / f"class_{c}", c, per_class, rng)
+    return root
+
+
+def make_cub(root: Path, num_classes: int = 4, per_class: int = 10, seed: int = 0, parts: bool = True) -> Path:
+    """The official CUB-200-2011 file set, with boxes and two part keypoints per image."""
+    rng = np.random.default_rng(seed)
+    images, labels, split, boxes, locs = [], [], [], [], []
+    image_id = 0
+    for c in range(num_classes):
+        name = f"{c + 1:03d}.Species_{c}"
+        for i, p in enumerate(write_images(root / "images" / name, c, per_class, rng)):
+            image_id += 1
+            images.append(f"{image_id} {name}/{p.name}")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {1 if i < per_class // 2 else 0}")
+            boxes.append(f"{image_id} 4.0 5.0 40.0 30.0")
+            locs += [f"{image_id} 1 10.0 12.0 1", f"{image_id} 2 0.0 0.0 0"]
+    (root / "classes.txt").write_text("".join(f"{c + 1} {c + 1:03d}.Species_{c}\n" for c in range(num_classes)))
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
+    if parts:
+        (root / "parts").mkdir()
+        (root / "parts" / "parts.txt").write_text("1 beak\n2 tail\n")
+        (root / "parts" / "part_locs.txt").write_text("\n".join(locs) + "\n")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "folder")
+
+
+@pytest.fixture
+def cub(tmp_path: Path) -> Path:
+    return make_cub(tmp_path / "cub")
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """A config factory for fast runs: 64 px inputs, no workers, caches inside the test's folder."""
+
+    def make(data: Path, **overrides) -> TrainConfig:
+        base = dict(
+            data=str(data),
+            input_size=64,
+            epochs=3,
+            batch_size=8,
+            workers=0,
+            amp="none",
+            cache_dir=str(tmp_path / "cache"),
+            run_dir=str(tmp_path / "run"),
+            val_fraction=0.2,
+        )
+        base.update(overrides)
+        return TrainConfig(**base).validate()
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield
+
+
+def needs_cub100():
+    return pytest.mark.skipif(not CUB100.is_dir(), reason=f"real data not found at {CUB100}")

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from finegrain.cli import main
+from finegrain.data import load_dataset
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine import train as train_module
+from finegrain.engine.train import fit
+from finegrain.predict import Predictor
+
+from .conftest import make_imagefolder
+
+
+def test_frozen_head_learns_the_task(cub, tiny_config):
+    result = fit(tiny_config(cub, epochs=15, lr=3e-3))
+    last = result.history[-1]
+    assert last["val_top1"] >= 0.75  # chance is 0.25
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 15
+
+
+def test_full_finetuning_learns_the_task(tmp_path, tiny_config):
+    data = make_imagefolder(tmp_path / "f", num_classes=2, per_class=16)
+    result = fit(tiny_config(data, epochs=4, freeze_backbone=False, lr=1e-3, amp="bf16", ema=True, ema_decay=0.9))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["val_top1"] > 0.5  # chance is 0.5: strictly better
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
+    result = fit(tiny_config(cub, epochs=2))
+    ckpt = load_checkpoint(result.run_dir / "last.pt")
+    assert ckpt["classes"] == load_dataset(cub).classes
+    assert ckpt["preprocess"]["input_size"] == 64 and ckpt["method"] == "baseline"
+    predictor = Predictor.from_checkpoint(result.run_dir / "last.pt", device="cpu")
+    paths = sorted(cub.rglob("*.jpg"))[:6]
+    probs = torch.tensor([[t["prob"] for t in r["top"]] for r in predictor.predict_files(paths, k=4)])
+    from finegrain.data import open_image
+
+    model = result.model.eval()
+    x = torch.stack([predictor.transform(open_image(p)) for p in paths])
+    with torch.inference_mode():
+        expected = model(x).softmax(-1).topk(4).values
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
+    rebuilt = build_model(ckpt)
+    for k, v in rebuilt.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k].cpu(), atol=0, rtol=0)
+
+
+def test_resume_continues_exactly(cub, tiny_config, tmp_path, monkeypatch):
+    straight = fit(tiny_config(cub, epochs=4, run_dir=str(tmp_path / "a")))
+
+    real_epoch = train_module.train_one_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        if args[8] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(cub, epochs=4, run_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    resumed = fit(None, resume=tmp_path / "b")
+    assert [r["epoch"] for r in resumed.history] == [3, 4]
+    for (k, a), b in zip(straight.model.head.state_dict().items(), resumed.model.head.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_cli_train_evaluate_predict(cub, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--input-size", "64", "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--data", str(cub), "--epochs", "8", "--lr", "3e-3", "--run-dir", str(run), *common]) == 0
+    assert main(["evaluate", str(run), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out
+    report = json.loads((run / "eval_test.json").read_text())
+    assert report["n"] == 20 and report["top1"] > 0.5
+    confusion = (run / "confusion_test.csv").read_text().splitlines()
+    assert len(confusion) == 5 and sum(int(v) for line in confusion[1:] for v in line.split(",")[1:]) == 20
+
+    image = sorted(cub.rglob("*.jpg"))[0]
+    assert main(["predict", str(run), str(image), "--json", "--topk", "3"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 1 and len(preds[0]["top"]) == 3
+    assert abs(sum(t["prob"] for t in preds[0]["top"]) - 1) < 0.5
+    assert main(["predict", str(run), str(cub / "images"), "--csv", "--topk", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 40 * 2
+
+
+def test_config_yaml_and_cli_errors(tmp_path, capsys, imagefolder):
+    (tmp_path / "c.yaml").write_text("epochs: 0\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--data", str(imagefolder)]) == 2
+    assert "epochs must be >= 1" in capsys.readouterr().err
+    (tmp_path / "d.yaml").write_text("epoch: 3\n")
+    assert main(["train", "--config", str(tmp_path / "d.yaml")]) == 2
+    assert "unknown config key(s): epoch" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--data", str(imagefolder), "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
