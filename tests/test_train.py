@@ -5,8 +5,8 @@ import torch
 
 from finegrain.cli import main
 from finegrain.data import load_dataset
-from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine import train as train_module
+from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.predict import Predictor
 
@@ -64,7 +64,9 @@ def test_resume_continues_exactly(cub, tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     resumed = fit(None, resume=tmp_path / "b")
     assert [r["epoch"] for r in resumed.history] == [3, 4]
-    for (k, a), b in zip(straight.model.head.state_dict().items(), resumed.model.head.state_dict().values()):
+    for (k, a), b in zip(
+        straight.model.head.state_dict().items(), resumed.model.head.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

@@ -23,6 +23,7 @@ TRAIN_HELP = {
     "backbone": "timm backbone name",
     "pretrained": "start from ImageNet weights (offline for tf_efficientnet_lite0/1/2)",
     "weights": "local backbone weights file (.pth/.safetensors) instead of downloading",
+    "init_from": "start from the weights of a finegrain checkpoint (same method, backbone and classes)",
     "drop_rate": "dropout before the classifier",
     "freeze_backbone": "train only the head (fast: features are computed once and cached)",
     "input_size": "input resolution (default: the backbone's)",

@@ -30,6 +30,7 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     weights: str | None = None
+    init_from: str | None = None  # a finegrain checkpoint to start from (e.g. a trained head, then fine-tune)
     drop_rate: float = 0.2
     freeze_backbone: bool = True
     input_size: int | None = None  # None: the backbone's own

@@ -79,16 +79,27 @@ def _drop_bad(index, cfg: TrainConfig, run_dir: Path, info: fgdist.DistInfo):
     return index
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     model = create_model(
         cfg.method,
-        num_classes=num_classes,
+        num_classes=len(classes),
         backbone=cfg.backbone,
         pretrained=cfg.pretrained,
         weights=cfg.weights,
         drop_rate=cfg.drop_rate,
         freeze_backbone=cfg.freeze_backbone,
     )
+    if cfg.init_from:
+        ckpt = load_checkpoint(cfg.init_from)
+        if ckpt["classes"] != classes or ckpt["method"] != cfg.method:
+            raise CheckpointError(
+                f"--init-from {cfg.init_from}: its method/classes ({ckpt['method']}, {len(ckpt['classes'])} classes) "
+                f"differ from this run's ({cfg.method}, {len(classes)} classes)"
+            )
+        try:
+            model.load_state_dict(ckpt["state_dict"], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"--init-from {cfg.init_from}: weights do not fit this model: {e}") from e
     if cfg.input_size is not None or cfg.crop_pct != model.preprocess.crop_pct:
         model.preprocess = replace(
             model.preprocess, input_size=cfg.input_size or model.preprocess.input_size, crop_pct=cfg.crop_pct
@@ -231,7 +242,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     counts = {sp: len(index.split(sp)) for sp in ("train", "val", "test")}
     _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
 
-    model = build_model(cfg, len(index.classes)).to(device)
+    model = model_from_config(cfg, index.classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cached = cfg.freeze_backbone and cfg.cache_features and hasattr(model, "pooled_features")

@@ -1,0 +1,84 @@
+import pytest
+import timm
+import torch
+
+from finegrain.data import eval_transform, open_image
+from finegrain.errors import CheckpointError, ConfigError
+from finegrain.models import create_backbone, create_model, list_models, map_efficientnet_pytorch_keys
+from finegrain.models.backbone import backbone_preprocess, packaged_weights_path, read_weights
+
+from .conftest import CUB100, needs_cub100
+
+IMAGENET_BIRDS = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+
+
+def test_lite0_package_keys_map_onto_timm_exactly():
+    state = read_weights(packaged_weights_path("tf_efficientnet_lite0"))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    mapped = map_efficientnet_pytorch_keys(state, model)
+    assert set(mapped) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert mapped[k].shape == v.shape, k
+    model.load_state_dict(mapped, strict=True)
+
+
+def test_preprocessing_comes_from_the_model_config():
+    pre = backbone_preprocess(create_backbone("tf_efficientnet_lite0", pretrained=False))
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5) and pre.input_size == 224
+
+
+@needs_cub100()
+def test_mapped_lite0_sees_a_bird_in_a_cub_photo():
+    model = create_backbone("tf_efficientnet_lite0", num_classes=1000).eval()
+    pre = backbone_preprocess(model)
+    photos = sorted(CUB100.glob("images/*/0000.jpg"))[:8]
+    x = torch.stack([eval_transform(pre)(open_image(p)) for p in photos])
+    with torch.inference_mode():
+        top1 = model(x).argmax(1).tolist()
+    hits = sum(c in IMAGENET_BIRDS for c in top1)
+    assert hits >= 7, f"ImageNet classes {top1} are mostly not birds: the key mapping is wrong"
+
+
+def test_local_weights_file_pth_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_backbone("tf_efficientnet_lite0", pretrained=True)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        model = create_backbone("tf_efficientnet_lite0", pretrained=True, weights=tmp_path / name)
+        torch.testing.assert_close(model.conv_stem.weight, src.conv_stem.weight)
+
+
+def test_weight_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_backbone("tf_efficientnet_lite0", weights=tmp_path / "missing.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        create_backbone("tf_efficientnet_lite0", weights=tmp_path / "other.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save(Evil(), tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_weights(tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="unknown timm backbone"):
+        create_backbone("no_such_net")
+
+
+def test_registry():
+    assert "baseline" in list_models()
+    model = create_model("baseline", num_classes=7, pretrained=False, backbone="resnet18")
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+    assert model.method == "baseline" and model.model_kwargs["num_classes"] == 7
+    with pytest.raises(ConfigError, match="unknown method"):
+        create_model("nope", num_classes=3)
+
+
+def test_frozen_backbone_has_no_gradients_and_keeps_bn_stats():
+    model = create_model("baseline", num_classes=3, freeze_backbone=True).train()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not model.backbone.training and model.head.training
