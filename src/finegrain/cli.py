@@ -26,6 +26,7 @@ TRAIN_HELP = {
     "init_from": "start from the weights of a finegrain checkpoint (same method, backbone and classes)",
     "drop_rate": "dropout before the classifier",
     "freeze_backbone": "train only the head (fast: features are computed once and cached)",
+    "freeze_bn_stats": "keep BatchNorm running statistics fixed when fine-tuning (small CPU batches make them noisy)",
     "input_size": "input resolution (default: the backbone's)",
     "crop_pct": "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)",
     "epochs": "training epochs",

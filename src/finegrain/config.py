@@ -33,6 +33,7 @@ class TrainConfig:
     init_from: str | None = None  # a finegrain checkpoint to start from (e.g. a trained head, then fine-tune)
     drop_rate: float = 0.2
     freeze_backbone: bool = True
+    freeze_bn_stats: bool = True  # BatchNorm keeps its ImageNet running statistics while fine-tuning
     input_size: int | None = None  # None: the backbone's own
     crop_pct: float = 1.0
     # optimisation

@@ -161,8 +161,21 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
 
+def freeze_bn_stats(module: nn.Module) -> None:
+    """BatchNorm layers normalise with their running statistics (affine weights still train).
+
+    Measured on cub100 with lite0: switching BN to batch statistics at batch 32 raises the loss of a trained
+    linear probe from 0.14 to 2.39 before any step, so fine-tuning would start by undoing the probe.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info) -> dict:
     module.train()
+    if cfg.freeze_bn_stats:
+        freeze_bn_stats(module)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     steps = len(loader)
