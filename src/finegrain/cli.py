@@ -24,6 +24,7 @@ TRAIN_HELP = {
     "pretrained": "start from ImageNet weights (offline for tf_efficientnet_lite0/1/2)",
     "weights": "local backbone weights file (.pth/.safetensors) instead of downloading",
     "init_from": "start from the weights of a finegrain checkpoint (same method, backbone and classes)",
+    "model_kwargs": "method options as KEY=VALUE (YAML values), e.g. layers=[3,final] reduce_dim=128 pooling=rm",
     "drop_rate": "dropout before the classifier",
     "freeze_backbone": "train only the head (fast: features are computed once and cached)",
     "freeze_bn_stats": "keep BatchNorm running statistics fixed when fine-tuning (small CPU batches make them noisy)",
@@ -61,7 +62,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
-        if isinstance(default, bool):
+        if f.name == "model_kwargs":
+            p.add_argument(
+                flag, nargs="*", type=_key_value, default=argparse.SUPPRESS, help=help_text, metavar="KEY=VALUE"
+            )
+        elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
@@ -72,6 +77,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "0", "off") else float(text)
 
@@ -80,6 +94,8 @@ def _train(args: argparse.Namespace) -> int:
     from finegrain.engine.train import fit
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if "model_kwargs" in overrides:
+        overrides["model_kwargs"] = dict(overrides["model_kwargs"])
     if args.resume:
         cfg = TrainConfig(**{"epochs": overrides["epochs"]}) if "epochs" in overrides else None
         run_dir = fit(cfg, resume=args.resume).run_dir

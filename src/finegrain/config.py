@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -32,6 +32,7 @@ class TrainConfig:
     weights: str | None = None
     init_from: str | None = None  # a finegrain checkpoint to start from (e.g. a trained head, then fine-tune)
     drop_rate: float = 0.2
+    model_kwargs: dict = field(default_factory=dict)  # method options, e.g. {"pooling": "rm", "reduce_dim": 128}
     freeze_backbone: bool = True
     freeze_bn_stats: bool = True  # BatchNorm keeps its ImageNet running statistics while fine-tuning
     input_size: int | None = None  # None: the backbone's own

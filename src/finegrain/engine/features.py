@@ -1,4 +1,4 @@
-"""The frozen-backbone fast path: compute pooled features once, cache them, train only the head.
+"""The frozen-backbone fast path: compute backbone features once, cache them, train only the head.
 
 A cache entry is keyed by the backbone's weights, the preprocessing, the view (plain or mirrored) and
 every file's path, size and mtime, so any change to data or model computes fresh features.
@@ -32,7 +32,8 @@ def _state_digest(module: nn.Module) -> str:
 
 def cache_key(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, flip: bool) -> str:
     files = [(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in samples]
-    payload = json.dumps([type(model.backbone).__name__, _state_digest(model.backbone), pre.to_dict(), flip, files])
+    backbone = [type(model.backbone).__name__, _state_digest(model.backbone)]
+    payload = json.dumps([*backbone, model.feature_spec, pre.to_dict(), flip, files])
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
@@ -58,7 +59,7 @@ def extract_features(
     cache_dir: str | Path | None = None,
     desc: str = "features",
 ) -> torch.Tensor:
-    """Pooled features (N, C) of ``samples`` in order, from the cache when the same inputs were seen."""
+    """``model.backbone_features`` of ``samples`` in order, from the cache when the same inputs were seen."""
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / "features" / f"{cache_key(model, samples, pre, flip)}.pt"
@@ -72,7 +73,7 @@ def extract_features(
     for x, _ in tqdm(loader, desc=desc + (" (mirrored)" if flip else ""), unit="batch"):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
-            chunks.append(model.pooled_features(x).float().cpu())
+            chunks.append(model.backbone_features(x).float().cpu())
     features = torch.cat(chunks)
     if cache_file is not None:
         save_atomic({"features": features}, cache_file)

@@ -88,6 +88,7 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
         weights=cfg.weights,
         drop_rate=cfg.drop_rate,
         freeze_backbone=cfg.freeze_backbone,
+        **cfg.model_kwargs,
     )
     if cfg.init_from:
         ckpt = load_checkpoint(cfg.init_from)
@@ -258,7 +259,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     model = model_from_config(cfg, index.classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cached = cfg.freeze_backbone and cfg.cache_features and hasattr(model, "pooled_features")
+    cached = cfg.freeze_backbone and cfg.cache_features
     task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
     seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm

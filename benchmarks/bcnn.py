@@ -1,0 +1,115 @@
+"""Benchmark: baseline vs B-CNN vs compact B-CNN on the same frozen backbone, input size, epochs and budget.
+
+Every method trains its head on cached backbone features for the same number of epochs; the learning rate
+of each is chosen on the validation split (carved from the training images) from the same small grid, and
+only the chosen run is evaluated on the test split. Prints a table and writes JSON.
+
+    python benchmarks/bcnn.py --data ../shared/data/cub100 --out benchmarks/results/bcnn_cub100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from finegrain.config import TrainConfig
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.evaluate import evaluate_checkpoint
+from finegrain.engine.train import fit
+
+METHODS = {
+    "baseline": ("baseline", {}),
+    "bcnn": ("bcnn", {"reduce_dim": 256}),
+    "cbcnn": ("cbcnn", {"reduce_dim": 256, "sketch_dim": 8192, "pooling": "tensor_sketch"}),
+}
+
+
+def latency_ms(model: torch.nn.Module, size: int, runs: int = 30) -> float:
+    """Median batch-1 CPU latency, fp32, channels-last (as finegrain predicts)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, size, size).to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 5):
+            start = time.perf_counter()
+            model(x)
+            if i >= 5:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/cub100")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache-dir", default=None, help="feature cache (default: finegrain's)")
+    p.add_argument("--out", default="benchmarks/results/bcnn.json")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fg-bench-bcnn-"))
+    rows = []
+    for name in args.methods:
+        method, kwargs = METHODS[name]
+        trials = []
+        for lr in args.lrs:
+            cfg = TrainConfig(
+                data=args.data, method=method, model_kwargs=kwargs, epochs=args.epochs, lr=lr,
+                input_size=args.input_size, workers=args.workers, run_dir=str(work / f"{name}-lr{lr:g}"),
+            )  # fmt: skip
+            if args.cache_dir:
+                cfg.cache_dir = args.cache_dir
+            start = time.perf_counter()
+            result = fit(cfg)
+            seconds = time.perf_counter() - start
+            best_val = max(r["val_top1"] for r in result.history)
+            trials.append({"lr": lr, "val_top1": best_val, "train_seconds": seconds, "run_dir": str(result.run_dir)})
+        chosen = max(trials, key=lambda t: t["val_top1"])
+        test = evaluate_checkpoint(Path(chosen["run_dir"]) / "best.pt", workers=args.workers)
+        model = build_model(load_checkpoint(Path(chosen["run_dir"]) / "best.pt"))
+        rows.append(
+            {
+                "method": name,
+                "model_kwargs": kwargs,
+                "lr": chosen["lr"],
+                "val_top1": chosen["val_top1"],
+                "top1": test["top1"],
+                "top5": test["top5"],
+                "mean_class_acc": test["mean_class_acc"],
+                "train_seconds": chosen["train_seconds"],
+                "params": sum(p.numel() for p in model.parameters()),
+                "head_params": sum(p.numel() for p in model.head.parameters()),
+                "descriptor_dim": getattr(model, "descriptor_dim", model.backbone.num_features),
+                "latency_ms_b1": latency_ms(model, args.input_size),
+                "trials": trials,
+            }
+        )
+
+    columns = [("method", 10), ("lr", 7), ("val", 6), ("top-1", 6), ("mpc", 6), ("train s", 8), ("params", 10)]
+    columns += [("desc", 7), ("ms/img", 7)]
+    print(" ".join(f"{n:<{w}s}" if n == "method" else f"{n:>{w}s}" for n, w in columns))
+    for r in rows:
+        print(
+            f"{r['method']:10s} {r['lr']:7.0e} {100 * r['val_top1']:6.2f} {100 * r['top1']:6.2f} "
+            f"{100 * r['mean_class_acc']:6.2f} {r['train_seconds']:8.0f} {r['params']:10,d} "
+            f"{r['descriptor_dim']:7d} {r['latency_ms_b1']:7.1f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "input_size": args.input_size,
+            "machine": f"{torch.get_num_threads()} CPU threads", "torch": torch.__version__}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
