@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from finegrain.predict import Predictor, list_images
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.load(args.model, device=args.device)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -178,6 +178,15 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from finegrain.export import export_onnx
+
+    r = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {r['path']} ({r['megabytes']:.1f} MB, opset {r['opset']}); "
+          f"max |ONNX Runtime - PyTorch| logit difference {r['max_abs_diff']:.2e}")  # fmt: skip
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from finegrain.models import list_models
 
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
     p.add_argument("--topk", type=int, default=5, help="(default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
@@ -218,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="JSON output")
     out.add_argument("--csv", action="store_true", help="CSV output")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (class names and preprocessing embedded)")
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
+    p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.set_defaults(func=_export)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,11 +32,18 @@ def list_images(target: str | Path) -> list[Path]:
 
 
 class Predictor:
-    """Top-k classes with probabilities for PIL images or files."""
+    """Top-k classes with probabilities for PIL images or files, from a PyTorch model or an ONNX file.
 
-    def __init__(self, model: nn.Module, classes: Sequence[str], preprocess: Preprocess, device="cpu") -> None:
+    Either way the images go through :func:`eval_transform`, the preprocessing evaluation uses.
+    """
+
+    def __init__(
+        self, model: nn.Module | Callable, classes: Sequence[str], preprocess: Preprocess, device="cpu"
+    ) -> None:
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        if isinstance(model, nn.Module):
+            model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model
         self.classes = list(classes)
         self.preprocess = preprocess
         self.transform = eval_transform(preprocess)
@@ -47,10 +54,25 @@ class Predictor:
         model = build_model(ckpt)
         return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device))
 
+    @classmethod
+    def from_onnx(cls, path: str | Path, threads: int | None = None) -> Predictor:
+        from finegrain.export.onnx import OnnxRunner, read_onnx_metadata
+
+        meta = read_onnx_metadata(path)
+        return cls(OnnxRunner(path, threads), meta["classes"], Preprocess.from_dict(meta["preprocess"]))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> Predictor:
+        """A checkpoint (.pt or run directory) runs in PyTorch; an .onnx file in ONNX Runtime."""
+        if Path(path).suffix == ".onnx":
+            return cls.from_onnx(path)
+        return cls.from_checkpoint(path, device)
+
     @torch.inference_mode()
     def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
         x = torch.stack([self.transform(img.convert("RGB")) for img in images])
-        x = x.to(self.device, memory_format=torch.channels_last)
+        if isinstance(self.model, nn.Module):
+            x = x.to(self.device, memory_format=torch.channels_last)
         return self.model(x).float().softmax(-1).cpu()
 
     def topk(self, probs: torch.Tensor, k: int = 5) -> list[list[dict]]:

@@ -39,6 +39,9 @@ class FGVCModel(nn.Module):
             self.backbone.eval()  # frozen means frozen BatchNorm statistics too
         return self
 
+    #: why this configuration cannot be exported to ONNX (None: it can)
+    export_blocker: str | None = None
+
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -100,8 +100,26 @@ class BCNN(FGVCModel):
         final, intermediates = self.backbone.forward_intermediates(x, indices=stages)
         by_layer = dict(zip(stages, intermediates, strict=True)) | {"final": final}
         maps = [by_layer[layer] for layer in self.layers]
-        size = min(m.shape[-1] for m in maps), min(m.shape[-2] for m in maps)
-        return torch.cat([F.adaptive_avg_pool2d(m, size[::-1]) for m in maps], dim=1)
+        # Pool shallower maps by their (constant) stride ratio to the deepest one: exports to ONNX, unlike
+        # adaptive pooling to a traced size; ceil_mode matches the backbone's 'same'-padded downsampling.
+        deepest = max(self._reduction(layer) for layer in self.layers)
+        maps = [
+            F.avg_pool2d(m, k, k, ceil_mode=True) if (k := deepest // self._reduction(layer)) > 1 else m
+            for layer, m in zip(self.layers, maps, strict=True)
+        ]
+        return torch.cat(maps, dim=1)
+
+    def _reduction(self, layer: int | str) -> int:
+        return self.backbone.feature_info[-1 if layer == "final" else layer]["reduction"]
+
+    @property
+    def export_blocker(self) -> str | None:
+        if isinstance(self.head.pool, TensorSketchPool):
+            return (
+                "compact bilinear pooling with Tensor Sketch uses FFT, which ONNX cannot express. Train the "
+                "exportable variant, Random Maclaurin: finegrain train --method cbcnn --model-kwargs pooling=rm"
+            )
+        return None
 
 
 @register_model("bcnn")

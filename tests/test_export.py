@@ -1,0 +1,68 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from finegrain.cli import main
+from finegrain.engine.checkpoint import model_record, save_atomic
+from finegrain.errors import ConfigError
+from finegrain.export import export_onnx, read_onnx_metadata
+from finegrain.models import create_model
+from finegrain.predict import Predictor
+
+CLASSES = ["a", "b", "c"]
+
+
+def make_checkpoint(path, method, **kwargs):
+    torch.manual_seed(0)
+    model = create_model(method, num_classes=3, pretrained=False, **kwargs).eval()
+    model.preprocess = replace(model.preprocess, input_size=64)
+    save_atomic(model_record(model, CLASSES), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("baseline", {}),
+        ("bcnn", {"reduce_dim": 16}),
+        ("bcnn", {"reduce_dim": 16, "layers": [3, "final"]}),
+        ("cbcnn", {"reduce_dim": 16, "sketch_dim": 256, "pooling": "rm"}),
+    ],
+)
+def test_export_matches_pytorch_and_predicts_from_metadata_alone(tmp_path, cub, method, kwargs):
+    ckpt = make_checkpoint(tmp_path / "m.pt", method, **kwargs)
+    result = export_onnx(ckpt, tmp_path / "m.onnx")
+    assert result["max_abs_diff"] < 1e-3
+    meta = read_onnx_metadata(tmp_path / "m.onnx")
+    assert meta["classes"] == CLASSES and meta["method"] == method and meta["preprocess"]["input_size"] == 64
+    ckpt.unlink()  # the ONNX file alone must be enough
+    images = sorted(cub.rglob("*.jpg"))[:4]
+    onnx_preds = Predictor.load(tmp_path / "m.onnx").predict_files(images, k=3)
+    make_checkpoint(ckpt, method, **kwargs)
+    torch_preds = Predictor.load(ckpt, device="cpu").predict_files(images, k=3)
+    for o, t in zip(onnx_preds, torch_preds, strict=True):
+        assert [x["class"] for x in o["top"]] == [x["class"] for x in t["top"]]
+        assert [x["prob"] for x in o["top"]] == pytest.approx([x["prob"] for x in t["top"]], abs=1e-4)
+
+
+def test_tensor_sketch_refuses_to_export_and_names_the_alternative(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "cbcnn", reduce_dim=8, sketch_dim=64)
+    with pytest.raises(ConfigError, match="pooling=rm"):
+        export_onnx(ckpt, tmp_path / "m.onnx")
+
+
+def test_cli_export_and_predict_onnx(tmp_path, cub, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "baseline")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "model.onnx")]) == 0
+    assert "max |ONNX Runtime - PyTorch|" in capsys.readouterr().out
+    image = sorted(cub.rglob("*.jpg"))[0]
+    assert main(["predict", str(tmp_path / "model.onnx"), str(image), "--json", "--topk", "2"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert preds[0]["top"][0]["class"] in CLASSES
+    assert main(["predict", str(tmp_path / "nope.onnx"), str(image)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    assert main(["predict", str(tmp_path / "broken.onnx"), str(image)]) == 2
+    assert "cannot read ONNX file" in capsys.readouterr().err
