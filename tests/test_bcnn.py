@@ -57,8 +57,8 @@ def test_sketch_inner_product_approximates_squared_inner_product(pool_cls):
 
 def test_sketch_is_seeded_and_saved():
     a, b = TensorSketchPool(8, 8, 64, seed=1), TensorSketchPool(8, 8, 64, seed=1)
-    torch.testing.assert_close(a.sketch1, b.sketch1)
-    assert "sketch1" in a.state_dict() and not torch.equal(a.sketch1, TensorSketchPool(8, 8, 64, seed=2).sketch1)
+    torch.testing.assert_close(a.hash1, b.hash1)
+    assert "hash1" in a.state_dict() and not torch.equal(a.hash1, TensorSketchPool(8, 8, 64, seed=2).hash1)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +81,8 @@ def test_bad_options_are_clear():
         create_model("bcnn", num_classes=3, pretrained=False, pooling="max")
     with pytest.raises(ConfigError, match="stage index"):
         create_model("bcnn", num_classes=3, pretrained=False, layers=[9, "final"])
+    with pytest.raises(ConfigError, match="reduce_dim"):
+        create_model("bcnn", num_classes=3, pretrained=False, reduce_dim=None)  # 1280² = 1.6M-dim descriptor
     with pytest.raises(ConfigError, match="compact"):
         create_model("cbcnn", num_classes=3, pretrained=False, pooling="bilinear")
 

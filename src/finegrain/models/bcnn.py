@@ -18,6 +18,7 @@ from finegrain.models.pooling import BilinearPool, RandomMaclaurinPool, TensorSk
 from finegrain.models.registry import register_model
 
 POOLINGS = ("bilinear", "tensor_sketch", "rm")
+MAX_DESCRIPTOR = 512 * 512  # beyond this the classifier alone is hundreds of millions of parameters
 
 
 class BilinearHead(nn.Module):
@@ -46,6 +47,11 @@ class BilinearHead(nn.Module):
         dims = [reduce_dim or c for c in self.in_channels]
         c1, c2 = dims[0], dims[-1]
         if pooling == "bilinear":
+            if c1 * c2 > MAX_DESCRIPTOR:
+                raise ConfigError(
+                    f"bilinear pooling of {c1}x{c2} channels gives a {c1 * c2:,}-dim descriptor "
+                    f"({c1 * c2 * num_classes:,} classifier weights): set reduce_dim (e.g. 256) or use cbcnn"
+                )
             self.pool, self.descriptor_dim = BilinearPool(), c1 * c2
         else:
             cls = TensorSketchPool if pooling == "tensor_sketch" else RandomMaclaurinPool

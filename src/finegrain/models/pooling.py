@@ -26,15 +26,6 @@ class BilinearPool(nn.Module):
         return signed_sqrt_l2(outer.flatten(1))
 
 
-def _count_sketch_matrix(c: int, d: int, generator: torch.Generator) -> torch.Tensor:
-    """Dense (c, d) matrix of the count sketch x ↦ Σ_i s(i)·x_i·e_{h(i)}: one ±1 per row."""
-    h = torch.randint(d, (c,), generator=generator)
-    s = torch.randint(2, (c,), generator=generator).float() * 2 - 1
-    m = torch.zeros(c, d)
-    m[torch.arange(c), h] = s
-    return m
-
-
 class _SketchPool(nn.Module):
     """Sketch every location's a_p ⊗ b_p (``sketch`` of subclasses), average over locations, normalise."""
 
@@ -63,13 +54,17 @@ class TensorSketchPool(_SketchPool):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.dim = dim
-        self.register_buffer("sketch1", _count_sketch_matrix(c1, dim, g))
-        self.register_buffer("sketch2", _count_sketch_matrix(c2, dim, g))
+        for i, c in ((1, c1), (2, c2)):  # count sketch i: input channel k goes to bin hash[k] with sign[k]
+            self.register_buffer(f"hash{i}", torch.randint(dim, (c,), generator=g))
+            self.register_buffer(f"sign{i}", torch.randint(2, (c,), generator=g).float() * 2 - 1)
+
+    def count_sketch(self, x: torch.Tensor, hashes: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.dim).index_add_(1, hashes, x * signs)
 
     def sketch(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Tensor Sketch of a_i ⊗ b_i for vectors a (N, c1), b (N, c2) -> (N, dim)."""
-        fa = torch.fft.rfft(a.float() @ self.sketch1, dim=-1)
-        fb = torch.fft.rfft(b.float() @ self.sketch2, dim=-1)
+        fa = torch.fft.rfft(self.count_sketch(a.float(), self.hash1, self.sign1), dim=-1)
+        fb = torch.fft.rfft(self.count_sketch(b.float(), self.hash2, self.sign2), dim=-1)
         return torch.fft.irfft(fa * fb, n=self.dim, dim=-1)
 
 
