@@ -184,6 +184,11 @@ def _export(args: argparse.Namespace) -> int:
     r = export_onnx(args.checkpoint, args.out, opset=args.opset)
     print(f"wrote {r['path']} ({r['megabytes']:.1f} MB, opset {r['opset']}); "
           f"max |ONNX Runtime - PyTorch| logit difference {r['max_abs_diff']:.2e}")  # fmt: skip
+    if args.int8:
+        from finegrain.export.quantize import calibration_samples, quantize_onnx
+
+        q = quantize_onnx(r["path"], calibration_samples(args.checkpoint, args.data, args.calib_images))
+        print(f"wrote {q['path']} ({q['megabytes']:.1f} MB, int8, calibrated on {q['calibration_images']} images)")
     return 0
 
 
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--int8", action="store_true", help="also write a post-training int8 model (*.int8.onnx)")
+    p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration (256)")
+    p.add_argument("--data", help="dataset for calibration (default: the checkpoint's)")
     p.set_defaults(func=_export)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

@@ -75,6 +75,9 @@ class Predictor:
             x = x.to(self.device, memory_format=torch.channels_last)
         return self.model(x).float().softmax(-1).cpu()
 
+    def probabilities_for(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        return self.probabilities([open_image(p) for p in paths])
+
     def topk(self, probs: torch.Tensor, k: int = 5) -> list[list[dict]]:
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         return [
@@ -86,6 +89,6 @@ class Predictor:
         out = []
         for i in range(0, len(paths), batch_size):
             chunk = list(paths[i : i + batch_size])
-            probs = self.probabilities([open_image(p) for p in chunk])
+            probs = self.probabilities_for(chunk)
             out += [{"path": str(p), "top": t} for p, t in zip(chunk, self.topk(probs, k), strict=True)]
         return out
