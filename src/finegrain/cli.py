@@ -192,6 +192,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from finegrain.compress.prune import prune_checkpoint
+
+    r = prune_checkpoint(args.checkpoint, args.ratio, args.out, importance=args.importance)
+    print(f"pruned {100 * args.ratio:.0f}% of the expansion channels: {r['params_before']:,} -> "
+          f"{r['params_after']:,} parameters; wrote {r['path']}")  # fmt: skip
+    if args.epochs > 0:
+        from finegrain.engine.train import fit
+
+        cfg = TrainConfig.from_dict({**r["config"], "init_from": r["path"], "freeze_backbone": False,
+                                     "epochs": args.epochs, "lr": args.lr, "run_dir": args.run_dir})  # fmt: skip
+        print(f"fine-tuned: {fit(cfg).run_dir / 'best.pt'}")
+    else:
+        print(f"fine-tune it: finegrain train --init-from {r['path']} --no-freeze-backbone --epochs 3 --lr 1e-4")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from finegrain.models import list_models
 
@@ -242,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration (256)")
     p.add_argument("--data", help="dataset for calibration (default: the checkpoint's)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("prune", help="structured channel pruning (then fine-tuning)")
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of expansion channels to remove (0.3)")
+    p.add_argument("--importance", default="magnitude", choices=["magnitude", "taylor"], help="(magnitude)")
+    p.add_argument("--out", help="pruned checkpoint (default: <checkpoint>.pruned<R>.pt)")
+    p.add_argument("--epochs", type=int, default=0, help="fine-tune this many epochs after pruning (0: don't)")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")
+    p.add_argument("--run-dir", help="fine-tuning run directory (default runs/<method>-<time>)")
+    p.set_defaults(func=_prune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

@@ -37,7 +37,7 @@ def save_atomic(obj: dict, path: str | Path) -> None:
 def model_record(model: nn.Module, classes: list[str]) -> dict:
     """The part of a checkpoint that rebuilds and runs the model without the dataset."""
     kwargs = {k: v for k, v in model.model_kwargs.items() if k not in ("pretrained", "weights")}
-    return {
+    record = {
         "format_version": FORMAT_VERSION,
         "finegrain_version": __version__,
         "method": model.method,
@@ -46,6 +46,11 @@ def model_record(model: nn.Module, classes: list[str]) -> dict:
         "preprocess": model.preprocess.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if getattr(model, "pruned", False):
+        from finegrain.compress.prune import structure
+
+        record["structure"] = structure(model)  # channel counts: rebuilds the pruned shapes on load
+    return record
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -64,9 +69,25 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def load_weights(model: nn.Module, ckpt: dict) -> nn.Module:
+    """Load a checkpoint's weights strictly, first reshaping the model if the checkpoint was pruned."""
+    if "structure" in ckpt:
+        from finegrain.compress.prune import apply_structure
+
+        apply_structure(model, ckpt["structure"])
+        model.pruned = True
+        if getattr(model, "freeze_backbone", False):
+            model.backbone.requires_grad_(False)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights of '{ckpt.get('path')}' do not fit this model: {e}") from e
+    return model
+
+
 def build_model(ckpt: dict) -> nn.Module:
     """Rebuild the model of a checkpoint (no download, no dataset) and load its weights strictly."""
     model = create_model(ckpt["method"], pretrained=False, **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    load_weights(model, ckpt)
     model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     return model.eval()

@@ -28,7 +28,7 @@ from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
-from finegrain.engine.checkpoint import load_checkpoint, model_record, save_atomic
+from finegrain.engine.checkpoint import load_checkpoint, load_weights, model_record, save_atomic
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
 from finegrain.errors import CheckpointError, DataError
@@ -97,10 +97,7 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
                 f"--init-from {cfg.init_from}: its method/classes ({ckpt['method']}, {len(ckpt['classes'])} classes) "
                 f"differ from this run's ({cfg.method}, {len(classes)} classes)"
             )
-        try:
-            model.load_state_dict(ckpt["state_dict"], strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"--init-from {cfg.init_from}: weights do not fit this model: {e}") from e
+        load_weights(model, ckpt)
     if cfg.input_size is not None or cfg.crop_pct != model.preprocess.crop_pct:
         model.preprocess = replace(
             model.preprocess, input_size=cfg.input_size or model.preprocess.input_size, crop_pct=cfg.crop_pct

@@ -1,0 +1,1 @@
+"""Model compression: structured pruning (quantization lives with export, in ONNX Runtime)."""

@@ -1,0 +1,33 @@
+import torch
+
+from finegrain.compress.prune import prune_checkpoint
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.train import fit
+from finegrain.export import export_onnx
+
+from .test_export import make_checkpoint
+
+
+def test_pruned_checkpoint_is_smaller_reloads_and_exports(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "bcnn", reduce_dim=16, layers=[3, "final"])
+    r = prune_checkpoint(ckpt, 0.5)
+    assert r["params_after"] < 0.75 * r["params_before"]
+    pruned = load_checkpoint(r["path"])  # weights_only load: the structure is plain numbers
+    model = build_model(pruned)
+    assert sum(p.numel() for p in model.parameters()) == r["params_after"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert model(x).shape == (2, 3)
+    assert export_onnx(r["path"], tmp_path / "p.onnx")["max_abs_diff"] < 1e-3
+
+
+def test_taylor_pruning_then_fine_tuning_learns(cub, tiny_config):
+    base = fit(tiny_config(cub, epochs=6, lr=3e-3))
+    r = prune_checkpoint(base.run_dir / "best.pt", 0.3, importance="taylor")
+    assert r["params_after"] < r["params_before"]
+    tuned = fit(
+        tiny_config(cub, epochs=2, init_from=r["path"], freeze_backbone=False, lr=1e-4, run_dir=r["path"] + ".ft")
+    )
+    assert tuned.history[-1]["val_top1"] >= 0.75
+    reloaded = build_model(load_checkpoint(tuned.run_dir / "last.pt"))
+    assert sum(p.numel() for p in reloaded.parameters()) == r["params_after"]
