@@ -1,0 +1,126 @@
+"""Deployment benchmark, all variants in ONE run on the same machine: PyTorch eager fp32, ONNX Runtime fp32,
+ONNX int8 (post-training static), and channel-pruned models (optionally fine-tuned) with and without int8.
+
+For each: test top-1, model size, batch-1 latency p50/p95, batch-32 throughput, and every speed as a ratio to
+PyTorch eager fp32 measured in the same run. Test images are preprocessed once (the shared eval transform), so
+the timings are inference only. Prints a table and writes JSON.
+
+    python benchmarks/deploy.py --checkpoint runs/default/best.pt --out benchmarks/results/deploy_cub100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from finegrain.compress.prune import prune_checkpoint
+from finegrain.config import TrainConfig
+from finegrain.data import ImageDataset, load_dataset
+from finegrain.data.transforms import Preprocess, eval_transform
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.train import fit
+from finegrain.export import OnnxRunner, export_onnx
+from finegrain.export.quantize import calibration_samples, quantize_onnx
+
+
+def timed(fn, x: torch.Tensor, runs: int) -> list[float]:
+    fn(x)  # warm-up
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def measure(name: str, fn, images: torch.Tensor, labels: torch.Tensor, megabytes: float, runs: int) -> dict:
+    correct = 0
+    for i in range(0, len(images), 64):
+        correct += (fn(images[i : i + 64]).argmax(1) == labels[i : i + 64]).sum().item()
+    b1 = timed(fn, images[:1], runs)
+    b32 = timed(fn, images[:32], max(3, runs // 10))
+    return {
+        "variant": name,
+        "top1": correct / len(images),
+        "megabytes": megabytes,
+        "latency_p50_ms": statistics.median(b1),
+        "latency_p95_ms": statistics.quantiles(b1, n=20)[-1],
+        "throughput_img_s": 32 / (statistics.median(b32) / 1000),
+    }
+
+
+def torch_fn(model: torch.nn.Module):
+    model = model.eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="runs/default/best.pt")
+    p.add_argument("--ratios", type=float, nargs="*", default=[0.3, 0.5])
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model (0: prune only)")
+    p.add_argument("--test-images", type=int, default=0, help="limit the test images (0: all)")
+    p.add_argument("--runs", type=int, default=100, help="batch-1 timing repetitions")
+    p.add_argument("--out", default="benchmarks/results/deploy.json")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fg-deploy-"))
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt["config"]
+    index = load_dataset(cfg["data"], cfg["format"], cfg["val_fraction"], cfg["test_fraction"], cfg["seed"],
+                         split_file=Path(ckpt["path"]).parent / "split.csv")  # fmt: skip
+    test = index.split("test")[: args.test_images or None]
+    dataset = ImageDataset(test, eval_transform(Preprocess.from_dict(ckpt["preprocess"])))
+    images, labels = map(torch.cat, zip(*torch.utils.data.DataLoader(dataset, batch_size=64), strict=True))
+    calib = calibration_samples(ckpt["path"], count=256)
+
+    def onnx_rows(label: str, source: str) -> list[dict]:
+        fp32 = export_onnx(source, work / f"{label}.onnx")
+        int8 = quantize_onnx(fp32["path"], calib)
+        return [
+            measure(f"{label} ONNX fp32", OnnxRunner(fp32["path"]), images, labels, fp32["megabytes"], args.runs),
+            measure(f"{label} ONNX int8", OnnxRunner(int8["path"]), images, labels, int8["megabytes"], args.runs),
+        ]
+
+    size_mb = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values()) / 2**20
+    rows = [measure("PyTorch eager fp32", torch_fn(build_model(ckpt)), images, labels, size_mb, args.runs)]
+    rows += onnx_rows("full", ckpt["path"])
+    for ratio in args.ratios:
+        pruned = prune_checkpoint(ckpt["path"], ratio, work / f"pruned{ratio}.pt")["path"]
+        if args.finetune_epochs:
+            overrides = {"init_from": pruned, "freeze_backbone": False, "lr": 1e-4, "epochs": args.finetune_epochs}
+            tuned = TrainConfig.from_dict({**cfg, **overrides, "run_dir": str(work / f"ft{ratio}")})
+            pruned = str(fit(tuned).run_dir / "best.pt")
+        rows += onnx_rows(f"pruned {round(100 * ratio)}%", pruned)
+
+    base = rows[0]
+    for r in rows:
+        r["throughput_ratio"] = r["throughput_img_s"] / base["throughput_img_s"]
+        r["latency_ratio"] = base["latency_p50_ms"] / r["latency_p50_ms"]
+    heads = ["top-1", "MB", "p50 ms", "p95 ms", "img/s", "x thr", "x lat"]
+    print(f"{'variant':24s} " + " ".join(f"{h:>7s}" for h in heads))
+    for r in rows:
+        values = [100 * r["top1"], r["megabytes"], r["latency_p50_ms"], r["latency_p95_ms"], r["throughput_img_s"]]
+        values += [r["throughput_ratio"], r["latency_ratio"]]
+        print(f"{r['variant']:24s} " + " ".join(f"{v:7.2f}" for v in values))
+    meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(args.checkpoint), "test_images": len(test),
+            "finetune_epochs": args.finetune_epochs, "torch_threads": torch.get_num_threads()}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
