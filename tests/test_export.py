@@ -61,6 +61,9 @@ def test_cli_export_and_predict_onnx(tmp_path, cub, capsys):
     assert main(["predict", str(tmp_path / "model.onnx"), str(image), "--json", "--topk", "2"]) == 0
     preds = json.loads(capsys.readouterr().out)
     assert preds[0]["top"][0]["class"] in CLASSES
+    assert main(["predict", str(ckpt), str(image), "--engine", "onnx", "--json"]) == 0
+    assert (tmp_path / "m.onnx").is_file()  # exported next to the checkpoint
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == preds[0]["top"][0]["class"]
     assert main(["predict", str(tmp_path / "nope.onnx"), str(image)]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "broken.onnx").write_bytes(b"not a model")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finegrain import __version__
 from finegrain.config import TrainConfig
-from finegrain.errors import FinegrainError
+from finegrain.errors import ConfigError, FinegrainError
 
 TRAIN_HELP = {
     "data": "dataset folder (CUB layout or ImageFolder) or CSV manifest",
@@ -127,7 +127,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from finegrain.predict import Predictor, list_images
 
-    predictor = Predictor.load(args.model, device=args.device)
+    model = args.model
+    if args.engine == "onnx" and Path(model).suffix != ".onnx":
+        from finegrain.export import export_onnx
+
+        model = export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
+    elif args.engine == "torch" and Path(model).suffix == ".onnx":
+        raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
+    predictor = Predictor.load(model, device=args.device)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -242,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
     p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
+    engines = "auto: by file type; onnx: ONNX Runtime (a checkpoint is exported next to itself first)"
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"], help=engines)
     p.add_argument("--topk", type=int, default=5, help="(default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
