@@ -54,9 +54,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="feature cache (default: finegrain's)")
     p.add_argument("--out", default="benchmarks/results/bcnn.json")
+    p.add_argument("--work-dir", help="run directories; finished runs found there are reused, not retrained")
+    p.add_argument("--append", action="store_true", help="keep the other methods' rows already in --out")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="fg-bench-bcnn-"))
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fg-bench-bcnn-"))
     rows = []
     for name in args.methods:
         method, kwargs = METHODS[name]
@@ -68,13 +70,17 @@ def main() -> None:
             )  # fmt: skip
             if args.cache_dir:
                 cfg.cache_dir = args.cache_dir
-            start = time.perf_counter()
-            result = fit(cfg)
-            seconds = time.perf_counter() - start
-            best_val = max(r["val_top1"] for r in result.history)
-            head = sum(r["epoch_seconds"] for r in result.history)  # the feature cache may be warm or cold
+            metrics = Path(cfg.run_dir) / "metrics.jsonl"
+            history = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+            seconds = None  # unknown for a reused run
+            if len(history) < cfg.epochs:
+                start = time.perf_counter()
+                history = fit(cfg).history
+                seconds = time.perf_counter() - start
+            best_val = max(r["val_top1"] for r in history)
+            head = sum(r["epoch_seconds"] for r in history)  # the feature cache may be warm or cold
             trials.append({"lr": lr, "val_top1": best_val, "train_seconds": seconds, "head_seconds": head,
-                           "run_dir": str(result.run_dir)})  # fmt: skip
+                           "run_dir": cfg.run_dir})  # fmt: skip
         chosen = max(trials, key=lambda t: t["val_top1"])
         test = evaluate_checkpoint(Path(chosen["run_dir"]) / "best.pt", workers=args.workers)
         model = build_model(load_checkpoint(Path(chosen["run_dir"]) / "best.pt"))
@@ -97,6 +103,10 @@ def main() -> None:
             }
         )
 
+    out = Path(args.out)
+    if args.append and out.is_file():
+        mine = {r["method"] for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["method"] not in mine] + rows
     columns = [("method", 10), ("lr", 7), ("val", 6), ("top-1", 6), ("mpc", 6), ("head s", 8), ("params", 10)]
     columns += [("desc", 7), ("ms/img", 7)]
     print(" ".join(f"{n:<{w}s}" if n == "method" else f"{n:>{w}s}" for n, w in columns))
@@ -106,7 +116,6 @@ def main() -> None:
             f"{100 * r['mean_class_acc']:6.2f} {r['head_seconds']:8.0f} {r['params']:10,d} "
             f"{r['descriptor_dim']:7d} {r['latency_ms_b1']:7.1f}"
         )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "input_size": args.input_size,
             "machine": f"{torch.get_num_threads()} CPU threads", "torch": torch.__version__}  # fmt: skip

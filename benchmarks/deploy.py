@@ -21,9 +21,9 @@ import torch
 
 from finegrain.compress.prune import prune_checkpoint
 from finegrain.config import TrainConfig
-from finegrain.data import ImageDataset, load_dataset
+from finegrain.data import ImageDataset
 from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.quantize import calibration_samples, quantize_onnx
@@ -78,9 +78,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fg-deploy-"))
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
-    index = load_dataset(cfg["data"], cfg["format"], cfg["val_fraction"], cfg["test_fraction"], cfg["seed"],
-                         split_file=Path(ckpt["path"]).parent / "split.csv")  # fmt: skip
-    test = index.split("test")[: args.test_images or None]
+    test = checkpoint_dataset(ckpt).split("test")[: args.test_images or None]
     dataset = ImageDataset(test, eval_transform(Preprocess.from_dict(ckpt["preprocess"])))
     images, labels = map(torch.cat, zip(*torch.utils.data.DataLoader(dataset, batch_size=64), strict=True))
     calib = calibration_samples(ckpt["path"], count=256)

@@ -84,3 +84,16 @@ def test_broken_file_in_image_training_is_named(tmp_path, tiny_config, workers):
     cfg = tiny_config(root, epochs=1, freeze_backbone=False, workers=workers, test_fraction=0, val_fraction=0)
     with pytest.raises(BadImageError, match="cannot read image"):
         fit(cfg)
+
+
+@pytest.mark.slow
+def test_real_imagefolder_flowers17_is_clean(capsys):
+    from .conftest import CUB100
+
+    flowers = CUB100.parent / "flowers17"
+    if not flowers.is_dir():
+        pytest.skip(f"real data not found at {flowers}")
+    assert main(["data", "check", str(flowers), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_classes"] == 17 and sum(report["images"].values()) == 17 * 80
+    assert report["images"]["test"] == 17 * 16  # 20% of each class, stratified

@@ -91,3 +91,27 @@ def build_model(ckpt: dict) -> nn.Module:
     load_weights(model, ckpt)
     model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     return model.eval()
+
+
+def checkpoint_dataset(ckpt: dict, data: str | Path | None = None):
+    """The dataset a checkpoint was trained on, with the exact split its run saved (``split.csv``).
+
+    ``data`` overrides the recorded path (e.g. the same data mounted elsewhere); the classes must match.
+    """
+    from finegrain.data import load_dataset
+    from finegrain.errors import DataError
+
+    cfg = ckpt.get("config", {})
+    data = data or cfg.get("data")
+    if data is None:
+        raise DataError("the checkpoint does not record its dataset: pass --data PATH")
+    index = load_dataset(
+        data, cfg.get("format", "auto"), cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.2),
+        cfg.get("seed", 0), split_file=Path(ckpt["path"]).parent / "split.csv",
+    )  # fmt: skip
+    if index.classes != ckpt["classes"]:
+        raise DataError(
+            f"the classes of '{data}' ({len(index.classes)}) differ from the checkpoint's "
+            f"({len(ckpt['classes'])}): use the dataset the model was trained on"
+        )
+    return index

@@ -90,26 +90,15 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate a checkpoint on a split of its dataset (the split saved by training when there is one);
     writes ``eval_<split>.json`` and ``confusion_<split>.csv`` next to the checkpoint (or in ``out_dir``)."""
-    from finegrain.data import ImageDataset, find_bad_images, load_dataset
+    from finegrain.data import ImageDataset, find_bad_images
     from finegrain.data.transforms import eval_transform
-    from finegrain.engine.checkpoint import build_model, load_checkpoint
+    from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
     from finegrain.engine.distributed import resolve_device
 
     ckpt = load_checkpoint(ckpt_path)
     run_dir = Path(ckpt["path"]).parent
-    cfg = ckpt.get("config", {})
-    data = data or cfg.get("data")
-    if data is None:
-        raise DataError("the checkpoint does not record its dataset: pass --data PATH")
-    index = load_dataset(
-        data, cfg.get("format", "auto"), cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.2),
-        cfg.get("seed", 0), split_file=run_dir / "split.csv",
-    )  # fmt: skip
-    if index.classes != ckpt["classes"]:
-        raise DataError(
-            f"the classes of '{data}' ({len(index.classes)}) differ from the checkpoint's "
-            f"({len(ckpt['classes'])}): evaluate on the dataset the model was trained on"
-        )
+    index = checkpoint_dataset(ckpt, data)
+    data = data or ckpt["config"]["data"]
     samples = index.split(split)
     if not samples:
         raise DataError(f"split '{split}' of '{data}' is empty (splits: train, val, test)")

@@ -34,26 +34,12 @@ class _ImageReader:
 
 def calibration_samples(ckpt_path: str | Path, data: str | None = None, count: int = 256) -> list[Sample]:
     """``count`` training images of the checkpoint's dataset, evenly spread over the (class-sorted) split."""
-    from finegrain.data import load_dataset
-    from finegrain.engine.checkpoint import load_checkpoint
+    from finegrain.engine.checkpoint import checkpoint_dataset, load_checkpoint
     from finegrain.errors import DataError
 
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = ckpt.get("config", {})
-    data = data or cfg.get("data")
-    if data is None:
-        raise DataError("int8 calibration needs images: pass --data PATH (the checkpoint records no dataset)")
-    index = load_dataset(
-        data,
-        cfg.get("format", "auto"),
-        cfg.get("val_fraction", 0.1),
-        cfg.get("test_fraction", 0.2),
-        cfg.get("seed", 0),
-        split_file=Path(ckpt["path"]).parent / "split.csv",
-    )  # fmt: skip  (the run's own split: calibration never sees its test images)
-    train = index.split("train")
+    train = checkpoint_dataset(load_checkpoint(ckpt_path), data).split("train")  # never the run's test images
     if not train:
-        raise DataError(f"'{data}' has no training images for int8 calibration")
+        raise DataError("the checkpoint's dataset has no training images for int8 calibration")
     step = max(1, len(train) // count)
     return train[::step][:count]
 

@@ -61,11 +61,22 @@ class TensorSketchPool(_SketchPool):
     def count_sketch(self, x: torch.Tensor, hashes: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[0], self.dim).index_add_(1, hashes, x * signs)
 
-    def sketch(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Tensor Sketch of a_i ⊗ b_i for vectors a (N, c1), b (N, c2) -> (N, dim)."""
+    def spectrum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa = torch.fft.rfft(self.count_sketch(a.float(), self.hash1, self.sign1), dim=-1)
         fb = torch.fft.rfft(self.count_sketch(b.float(), self.hash2, self.sign2), dim=-1)
-        return torch.fft.irfft(fa * fb, n=self.dim, dim=-1)
+        return fa * fb
+
+    def sketch(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Tensor Sketch of a_i ⊗ b_i for vectors a (N, c1), b (N, c2) -> (N, dim)."""
+        return torch.fft.irfft(self.spectrum(a, b), n=self.dim, dim=-1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # The inverse FFT is linear: average the locations' spectra, then invert once per image.
+        n = a.shape[0]
+        rows_a = a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])
+        rows_b = b.flatten(2).transpose(1, 2).reshape(-1, b.shape[1])
+        mean_spectrum = self.spectrum(rows_a, rows_b).view(n, -1, self.dim // 2 + 1).mean(1)
+        return signed_sqrt_l2(torch.fft.irfft(mean_spectrum, n=self.dim, dim=-1))
 
 
 class RandomMaclaurinPool(_SketchPool):
