@@ -104,3 +104,10 @@ def test_config_yaml_and_cli_errors(tmp_path, capsys, imagefolder):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--data", str(imagefolder), "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_other_data(cub, tmp_path, tiny_config, capsys):
+    result = fit(tiny_config(cub, epochs=1))
+    other = make_imagefolder(tmp_path / "other", num_classes=3, per_class=4)
+    assert main(["evaluate", str(result.run_dir), "--data", str(other), "--workers", "0"]) == 2
+    assert "the data changed since training" in capsys.readouterr().err  # the saved split catches it first
