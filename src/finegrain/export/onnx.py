@@ -36,15 +36,15 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     out.parent.mkdir(parents=True, exist_ok=True)
     size = ckpt["preprocess"]["input_size"]
     x = torch.randn(2, 3, size, size)
-    tmp = out.with_name(f".{out.name}.tmp")
+    raw = out.with_name(f".{out.name}.raw")  # the exporter's output, before the metadata goes in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         # The TorchScript-based exporter needs no extra packages and handles every registered method.
         torch.onnx.export(
-            model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["image"], output_names=["logits"],
+            model, (x,), str(raw), dynamo=False, opset_version=opset, input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )  # fmt: skip
-    proto = onnx.load(str(tmp))
+    proto = onnx.load(str(raw))
     meta = {
         "classes": ckpt["classes"],
         "preprocess": ckpt["preprocess"],
@@ -53,10 +53,8 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         "finegrain_version": __version__,
         "source": str(ckpt["path"]),
     }
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
+    save_with_metadata(proto, meta, out)
+    raw.unlink()
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
@@ -64,6 +62,20 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     got = session.run(None, {"image": x.numpy()})[0]
     return {"path": str(out), "max_abs_diff": float(np.abs(got - expected).max()), "opset": opset,
             "megabytes": out.stat().st_size / 2**20}  # fmt: skip
+
+
+def save_with_metadata(proto, meta: dict, out: Path) -> None:
+    """Replace the model's finegrain metadata with ``meta`` and write it atomically (temp file + rename)."""
+    import onnx
+
+    for i in reversed(range(len(proto.metadata_props))):
+        if proto.metadata_props[i].key == METADATA_KEY:
+            del proto.metadata_props[i]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, out)
 
 
 def read_onnx_metadata(path: str | Path) -> dict:

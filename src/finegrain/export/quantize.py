@@ -6,8 +6,6 @@ sees activations in the range it will meet in use.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.export.onnx import METADATA_KEY, read_onnx_metadata
+from finegrain.export.onnx import read_onnx_metadata, save_with_metadata
 
 
 class _ImageReader:
@@ -64,10 +62,5 @@ def quantize_onnx(
             calibrate_method=CalibrationMethod.MinMax,
         )  # fmt: skip
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps({**meta, "quantization": "int8 static QDQ per-channel"})
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    onnx.save(proto, str(tmp_out))
-    os.replace(tmp_out, out)
+    save_with_metadata(proto, {**meta, "quantization": "int8 static QDQ per-channel"}, out)
     return {"path": str(out), "megabytes": out.stat().st_size / 2**20, "calibration_images": len(samples)}
