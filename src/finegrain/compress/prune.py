@@ -134,11 +134,9 @@ def prune_checkpoint(ckpt_path, ratio: float, out_path=None, importance: str = "
 
 def _calibration_batches(ckpt_path, count: int = 64, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Labelled training images of the checkpoint's run, through the evaluation preprocessing."""
-    from finegrain.data import ImageDataset
-    from finegrain.data.transforms import Preprocess, eval_transform
+    from finegrain.data.transforms import Preprocess
     from finegrain.engine.checkpoint import load_checkpoint
-    from finegrain.export.quantize import calibration_samples
+    from finegrain.export.quantize import calibration_loader, calibration_samples
 
     pre = Preprocess.from_dict(load_checkpoint(ckpt_path)["preprocess"])
-    dataset = ImageDataset(calibration_samples(ckpt_path, count=count), eval_transform(pre))
-    return list(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
+    return list(calibration_loader(calibration_samples(ckpt_path, count=count), pre, batch_size))

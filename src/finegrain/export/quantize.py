@@ -21,13 +21,17 @@ from finegrain.export.onnx import read_onnx_metadata, save_with_metadata
 class _ImageReader:
     """onnxruntime CalibrationDataReader over image files, batch by batch."""
 
-    def __init__(self, samples: Sequence[Sample], pre: Preprocess, batch_size: int = 16) -> None:
-        loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(pre)), batch_size=batch_size)
-        self._batches: Iterator = iter(loader)
+    def __init__(self, samples: Sequence[Sample], pre: Preprocess) -> None:
+        self._batches: Iterator = iter(calibration_loader(samples, pre))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
         return None if batch is None else {"image": batch[0].numpy()}
+
+
+def calibration_loader(samples: Sequence[Sample], pre: Preprocess, batch_size: int = 16):
+    """(images, labels) batches of ``samples`` through the evaluation preprocessing."""
+    return torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(pre)), batch_size=batch_size)
 
 
 def calibration_samples(ckpt_path: str | Path, data: str | None = None, count: int = 256) -> list[Sample]:
