@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from finegrain.config import TrainConfig
+from finegrain.engine.checkpoint import model_record, save_atomic
+from finegrain.models import create_model
 
 CUB100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cub100"
 COLOURS = [(220, 40, 40), (40, 180, 40), (40, 60, 220), (230, 200, 30)]
@@ -111,3 +116,35 @@ def _few_threads():
 
 def needs_cub100():
     return pytest.mark.skipif(not CUB100.is_dir(), reason=f"real data not found at {CUB100}")
+
+
+def make_checkpoint(path: Path, method: str = "baseline", classes=("a", "b", "c"), **kwargs) -> Path:
+    """An untrained (random, no download) 64-px checkpoint: for plumbing tests that need no accuracy."""
+    torch.manual_seed(0)
+    model = create_model(method, num_classes=len(classes), pretrained=False, **kwargs).eval()
+    model.preprocess = replace(model.preprocess, input_size=64)
+    save_atomic(model_record(model, list(classes)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cub10_checkpoint(tmp_path_factory) -> Path:
+    """A linear head on frozen ImageNet lite0 for 10 cub100 species (real photos, 224 px), trained once per
+    session and shared by the slow real-data tests."""
+    if not CUB100.is_dir():
+        pytest.skip(f"real data not found at {CUB100}")
+    from finegrain.data import load_dataset
+    from finegrain.engine.train import fit
+
+    root = tmp_path_factory.mktemp("cub10")
+    index = load_dataset(CUB100, val_fraction=0.0)
+    with (root / "cub10.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        for s in index.samples:
+            if s.label % 10 == 0:
+                writer.writerow([str(s.path), index.classes[s.label], s.split])
+    cfg = TrainConfig(
+        data=str(root / "cub10.csv"), input_size=224, epochs=15, batch_size=8, workers=0, amp="bf16",
+        val_fraction=0.0, cache_dir=str(root / "cache"), run_dir=str(root / "run"),
+    )  # fmt: skip
+    return fit(cfg.validate()).run_dir / "last.pt"

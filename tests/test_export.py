@@ -1,25 +1,15 @@
 import json
-from dataclasses import replace
 
 import pytest
-import torch
 
 from finegrain.cli import main
-from finegrain.engine.checkpoint import model_record, save_atomic
 from finegrain.errors import ConfigError
 from finegrain.export import export_onnx, read_onnx_metadata
-from finegrain.models import create_model
 from finegrain.predict import Predictor
 
+from .conftest import make_checkpoint
+
 CLASSES = ["a", "b", "c"]
-
-
-def make_checkpoint(path, method, **kwargs):
-    torch.manual_seed(0)
-    model = create_model(method, num_classes=3, pretrained=False, **kwargs).eval()
-    model.preprocess = replace(model.preprocess, input_size=64)
-    save_atomic(model_record(model, CLASSES), path)
-    return path
 
 
 @pytest.mark.parametrize(

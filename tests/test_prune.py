@@ -5,7 +5,7 @@ from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.export import export_onnx
 
-from .test_export import make_checkpoint
+from .conftest import make_checkpoint
 
 
 def test_pruned_checkpoint_is_smaller_reloads_and_exports(tmp_path):

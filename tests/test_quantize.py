@@ -1,35 +1,21 @@
-import csv
-
 import pytest
 import torch
 
 from finegrain.data import load_dataset
-from finegrain.engine.train import fit
 from finegrain.export import export_onnx
 from finegrain.export.quantize import calibration_samples, quantize_onnx
 from finegrain.predict import Predictor
 
-from .conftest import CUB100, needs_cub100
 
-
-@needs_cub100()
 @pytest.mark.slow
-def test_int8_agrees_with_fp32_on_real_cub_images(tmp_path, tiny_config):
+def test_int8_agrees_with_fp32_on_real_cub_images(tmp_path, cub10_checkpoint):
     """A head trained on 10 cub100 species; int8 vs fp32 top-1 on their real test photos."""
-    index = load_dataset(CUB100, val_fraction=0.0)
-    keep = set(range(0, 100, 10))
-    with (tmp_path / "cub10.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        for s in index.samples:
-            if s.label in keep:
-                writer.writerow([str(s.path), index.classes[s.label], s.split])
-    result = fit(tiny_config(tmp_path / "cub10.csv", input_size=224, epochs=15, val_fraction=0.0, amp="bf16"))
-    ckpt = result.run_dir / "last.pt"
+    ckpt = cub10_checkpoint
     fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
     calib = calibration_samples(ckpt, count=64)
     assert len(calib) == 64 and all(s.split == "train" for s in calib)
     int8 = quantize_onnx(fp32, calib)
-    test = [s.path for s in load_dataset(tmp_path / "cub10.csv", val_fraction=0.0).split("test")][:128]
+    test = [s.path for s in load_dataset(ckpt.parent.parent / "cub10.csv", val_fraction=0.0).split("test")][:128]
     p32 = torch.cat([Predictor.load(fp32).probabilities_for(test[i : i + 32]) for i in range(0, len(test), 32)])
     p8 = torch.cat([Predictor.load(int8["path"]).probabilities_for(test[i : i + 32]) for i in range(0, len(test), 32)])
     agreement = (p32.argmax(1) == p8.argmax(1)).float().mean().item()

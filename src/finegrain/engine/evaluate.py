@@ -40,9 +40,14 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     desc: str = "evaluate",
+    keep_predictions: bool = False,
 ) -> dict:
-    """Run ``module`` over ``loader`` ((input, label) batches); exact metrics even when sharded over ranks."""
+    """Run ``module`` over ``loader`` ((input, label) batches); exact metrics even when sharded over ranks.
+
+    ``keep_predictions`` adds this process's per-sample predicted class and its probability, in loader order.
+    """
     module.eval()
+    predicted, confidence = [], []
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = torch.zeros((), dtype=torch.long)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -56,9 +61,17 @@ def evaluate(
             num_classes, num_classes
         )
         top5 += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum()
+        if keep_predictions:
+            prob, pred = logits.softmax(1).max(1)
+            predicted.append(pred)
+            confidence.append(prob)
     for t in (confmat, top5, loss_sum):
         all_reduce_sum(t)
-    return metrics_from_confusion(confmat.numpy(), int(top5), float(loss_sum))
+    metrics = metrics_from_confusion(confmat.numpy(), int(top5), float(loss_sum))
+    if keep_predictions:
+        metrics["predicted"] = torch.cat(predicted).tolist() if predicted else []
+        metrics["confidence"] = torch.cat(confidence).tolist() if confidence else []
+    return metrics
 
 
 def metrics_from_confusion(confmat: np.ndarray, top5_correct: int, loss_sum: float = 0.0) -> dict:
@@ -87,9 +100,11 @@ def evaluate_checkpoint(
     device: str = "auto",
     skip_bad: bool = False,
     out_dir: str | Path | None = None,
+    report: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a split of its dataset (the split saved by training when there is one);
-    writes ``eval_<split>.json`` and ``confusion_<split>.csv`` next to the checkpoint (or in ``out_dir``)."""
+    writes ``eval_<split>.json`` and ``confusion_<split>.csv`` next to the checkpoint (or in ``out_dir``),
+    and with ``report`` also ``predictions_<split>.csv`` and the HTML report ``report_<split>.html``."""
     from finegrain.data import ImageDataset, find_bad_images
     from finegrain.data.transforms import eval_transform
     from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
@@ -113,8 +128,9 @@ def evaluate_checkpoint(
     )
     start = time.perf_counter()
     metrics = evaluate(
-        model, loader, len(index.classes), dev, amp=amp, channels_last=True, progress=True, desc=f"evaluate {split}"
-    )
+        model, loader, len(index.classes), dev, amp=amp, channels_last=True, progress=True, desc=f"evaluate {split}",
+        keep_predictions=report,
+    )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +139,21 @@ def evaluate_checkpoint(
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *index.classes])
         writer.writerows([name, *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
-    report = {**metrics, "checkpoint": ckpt["path"], "data": str(data)}
-    report["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
-    (out / f"eval_{split}.json").write_text(json.dumps(report, indent=2))
-    return report
+    predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
+    result = {**metrics, "checkpoint": ckpt["path"], "data": str(data)}
+    result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
+    (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+    if report:
+        from finegrain.report import write_report
+
+        with (out / f"predictions_{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "true", "predicted", "probability"])
+            writer.writerows(
+                [s.path, index.classes[s.label], index.classes[p], f"{c:.6f}"]
+                for s, p, c in zip(samples, predicted, confidence, strict=True)
+            )
+        result["report"] = str(write_report(
+            out / f"report_{split}.html", model, index, samples, predicted, confidence, confmat, result
+        ))  # fmt: skip
+    return result

@@ -15,6 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from finegrain.config import DEFAULT_BACKBONE
 from finegrain.data.transforms import Preprocess
 from finegrain.errors import CheckpointError
 
@@ -114,7 +115,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def create_backbone(
-    name: str = "tf_efficientnet_lite0",
+    name: str = DEFAULT_BACKBONE,
     pretrained: bool = True,
     weights: str | Path | None = None,
     num_classes: int = 0,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from finegrain.models.backbone import backbone_preprocess, create_backbone
+from finegrain.models.backbone import DEFAULT_BACKBONE, backbone_preprocess, create_backbone
 
 
 class FGVCModel(nn.Module):
@@ -21,7 +21,7 @@ class FGVCModel(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
+        backbone: str = DEFAULT_BACKBONE,
         pretrained: bool = True,
         weights: str | Path | None = None,
         freeze_backbone: bool = False,

@@ -1,0 +1,42 @@
+"""Explanations of predictions: heat-maps of where the model looked, drawn over the photo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from finegrain.explain.cam import grad_cam, occlusion
+from finegrain.explain.render import overlay, with_top_classes
+from finegrain.predict import Predictor
+
+
+@dataclass
+class Explanation:
+    cam: np.ndarray  # (H, W) in [0, 1] over the model's input
+    top: list[dict]
+    method: str  # "grad-cam" (PyTorch) or "occlusion" (ONNX Runtime)
+
+    def overlay(self, image: Image.Image, predictor: Predictor) -> Image.Image:
+        return overlay(image, self.cam, predictor.preprocess)
+
+    def picture(self, image: Image.Image, predictor: Predictor) -> Image.Image:
+        """Overlay plus the top classes as bars: what ``finegrain explain`` writes."""
+        return with_top_classes(self.overlay(image, predictor), self.top)
+
+
+def explain(predictor: Predictor, images: Sequence[Image.Image], k: int = 5) -> list[Explanation]:
+    """Heat-maps for the predicted class of each image, with the top-``k`` classes."""
+    x = torch.stack([predictor.transform(img.convert("RGB")) for img in images])
+    if isinstance(predictor.model, nn.Module):
+        cams, logits = grad_cam(predictor.model, x.to(predictor.device, memory_format=torch.channels_last))
+        method = "grad-cam"
+    else:
+        cams, logits = occlusion(predictor.model, x)
+        method = "occlusion"
+    tops = predictor.topk(logits.float().softmax(-1).cpu(), k)
+    return [Explanation(c.cpu().numpy(), t, method) for c, t in zip(cams, tops, strict=True)]

@@ -1,0 +1,28 @@
+import re
+
+import numpy as np
+
+from finegrain.engine.evaluate import evaluate_checkpoint
+from finegrain.engine.train import fit
+from finegrain.report import confused_pairs
+
+
+def test_confused_pairs_are_the_largest_off_diagonal_counts():
+    confmat = np.array([[5, 3, 0], [1, 6, 0], [4, 0, 2]])
+    assert confused_pairs(confmat, 2) == [(2, 0, 4), (0, 1, 3)]
+    assert confused_pairs(np.eye(3, dtype=int) * 5) == []
+
+
+def test_report_is_one_self_contained_file(tmp_path, imagefolder, tiny_config):
+    run = fit(tiny_config(imagefolder, epochs=1, test_fraction=0.5)).run_dir
+    result = evaluate_checkpoint(run, workers=0, report=True)
+    page = (run / "report_test.html").read_text()
+    assert result["report"] == str(run / "report_test.html")
+    assert f"{100 * result['top1']:.2f}%" in page and f"{100 * result['mean_class_acc']:.2f}%" in page
+    assert len(re.findall(r"<tr><td>\d+</td>", page)) == 4  # one row per class
+    assert not re.search(r'(src|href)="(http|//)', page)  # no external assets
+    assert page.count('src="data:image/png;base64,') >= 1  # the confusion matrix
+    mistakes = result["n"] - round(result["top1"] * result["n"])
+    assert page.count("predicted ") >= min(mistakes, 8)
+    rows = (run / "predictions_test.csv").read_text().splitlines()
+    assert len(rows) == result["n"] + 1
