@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint, run directory or exported .onnx file (int8 is fastest on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="images per forward pass; 1 turns batching off (16)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per forward pass; 1 turns batching off (4)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up (5 ms)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body (10 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (40M)")
