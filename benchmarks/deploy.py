@@ -1,11 +1,14 @@
 """Deployment benchmark, all variants in ONE run on the same machine: PyTorch eager fp32, ONNX Runtime fp32,
-ONNX int8 (post-training static), and channel-pruned models (optionally fine-tuned) with and without int8.
+ONNX int8 (post-training static), a QAT checkpoint's int8 (from `finegrain qat`), and channel-pruned models
+(optionally fine-tuned) with and without int8.
 
 For each: test top-1, model size, batch-1 latency p50/p95, batch-32 throughput, and every speed as a ratio to
 PyTorch eager fp32 measured in the same run. Test images are preprocessed once (the shared eval transform), so
 the timings are inference only. Prints a table and writes JSON.
 
-    python benchmarks/deploy.py --checkpoint runs/default/best.pt --out benchmarks/results/deploy_cub100.json
+    finegrain qat runs/default --epochs 1 --run-dir runs/qat1
+    python benchmarks/deploy.py --checkpoint runs/default/best.pt --qat runs/qat1/best.pt --finetune-epochs 1 \
+        --out benchmarks/results/deploy_cub100.json
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="runs/default/best.pt")
     p.add_argument("--ratios", type=float, nargs="*", default=[0.3, 0.5])
+    p.add_argument("--qat", help="a QAT checkpoint of the same model (finegrain qat) to measure beside PTQ")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model (0: prune only)")
     p.add_argument("--test-images", type=int, default=0, help="limit the test images (0: all)")
     p.add_argument("--runs", type=int, default=100, help="batch-1 timing repetitions")
@@ -94,6 +98,8 @@ def main() -> None:
     size_mb = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values()) / 2**20
     rows = [measure("PyTorch eager fp32", torch_fn(build_model(ckpt)), images, labels, size_mb, args.runs)]
     rows += onnx_rows("full", ckpt["path"])
+    if args.qat:
+        rows += onnx_rows("QAT", args.qat)
     for ratio in args.ratios:
         pruned = prune_checkpoint(ckpt["path"], ratio, work / f"pruned{ratio}.pt")["path"]
         if args.finetune_epochs:
@@ -112,7 +118,8 @@ def main() -> None:
         values = [100 * r["top1"], r["megabytes"], r["latency_p50_ms"], r["latency_p95_ms"], r["throughput_img_s"]]
         values += [r["throughput_ratio"], r["latency_ratio"]]
         print(f"{r['variant']:24s} " + " ".join(f"{v:7.2f}" for v in values))
-    meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(args.checkpoint), "test_images": len(test),
+    meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(args.checkpoint), "qat": args.qat,
+            "test_images": len(test),
             "finetune_epochs": args.finetune_epochs, "torch_threads": torch.get_num_threads()}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,14 @@ def test_cli_export_and_predict_onnx(tmp_path, cub, capsys):
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     assert main(["predict", str(tmp_path / "broken.onnx"), str(image)]) == 2
     assert "cannot read ONNX file" in capsys.readouterr().err
+
+
+def test_same_padding_is_constant_in_the_exported_graph(tmp_path):
+    """tf_ EfficientNets pad 'same' from the input shape at run time; exported, that shape arithmetic would be
+    quantized by int8 PTQ (wrong pads). The exported graph must carry constant pads instead."""
+    import onnx
+
+    ckpt = make_checkpoint(tmp_path / "m.pt", "baseline")
+    path = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "Pad" in ops and not ops & {"Shape", "Ceil"}  # pads do not depend on the input's shape

@@ -46,6 +46,8 @@ TRAIN_HELP = {
     "color_jitter": "brightness/contrast/saturation jitter strength",
     "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
     "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
+    "qat": "quantization-aware training: simulate the int8 model (see `finegrain qat`)",
+    "calib_images": "training images that calibrate int8 activation ranges",
     "amp": "bf16 autocast (faster on CPU and GPU) or none",
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "workers": "DataLoader worker processes",
@@ -255,6 +257,27 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qat(args: argparse.Namespace) -> int:
+    from finegrain.engine.checkpoint import load_checkpoint
+    from finegrain.engine.train import fit
+    from finegrain.export import export_onnx
+    from finegrain.export.quantize import calibration_samples, quantize_onnx
+
+    ckpt = load_checkpoint(args.checkpoint)
+    overrides = {
+        "init_from": ckpt["path"], "freeze_backbone": False, "qat": True, "amp": "none", "epochs": args.epochs,
+        "lr": args.lr, "warmup_epochs": 0.0, "calib_images": args.calib_images, "run_dir": args.run_dir,
+    }  # fmt: skip
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    run_dir = fit(TrainConfig.from_dict({**ckpt["config"], **overrides})).run_dir
+    best = run_dir / "best.pt"
+    fp32 = export_onnx(best)
+    q = quantize_onnx(fp32["path"], calibration_samples(best, count=args.calib_images))
+    print(f"QAT checkpoint {best}; int8 model {q['path']} ({q['megabytes']:.1f} MB)")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from finegrain.models import list_models
 
@@ -340,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "qat", help="quantization-aware fine-tuning, then int8 ONNX export",
+        description="Fine-tune a checkpoint while simulating ONNX Runtime's int8 rounding (BN-folded per-channel "
+        "weights, calibrated uint8 activations), then export best.onnx and best.int8.onnx in the new run directory.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (1)")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate, small: the weights only adapt (1e-5)")
+    p.add_argument("--batch-size", type=int, help="(default: the checkpoint's)")
+    p.add_argument("--calib-images", type=int, default=256, help="training images for activation ranges (256)")
+    p.add_argument("--run-dir", help="output run directory (default runs/<method>-<time>)")
+    p.set_defaults(func=_qat)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

@@ -58,6 +58,9 @@ class TrainConfig:
     color_jitter: float = 0.2
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
+    # quantization-aware training (finegrain qat): fake int8 rounding as ONNX Runtime will run the model
+    qat: bool = False
+    calib_images: int = 256  # training images that calibrate int8 activation ranges
     # speed
     amp: str = "bf16"  # bf16 autocast (CPU and GPU) or "none"
     channels_last: bool = True
@@ -80,6 +83,10 @@ class TrainConfig:
             (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
             (0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]"),
             (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
+            (not self.qat or not self.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
+            (not self.qat or self.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
+            (not self.qat or self.amp == "none", "qat simulates int8 rounding in fp32: use --amp none"),
+            (self.calib_images >= 1, "calib-images must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

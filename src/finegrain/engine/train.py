@@ -105,6 +105,17 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     return model
 
 
+def _prepare_qat(model, index, cfg, device, info) -> None:
+    """Fake int8 rounding, with activation ranges calibrated on the images the int8 export calibrates on."""
+    from finegrain.compress.qat import calibrate, prepare_qat
+    from finegrain.export.quantize import calibration_loader, evenly_spaced
+
+    prepare_qat(model)
+    samples = evenly_spaced(index.split("train"), cfg.calib_images)
+    seen = calibrate(model, (x for x, _ in calibration_loader(samples, model.preprocess)), device)
+    _log(info, f"qat: int8 rounding simulated, activation ranges calibrated on {seen} training images")
+
+
 def _feature_task(model, index, cfg, device, info) -> Task:
     """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
     labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
@@ -254,6 +265,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
 
     model = model_from_config(cfg, index.classes).to(device)
+    if cfg.qat:
+        _prepare_qat(model, index, cfg, device, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cached = cfg.freeze_backbone and cfg.cache_features

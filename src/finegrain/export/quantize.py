@@ -42,8 +42,13 @@ def calibration_samples(ckpt_path: str | Path, data: str | None = None, count: i
     train = checkpoint_dataset(load_checkpoint(ckpt_path), data).split("train")  # never the run's test images
     if not train:
         raise DataError("the checkpoint's dataset has no training images for int8 calibration")
-    step = max(1, len(train) // count)
-    return train[::step][:count]
+    return evenly_spaced(train, count)
+
+
+def evenly_spaced(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """``count`` samples spread evenly over the (class-sorted) list: every class is represented."""
+    step = max(1, len(samples) // count)
+    return list(samples[::step][:count])
 
 
 def quantize_onnx(
