@@ -138,7 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
         model = export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
     elif args.engine == "torch" and Path(model).suffix == ".onnx":
         raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
-    predictor = Predictor.load(model, device=args.device)
+    predictor = Predictor.load(model, device=args.device, threads=args.threads)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     engines = "auto: by file type; onnx: ONNX Runtime (a checkpoint is exported next to itself first)"
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"], help=engines)
     p.add_argument("--topk", type=int, default=5, help="(default: 5)")
-    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON output")
