@@ -19,6 +19,7 @@ CLASSES = ["a", "b", "c"]
         ("bcnn", {"reduce_dim": 16}),
         ("bcnn", {"reduce_dim": 16, "layers": [3, "final"]}),
         ("cbcnn", {"reduce_dim": 16, "sketch_dim": 256, "pooling": "rm"}),
+        ("racnn", {"scales": 3}),
     ],
 )
 def test_export_matches_pytorch_and_predicts_from_metadata_alone(tmp_path, cub, method, kwargs):

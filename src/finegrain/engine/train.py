@@ -181,6 +181,15 @@ def freeze_bn_stats(module: nn.Module) -> None:
             m.eval()
 
 
+def _loss(module: nn.Module, out, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on logits, or the method's own loss when its training forward returns more than logits
+    (e.g. RA-CNN: logits of every scale plus the ranking loss)."""
+    if isinstance(out, torch.Tensor):
+        return loss_fn(out.float(), y), out
+    model = module.module if isinstance(module, DistributedDataParallel) else module
+    return model.compute_loss(out, y, loss_fn)
+
+
 def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info) -> dict:
     module.train()
     if cfg.freeze_bn_stats:
@@ -194,8 +203,8 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
         x = to_device(x, device, task.images and cfg.channels_last)
         y = y.to(device)
         with autocast(device, cfg.amp if task.images else "none"):
-            logits = module(x)
-        loss = loss_fn(logits.float(), y)
+            out = module(x)
+        loss, logits = _loss(module, out, y, loss_fn)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}: lower --lr or use --amp none")
         optimizer.zero_grad(set_to_none=True)
@@ -269,7 +278,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         _prepare_qat(model, index, cfg, device, info)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cached = cfg.freeze_backbone and cfg.cache_features
+    cached = cfg.freeze_backbone and cfg.cache_features and getattr(model, "cacheable", True)
     task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
     seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm
@@ -287,7 +296,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         shard = Subset(task.val_set, range(info.rank, len(task.val_set), info.world_size))
         val_loader = DataLoader(shard, batch_size=cfg.batch_size * 2, num_workers=task.workers)
 
-    module = DistributedDataParallel(task.trainable) if info.enabled else task.trainable
+    unused = getattr(task.trainable, "has_unused_parameters", False)
+    module = DistributedDataParallel(task.trainable, find_unused_parameters=unused) if info.enabled else task.trainable
     optimizer = _optimizer(task.trainable, cfg)
     steps = len(loader)
     scheduler = CosineLRScheduler(

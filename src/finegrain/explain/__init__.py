@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,9 +20,11 @@ class Explanation:
     cam: np.ndarray  # (H, W) in [0, 1] over the model's input
     top: list[dict]
     method: str  # "grad-cam" (PyTorch) or "occlusion" (ONNX Runtime)
+    #: the method's own evidence: regions it zoomed into, per scale (x0, y0, x1, y1 in [0, 1] of its input)
+    boxes: list[list[float]] = field(default_factory=list)
 
     def overlay(self, image: Image.Image, predictor: Predictor) -> Image.Image:
-        return overlay(image, self.cam, predictor.preprocess)
+        return overlay(image, self.cam, predictor.preprocess, boxes=self.boxes)
 
     def picture(self, image: Image.Image, predictor: Predictor) -> Image.Image:
         """Overlay plus the top classes as bars: what ``finegrain explain`` writes."""
@@ -32,11 +34,16 @@ class Explanation:
 def explain(predictor: Predictor, images: Sequence[Image.Image], k: int = 5) -> list[Explanation]:
     """Heat-maps for the predicted class of each image, with the top-``k`` classes."""
     x = torch.stack([predictor.transform(img.convert("RGB")) for img in images])
+    boxes = [[] for _ in images]
     if isinstance(predictor.model, nn.Module):
-        cams, logits = grad_cam(predictor.model, x.to(predictor.device, memory_format=torch.channels_last))
+        x = x.to(predictor.device, memory_format=torch.channels_last)
+        cams, logits = grad_cam(predictor.model, x)
         method = "grad-cam"
+        if hasattr(predictor.model, "attention_boxes"):
+            per_scale = predictor.model.attention_boxes(x)
+            boxes = [[b[i].tolist() for b in per_scale] for i in range(len(images))]
     else:
         cams, logits = occlusion(predictor.model, x)
         method = "occlusion"
     tops = predictor.topk(logits.float().softmax(-1).cpu(), k)
-    return [Explanation(c.cpu().numpy(), t, method) for c, t in zip(cams, tops, strict=True)]
+    return [Explanation(c.cpu().numpy(), t, method, b) for c, t, b in zip(cams, tops, boxes, strict=True)]

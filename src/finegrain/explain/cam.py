@@ -17,14 +17,22 @@ import torch.nn.functional as F
 
 def _last_spatial_activation(backbone: nn.Module):
     """Forward hooks that keep the last 4-D activation with a spatial extent (> 1×1) the backbone produces:
-    the map the classifier sees, for any timm CNN and for methods that call the backbone their own way."""
+    the map the classifier sees, for any timm CNN and for methods that call the backbone their own way.
+    Only the first pass over the full image counts (RA-CNN runs the backbone again on its zoomed crops)."""
     found: dict[str, torch.Tensor] = {}
+    passes = [0]
+    leaves = [m for m in backbone.modules() if not list(m.children())]
 
     def hook(_module, _inputs, output):
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
+        spatial = isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1
+        if spatial and passes[0] == 1:
             found["map"] = output
 
-    handles = [m.register_forward_hook(hook) for m in backbone.modules()]
+    def count_pass(*_):  # the first layer runs again: a new pass over (another) image begins
+        passes[0] += 1
+
+    handles = [leaves[0].register_forward_pre_hook(count_pass)]
+    handles += [m.register_forward_hook(hook) for m in backbone.modules()]
     return found, handles
 
 

@@ -26,9 +26,20 @@ def colourise(cam: np.ndarray, cmap: str = "jet") -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
-def overlay(image: Image.Image, cam: np.ndarray, pre: Preprocess, alpha: float = 0.6, max_side: int = 512):
+BOX_COLOURS = ["#ffffff", "#ffd43b", "#51cf66", "#ff6b6b"]
+
+
+def overlay(
+    image: Image.Image,
+    cam: np.ndarray,
+    pre: Preprocess,
+    alpha: float = 0.6,
+    max_side: int = 512,
+    boxes: Sequence[Sequence[float]] = (),
+) -> Image.Image:
     """The photo (longer side at most ``max_side``) with ``cam`` blended over the model's view, more opaque
-    where the map is hotter; what the model did not see (cropped away by the centre crop) is dimmed."""
+    where the map is hotter; what the model did not see (cropped away by the centre crop) is dimmed.
+    ``boxes`` (x0, y0, x1, y1 in [0, 1] of the model's input, e.g. RA-CNN's zooms) are drawn as rectangles."""
     image = image.convert("RGB")
     scale = min(1.0, max_side / max(image.size))
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
@@ -38,6 +49,11 @@ def overlay(image: Image.Image, cam: np.ndarray, pre: Preprocess, alpha: float =
     heat = colourise(cam).resize(crop.size, Image.BILINEAR)
     mask = Image.fromarray((255 * alpha * np.clip(cam, 0, 1)).astype(np.uint8)).resize(crop.size, Image.BILINEAR)
     out.paste(Image.composite(heat, crop, mask), box[:2])
+    draw = ImageDraw.Draw(out)
+    w, h = box[2] - box[0], box[3] - box[1]
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        rect = (box[0] + x0 * w, box[1] + y0 * h, box[0] + x1 * w, box[1] + y1 * h)
+        draw.rectangle(rect, outline=BOX_COLOURS[i % len(BOX_COLOURS)], width=3)
     return out
 
 

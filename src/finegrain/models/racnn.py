@@ -1,0 +1,218 @@
+"""Recurrent Attention CNN (Fu et al., CVPR 2017): look, zoom into the attended region, look again.
+
+Each scale classifies its input and an attention proposal network (APN) picks a square region (centre tx, ty;
+half side tl) of it; the next scale sees that region enlarged to the full input size by a differentiable affine
+zoom (``grid_sample``), so the next scale's confidence sends gradient into (tx, ty, tl). A pairwise ranking loss
+pushes each finer scale to be more confident in the true class than the coarser one.
+
+Training first runs ``apn_start`` classification steps (the APN's ranking signal means nothing before the
+classifiers know the classes), then alternates (``alternate`` steps each): classification steps train the
+backbones and classifiers with cross-entropy at every scale (regions fixed), APN steps train the APNs with the
+ranking loss only (classifiers fixed). The APN starts on the region of highest response of the last feature
+map for the predicted class (its class activation map) and learns offsets from there: the paper's
+initialisation, done in closed form. Each zoom is at least 2x (``max_half``) and at most 5x (``min_half``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finegrain.errors import ConfigError
+from finegrain.losses import pairwise_ranking_loss
+from finegrain.models.backbone import create_backbone
+from finegrain.models.base import FGVCModel
+from finegrain.models.registry import register_model
+
+
+def zoom(x: torch.Tensor, boxes: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Crop square ``boxes`` (B, 3: centre x, centre y in [-1, 1]; half side in (0, 1], all in the normalised
+    coordinates of ``x``) and resize each to ``size`` (default: the input size) by bilinear sampling.
+
+    Differentiable with respect to the boxes; the box (0, 0, 1) reproduces ``x`` exactly.
+    """
+    size = size or x.shape[-1]
+    # output pixel centres in normalised coordinates (align_corners=False), scaled and moved into the box;
+    # built by hand rather than with affine_grid, which ONNX only has from opset 20
+    u = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
+    boxes = boxes.to(x.dtype)
+    gx = boxes[:, 0, None, None] + boxes[:, 2, None, None] * u[None, None, :]
+    gy = boxes[:, 1, None, None] + boxes[:, 2, None, None] * u[None, :, None]
+    grid = torch.stack([gx.expand(-1, size, size), gy.expand(-1, size, size)], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def peak_boxes(energy: torch.Tensor, half: float = 0.5) -> torch.Tensor:
+    """A box of half side ``half`` centred on each (B, h, w) map's strongest location, moved inside the image."""
+    b, h, w = energy.shape
+    idx = energy.detach().float().flatten(1).argmax(1)
+    cy = ((idx // w).float() + 0.5) / h * 2 - 1
+    cx = ((idx % w).float() + 0.5) / w * 2 - 1
+    limit = 1 - half
+    return torch.stack([cx.clamp(-limit, limit), cy.clamp(-limit, limit), torch.full_like(cx, half)], 1)
+
+
+@contextmanager
+def _without_grad(modules: list[nn.Module]):
+    """Parameters of ``modules`` take no gradient inside the block (the graph is built without them)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _atanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.log((1 + x) / (1 - x))  # torch.atanh has no ONNX export
+
+
+class APN(nn.Module):
+    """Attention proposal: offsets from the peak box, predicted from the scale's pooled features.
+
+    The half side stays in [min_half, max_half] (normalised units; 1 = the whole image): with max_half 0.5
+    every scale is at least a 2x zoom, so the APN cannot dodge the ranking loss by zooming out to the whole
+    image (measured on the patch task: unbounded, boxes grew to 97% of the image).
+    """
+
+    def __init__(self, channels: int, hidden: int = 512, min_half: float = 0.2, max_half: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < min_half < max_half <= 1:
+            raise ConfigError(f"racnn needs 0 < min_half < max_half <= 1, got {min_half}, {max_half}")
+        self.min_half, self.max_half = min_half, max_half
+        start = (0.5 * (min_half + max_half) - min_half) / (max_half - min_half)
+        self.half_logit = float(torch.logit(torch.tensor(start)))
+        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+        nn.init.zeros_(self.net[-1].weight)  # start exactly on the peak box
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, maps: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+        """``cam``: the scale's class activation map (B, h, w) for its predicted class; the box starts on its peak."""
+        start = peak_boxes(cam)
+        d = self.net(maps.mean((2, 3)).float())
+        half = self.min_half + (self.max_half - self.min_half) * torch.sigmoid(self.half_logit + d[:, 2])
+        limit = 1 - half
+        # centres move in tanh space so the box always stays inside the image
+        cx = limit * torch.tanh(_atanh((start[:, 0] / limit).clamp(-0.999, 0.999)) + d[:, 0])
+        cy = limit * torch.tanh(_atanh((start[:, 1] / limit).clamp(-0.999, 0.999)) + d[:, 1])
+        return torch.stack([cx, cy, half], 1)
+
+
+class RACNN(FGVCModel):
+    feature_spec = "racnn"
+    cacheable = False  # what later scales see depends on the APN: no frozen-feature cache
+    has_unused_parameters = True  # alternating steps leave either the APNs or the classifiers without gradient
+
+    def __init__(
+        self,
+        num_classes: int,
+        scales: int = 2,
+        share_backbone: bool = True,
+        min_half: float = 0.2,
+        max_half: float = 0.5,
+        apn_hidden: int = 512,
+        margin: float = 0.05,
+        alternate: int = 1,
+        apn_start: int = 200,
+        fuse: str | list[int] = "all",
+        drop_rate: float = 0.2,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if scales not in (2, 3):
+            raise ConfigError(f"racnn scales must be 2 or 3, got {scales}")
+        self.scales = scales
+        self.fuse = list(range(scales)) if fuse == "all" else [int(s) for s in fuse]
+        if not self.fuse or any(not 0 <= s < scales for s in self.fuse):
+            raise ConfigError(f"racnn fuse must be 'all' or scale indices in 0..{scales - 1}, got {fuse}")
+        self.margin, self.alternate, self.apn_start = margin, max(1, alternate), apn_start
+        self.steps = 0  # training forward passes so far (APN steps begin after ``apn_start`` of them)
+        self.share_backbone = share_backbone
+        if not share_backbone:
+            spec = {"pretrained": kwargs.get("pretrained", True), "weights": kwargs.get("weights")}
+            name = kwargs.get("backbone", "tf_efficientnet_lite0")
+            self.extra_backbones = nn.ModuleList(
+                create_backbone(name, num_classes=0, **spec) for _ in range(scales - 1)
+            )
+            if self.freeze_backbone:
+                self.extra_backbones.requires_grad_(False)
+        c = self.backbone.num_features
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c, num_classes)) for _ in range(scales)
+        )
+        self.head = self.heads[0]  # FGVCModel's "head": the first scale's classifier
+        self.apns = nn.ModuleList(APN(c, apn_hidden, min_half, max_half) for _ in range(scales - 1))
+
+    def train(self, mode: bool = True) -> RACNN:
+        super().train(mode)
+        if self.freeze_backbone and not self.share_backbone:
+            self.extra_backbones.eval()
+        return self
+
+    def _backbone(self, s: int) -> nn.Module:
+        return self.backbone if s == 0 or self.share_backbone else self.extra_backbones[s - 1]
+
+    def forward_scales(self, x: torch.Tensor, apn_step: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits of every scale and the boxes (B, 3) that made scales 2.. (each in the previous scale's frame).
+
+        ``apn_step``: the classification parameters are held fixed (no gradient), the zooms carry gradient
+        into the APNs; otherwise the zooms are fixed and everything else learns.
+        """
+        fixed = [m for m in (self.backbone, self.heads, getattr(self, "extra_backbones", None)) if m is not None]
+        with _without_grad(fixed if apn_step else []):
+            logits, boxes = [], []
+            for s in range(self.scales):
+                net = self._backbone(s)
+                maps = net.forward_features(x)
+                logits.append(self.heads[s](net.forward_head(maps)))
+                if s + 1 < self.scales:
+                    box = self.apns[s](maps, self._cam(s, maps, logits[-1]))
+                    boxes.append(box)
+                    x = zoom(x, box if apn_step else box.detach())
+        return logits, boxes
+
+    def _cam(self, s: int, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Class activation map of the predicted class: the classifier reads average-pooled maps, so its
+        weights applied per location say where the evidence for that class is."""
+        weight = self.heads[s][-1].weight[logits.argmax(1)]
+        return torch.einsum("bchw,bc->bhw", maps.detach().float(), weight.detach().float())
+
+    def forward(self, x: torch.Tensor):
+        if not self.training:
+            logits, _ = self.forward_scales(x)
+            return torch.stack([logits[s] for s in self.fuse]).mean(0)
+        apn_step = self.steps >= self.apn_start and bool(((self.steps - self.apn_start) // self.alternate) % 2)
+        self.steps += 1
+        logits, boxes = self.forward_scales(x, apn_step=apn_step)
+        return {"scale_logits": logits, "boxes": boxes, "apn_step": apn_step}
+
+    def compute_loss(self, out: dict, y: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = out["scale_logits"]
+        fused = torch.stack([logits[s] for s in self.fuse]).mean(0).detach()
+        if out["apn_step"]:
+            probs = [lg.float().softmax(1).gather(1, y[:, None])[:, 0] for lg in logits]
+            loss = sum(pairwise_ranking_loss(probs[s], probs[s + 1], self.margin) for s in range(self.scales - 1))
+        else:
+            loss = sum(criterion(lg.float(), y) for lg in logits)
+        return loss, fused
+
+    @torch.no_grad()
+    def attention_boxes(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each zoom's region in the *input image's* normalised [0, 1] coordinates: (B, 4) x0, y0, x1, y1."""
+        _, boxes = self.forward_scales(x)
+        out, cx, cy, half = [], torch.zeros(len(x)), torch.zeros(len(x)), torch.ones(len(x))
+        for b in boxes:  # compose: each box lives in the frame of the previous zoom
+            cx, cy, half = cx + half * b[:, 0].cpu(), cy + half * b[:, 1].cpu(), half * b[:, 2].cpu()
+            out.append((torch.stack([cx - half, cy - half, cx + half, cy + half], 1) + 1) / 2)
+        return out
+
+
+@register_model("racnn")
+def racnn(num_classes: int, **kwargs) -> RACNN:
+    """RA-CNN: 2 or 3 scales, APN zooms, inter-scale ranking loss, alternating training."""
+    return RACNN(num_classes=num_classes, **kwargs)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.losses import pairwise_ranking_loss
+from finegrain.models import create_model
+from finegrain.models.racnn import peak_boxes, zoom
+
+from .conftest import make_checkpoint
+
+
+def test_whole_image_box_reproduces_the_input():
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(zoom(x, torch.tensor([[0.0, 0.0, 1.0]] * 2)), x, atol=1e-6)
+
+
+def test_zoomed_crop_matches_a_reference_crop():
+    x = torch.rand(1, 3, 32, 32)
+    got = zoom(x, torch.tensor([[-0.5, -0.5, 0.5]]))  # the top-left quadrant, enlarged 2x
+    ref = F.interpolate(x[..., :16, :16], size=32, mode="bilinear", align_corners=False)
+    # identical except the last row/column, where the reference clamps at the crop edge and zoom reads on
+    assert torch.allclose(got[..., :-1, :-1], ref[..., :-1, :-1], atol=1e-5)
+
+
+def test_crop_is_differentiable_in_tx_ty_tl():
+    x = torch.linspace(0, 1, 32).view(1, 1, 1, 32) * torch.linspace(0, 1, 32).view(1, 1, 32, 1) ** 2
+    box = torch.tensor([[0.1, -0.2, 0.4]], requires_grad=True)
+    zoom(x.expand(1, 3, 32, 32), box).pow(2).sum().backward()
+    assert torch.isfinite(box.grad).all() and (box.grad.abs() > 1e-4).all()
+
+
+def test_ranking_loss_on_hand_made_probabilities():
+    coarse, fine = torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0.5, 0.8, 0.52])
+    # max(0, .9-.5+.05)=.45, max(0, .2-.8+.05)=0, max(0, .5-.52+.05)=.03
+    assert pairwise_ranking_loss(coarse, fine, 0.05).item() == pytest.approx((0.45 + 0 + 0.03) / 3)
+
+
+def test_peak_box_sits_on_the_strongest_response_and_inside_the_image():
+    energy = torch.zeros(1, 8, 8)
+    energy[0, 1, 6] = 5.0  # row 1, column 6
+    cx, cy, half = peak_boxes(energy)[0].tolist()
+    assert half == 0.5 and cx == pytest.approx(0.5) and cy == pytest.approx(-0.5)  # x clamped to stay inside
+
+
+def test_alternating_steps_route_gradients():
+    model = create_model("racnn", num_classes=3, pretrained=False, freeze_backbone=False, apn_start=1).train()
+    model(torch.randn(1, 3, 64, 64))  # the one classification-only step before alternation
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    for apn_step in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        assert out["apn_step"] == apn_step
+        loss, logits = model.compute_loss(out, y, torch.nn.CrossEntropyLoss())
+        loss.backward()
+        apn = any(p.grad is not None for p in model.apns.parameters())
+        cls = any(p.grad is not None for p in model.heads.parameters())
+        assert (apn, cls) == (apn_step, not apn_step) and logits.shape == (2, 3)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the APN step
+
+
+def test_save_reload_gives_identical_logits_and_boxes(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "r.pt", "racnn", scales=3)
+    a, b = build_model(load_checkpoint(ckpt)).eval(), build_model(load_checkpoint(ckpt)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(a(x), b(x))
+    for ba, bb in zip(a.attention_boxes(x), b.attention_boxes(x), strict=True):
+        assert torch.equal(ba, bb) and ((ba >= 0) & (ba <= 1)).all()
