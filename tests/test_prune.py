@@ -1,16 +1,19 @@
+import pytest
 import torch
 
 from finegrain.compress.prune import prune_checkpoint
-from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.data.transforms import Preprocess
+from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.export import export_onnx
+from finegrain.export.quantize import calibration_loader
 
 from .conftest import make_checkpoint
 
 
 def test_pruned_checkpoint_is_smaller_reloads_and_exports(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt", "bcnn", reduce_dim=16, layers=[3, "final"])
-    r = prune_checkpoint(ckpt, 0.5)
+    r = prune_checkpoint(ckpt, 0.5, importance="magnitude")  # no dataset behind this checkpoint
     assert r["params_after"] < 0.75 * r["params_before"]
     pruned = load_checkpoint(r["path"])  # weights_only load: the structure is plain numbers
     model = build_model(pruned)
@@ -31,3 +34,22 @@ def test_taylor_pruning_then_fine_tuning_learns(cub, tiny_config):
     assert tuned.history[-1]["val_top1"] >= 0.75
     reloaded = build_model(load_checkpoint(tuned.run_dir / "last.pt"))
     assert sum(p.numel() for p in reloaded.parameters()) == r["params_after"]
+
+
+@pytest.mark.slow
+def test_activation_pruning_keeps_a_real_model_working_before_fine_tuning(cub10_checkpoint, tmp_path):
+    """30% of lite0's expansion channels removed from a model trained on 10 cub100 species: ranked by their
+    share of the block output, with their mean contribution folded back, the model still classifies (measured
+    2026-11-27 on cub100: weight magnitude without that fold left 1% top-1, i.e. chance)."""
+    test = checkpoint_dataset(load_checkpoint(cub10_checkpoint)).split("test")[::3]
+    pre = Preprocess.from_dict(load_checkpoint(cub10_checkpoint)["preprocess"])
+    x, y = (torch.cat(t) for t in zip(*calibration_loader(test, pre, 32), strict=True))
+
+    def accuracy(path) -> float:
+        with torch.inference_mode():
+            return (build_model(load_checkpoint(path)).eval()(x).argmax(1) == y).float().mean().item()
+
+    base = accuracy(cub10_checkpoint)
+    pruned = prune_checkpoint(cub10_checkpoint, 0.3, tmp_path / "p.pt")
+    assert pruned["params_after"] < 0.85 * pruned["params_before"]
+    assert accuracy(pruned["path"]) >= base - 0.25 and base > 0.8

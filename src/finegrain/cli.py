@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="structured channel pruning (then fine-tuning)")
     p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of expansion channels to remove (0.3)")
-    p.add_argument("--importance", default="magnitude", choices=["magnitude", "taylor"], help="(magnitude)")
+    importance = "activation (default): each channel's share of its block's output on training images"
+    p.add_argument("--importance", default="activation", choices=["activation", "magnitude", "taylor"], help=importance)
     p.add_argument("--out", help="pruned checkpoint (default: <checkpoint>.pruned<R>.pt)")
     p.add_argument("--epochs", type=int, default=0, help="fine-tune this many epochs after pruning (0: don't)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")

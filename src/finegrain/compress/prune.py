@@ -58,20 +58,94 @@ def apply_structure(model: nn.Module, target: dict[str, dict[str, int]]) -> nn.M
 
 
 def _expansion_convs(model: nn.Module) -> list[nn.Module]:
-    return [m.conv_pw for m in model.backbone.modules() if hasattr(m, "conv_pw") and hasattr(m, "conv_pwl")]
+    return [b.conv_pw for b in _blocks(model)]
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.backbone.modules() if hasattr(m, "conv_pw") and hasattr(m, "conv_pwl")]
+
+
+@torch.no_grad()
+def _expansion_stats(model: nn.Module, calibration) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per block (keyed by id of its conv_pwl): mean and std over images and positions of each expansion
+    channel where it enters the projection conv (after depthwise conv, BN and activation)."""
+    sums: dict[int, list] = {}
+
+    def hook(module, args):
+        a = args[0].detach().float()
+        s = sums.setdefault(id(module), [0.0, 0.0, 0])
+        s[0] = s[0] + a.sum((0, 2, 3))
+        s[1] = s[1] + a.pow(2).sum((0, 2, 3))
+        s[2] += a.numel() // a.shape[1]
+
+    handles = [b.conv_pwl.register_forward_pre_hook(hook) for b in _blocks(model)]
+    try:
+        model.eval()
+        for x, _ in calibration:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for key, (total, squares, n) in sums.items():
+        mean = total / n
+        stats[key] = (mean, (squares / n - mean.pow(2)).clamp(min=0).sqrt())
+    return stats
+
+
+class _OutputShareImportance:
+    """A channel's share of its block's output variation: ||W_pwl[:, i]|| x std(a_i) over calibration images.
+
+    Weight magnitude alone ignores that BatchNorm rescales channels, so it can rank a channel that carries much
+    of the signal as unimportant; this asks what the projection actually receives from each channel."""
+
+    def __init__(self, stats: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.stats = stats
+
+    def __call__(self, group) -> torch.Tensor:
+        import torch_pruning as tp
+
+        for dep, idxs in group:
+            layer = dep.layer
+            if dep.pruning_fn == tp.pruner.function.prune_conv_in_channels and id(layer) in self.stats:
+                _, std = self.stats[id(layer)]
+                share = layer.weight.detach().flatten(2).norm(dim=(0, 2)) * std
+                imp = torch.zeros(len(idxs))
+                imp[torch.as_tensor(dep.root_idxs if hasattr(dep, "root_idxs") else idxs)] = share[idxs]
+                return imp
+        raise RuntimeError("output-share importance: this group has no projection conv")
+
+
+@torch.no_grad()
+def _compensate_means(model: nn.Module, before: dict[int, tuple[torch.Tensor, torch.Tensor]], weights) -> None:
+    """Removing a channel also removes its *mean* contribution to the projection conv, which shifts every
+    later layer: fold that constant back into the BatchNorm after the projection (its running mean)."""
+    for block in _blocks(model):
+        key = id(block.conv_pwl)
+        if key not in before or not isinstance(block.bn3, nn.modules.batchnorm._BatchNorm):
+            continue
+        full = weights[key]  # (out, in_full) before pruning
+        kept_cols = block.conv_pwl.weight.detach().flatten(1)  # (out, in_kept)
+        # find which columns survived: each kept column equals exactly one original column
+        match = (kept_cols.T[:, None, :] == full.T[None, :, :]).all(-1).float().argmax(1)
+        removed = torch.ones(full.shape[1], dtype=torch.bool)
+        removed[match] = False
+        mean, _ = before[key]
+        block.bn3.running_mean -= full[:, removed] @ mean[removed]
 
 
 def prune_channels(
     model: nn.Module,
     ratio: float,
     input_size: int,
-    importance: str = "magnitude",
+    importance: str = "activation",
     calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Remove ``ratio`` of the expansion channels of every inverted-residual block, in place.
 
-    ``importance``: "magnitude" (L2 norm of each channel group's weights) or "taylor" (|weight x gradient|,
-    from the loss on ``calibration`` batches of (images, labels)).
+    ``importance``: "activation" (each channel's share of the block output on ``calibration`` images),
+    "magnitude" (L2 norm of each channel group's weights) or "taylor" (|weight x gradient| on ``calibration``).
+    With calibration images, the removed channels' mean contribution is folded back into the next BatchNorm.
     """
     import torch_pruning as tp
 
@@ -83,14 +157,18 @@ def prune_channels(
             "this backbone has no inverted-residual blocks (conv_pw/conv_pwl) to prune: "
             "pruning supports EfficientNet / MobileNet-style backbones"
         )
+    if importance in ("taylor", "activation") and not calibration:
+        raise ConfigError(f"{importance} importance needs calibration batches (images with labels)")
+    stats = _expansion_stats(model, calibration) if calibration else {}
+    weights = {id(b.conv_pwl): b.conv_pwl.weight.detach().flatten(1).clone() for b in _blocks(model)}
     if importance == "taylor":
-        if not calibration:
-            raise ConfigError("taylor importance needs calibration batches (images with labels)")
         imp = tp.importance.TaylorImportance()
     elif importance == "magnitude":
         imp = tp.importance.MagnitudeImportance(p=2)
+    elif importance == "activation":
+        imp = _OutputShareImportance(stats)
     else:
-        raise ConfigError(f"unknown importance '{importance}': choose magnitude or taylor")
+        raise ConfigError(f"unknown importance '{importance}': choose activation, magnitude or taylor")
     # Everything that is not an expansion conv or the depthwise conv it feeds keeps its output width.
     prunable = {id(m) for m in roots} | {id(b.conv_dw) for b in model.backbone.modules() if hasattr(b, "conv_pwl")}
     ignored = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in prunable]
@@ -106,12 +184,14 @@ def prune_channels(
             nn.functional.cross_entropy(model(x), y).backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
+    if stats:
+        _compensate_means(model, stats, weights)
     if getattr(model, "freeze_backbone", False):
         model.backbone.requires_grad_(False)
     return model
 
 
-def prune_checkpoint(ckpt_path, ratio: float, out_path=None, importance: str = "magnitude", calibration=None) -> dict:
+def prune_checkpoint(ckpt_path, ratio: float, out_path=None, importance: str = "activation", calibration=None) -> dict:
     """Prune a checkpoint's model and save it (a predict-ready checkpoint, to be fine-tuned)."""
     from pathlib import Path
 
@@ -119,8 +199,8 @@ def prune_checkpoint(ckpt_path, ratio: float, out_path=None, importance: str = "
 
     ckpt = load_checkpoint(ckpt_path)
     model = build_model(ckpt)
-    if importance == "taylor" and calibration is None:
-        calibration = _calibration_batches(ckpt_path)
+    if calibration is None and (importance != "magnitude" or ckpt.get("config")):
+        calibration = _calibration_batches(ckpt_path)  # training images of the run: never its test split
     before = sum(p.numel() for p in model.parameters())
     prune_channels(model, ratio, ckpt["preprocess"]["input_size"], importance, calibration)
     model.pruned = True
