@@ -56,6 +56,12 @@ class TrainConfig:
     # augmentation (full training) / feature views (frozen backbone)
     scale_min: float = 0.35
     color_jitter: float = 0.2
+    random_erasing: float = 0.0  # probability of erasing one rectangle per training image
+    erasing_max_area: float = 0.25  # largest erased fraction of the image (smallest: 0.02; aspect 0.3-3.3)
+    erasing_fill: str = "random"  # "random" noise or "mean" (0 after normalisation: the dataset mean colour)
+    fourier_mix: float = 0.0  # probability of taking another image's low-frequency amplitude (style)
+    fourier_beta: float = 0.1  # half-size of that low band, as a fraction of the image side
+    mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
     # quantization-aware training (finegrain qat): fake int8 rounding as ONNX Runtime will run the model
@@ -87,10 +93,28 @@ class TrainConfig:
             (not self.qat or self.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
             (not self.qat or self.amp == "none", "qat simulates int8 rounding in fp32: use --amp none"),
             (self.calib_images >= 1, "calib-images must be >= 1"),
+            (0 <= self.random_erasing <= 1, "random-erasing is a probability in [0, 1]"),
+            (0.02 < self.erasing_max_area <= 1, "erasing-max-area must be in (0.02, 1]"),
+            (
+                self.erasing_fill in ("random", "mean"),
+                f"erasing-fill must be random or mean, got '{self.erasing_fill}'",
+            ),
+            (
+                0 <= self.fourier_mix <= 1 and 0 < self.fourier_beta < 0.5,
+                "fourier-mix in [0, 1], fourier-beta in (0, 0.5)",
+            ),
+            (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        image_level = [n for n in ("random_erasing", "fourier_mix", "mixstyle") if getattr(self, n) > 0]
+        if image_level and self.freeze_backbone and self.cache_features:
+            names = ", ".join("--" + n.replace("_", "-") for n in image_level)
+            raise ConfigError(
+                f"{names} augment training images, but a frozen backbone trains on cached features: "
+                "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
+            )
         return self
 
     def to_dict(self) -> dict:

@@ -46,9 +46,16 @@ def eval_transform(pre: Preprocess) -> T.Compose:
 
 
 def train_transform(
-    pre: Preprocess, scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5, color_jitter: float = 0.2
+    pre: Preprocess,
+    scale: tuple[float, float] = (0.35, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float = 0.2,
+    erasing: float = 0.0,
+    erasing_max_area: float = 0.25,
+    erasing_fill: str = "random",
 ) -> T.Compose:
-    """Random-resized crop (milder than ImageNet's 0.08: small parts must stay in view), flip, colour."""
+    """Random-resized crop (milder than ImageNet's 0.08: small parts must stay in view), flip, colour, and
+    optionally random erasing of one rectangle (torchvision's), so the model must use more than one cue."""
     ops = [
         T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=INTERPOLATION[pre.interpolation]),
         T.RandomHorizontalFlip(hflip),
@@ -56,4 +63,7 @@ def train_transform(
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     ops += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    if erasing > 0:
+        value = "random" if erasing_fill == "random" else 0
+        ops.append(T.RandomErasing(erasing, scale=(0.02, erasing_max_area), ratio=(0.3, 3.3), value=value))
     return T.Compose(ops)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
+from finegrain.data.augment import MixStyle, fourier_mix_batch
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.checkpoint import load_checkpoint, load_weights, model_record, save_atomic
@@ -105,6 +106,17 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     return model
 
 
+def add_mixstyle(model: nn.Module, p: float, stages: tuple[int, ...] = (1, 2)) -> None:
+    """MixStyle after early backbone stages (where feature statistics carry style, not class), in training
+    only; forward hooks, so checkpoints and the evaluated model are unchanged."""
+    model.mixstyle = MixStyle(p)
+    info = model.backbone.feature_info
+    for i in stages:
+        if i < len(info):
+            module = model.backbone.get_submodule(info[i]["module"])
+            module.register_forward_hook(lambda _m, _inp, out: model.mixstyle(out))
+
+
 def _prepare_qat(model, index, cfg, device, info) -> None:
     """Fake int8 rounding, with activation ranges calibrated on the images the int8 export calibrates on."""
     from finegrain.compress.qat import calibrate, prepare_qat
@@ -137,7 +149,10 @@ def _feature_task(model, index, cfg, device, info) -> Task:
 
 def _image_task(model, index, cfg) -> Task:
     pre = model.preprocess
-    tf = train_transform(pre, scale=(cfg.scale_min, 1.0), color_jitter=cfg.color_jitter)
+    tf = train_transform(
+        pre, scale=(cfg.scale_min, 1.0), color_jitter=cfg.color_jitter,
+        erasing=cfg.random_erasing, erasing_max_area=cfg.erasing_max_area, erasing_fill=cfg.erasing_fill,
+    )  # fmt: skip
     val = index.split("val")
     val_set = ImageDataset(val, eval_transform(pre)) if val else None
     return Task(model, ImageDataset(index.split("train"), tf), val_set, workers=cfg.workers, images=True)
@@ -202,6 +217,8 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
     for step, (x, y) in enumerate(bar):
         x = to_device(x, device, task.images and cfg.channels_last)
         y = y.to(device)
+        if task.images and cfg.fourier_mix > 0:
+            x = fourier_mix_batch(x, cfg.fourier_mix, cfg.fourier_beta)
         with autocast(device, cfg.amp if task.images else "none"):
             out = module(x)
         loss, logits = _loss(module, out, y, loss_fn)
@@ -274,6 +291,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
 
     model = model_from_config(cfg, index.classes).to(device)
+    if cfg.mixstyle > 0:
+        add_mixstyle(model, cfg.mixstyle)
     if cfg.qat:
         _prepare_qat(model, index, cfg, device, info)
     if cfg.channels_last:

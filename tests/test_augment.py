@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torchvision.transforms import v2  # noqa: F401 - torchvision is what train_transform uses
+
+from finegrain.config import TrainConfig
+from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch
+from finegrain.data.transforms import Preprocess, train_transform
+from finegrain.engine.train import add_mixstyle, fit
+from finegrain.errors import ConfigError
+from finegrain.models import create_model
+
+
+def test_random_erasing_changes_only_the_chosen_rectangle():
+    erasing = train_transform(Preprocess(input_size=32), erasing=1.0, erasing_fill="mean").transforms[-1]
+    x = torch.rand(3, 32, 32) + 1  # never 0, so erased (mean-filled: 0) pixels are recognisable
+    for seed in range(5):
+        torch.manual_seed(seed)
+        changed = (erasing(x) != x).any(0)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        i, j, h, w = rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[i : i + h, j : j + w] = True
+        assert torch.equal(changed, inside)  # one solid rectangle, nothing outside it
+        assert 0.02 * 32 * 32 <= h * w <= 0.25 * 32 * 32 + 32  # within the configured area range
+        torch.manual_seed(seed)
+        assert torch.equal(erasing(x)[:, inside], torch.zeros(3, int(h * w)))
+
+
+def test_fourier_mix_keeps_phase_and_takes_the_target_low_band_amplitude():
+    torch.manual_seed(0)
+    x, other = torch.rand(3, 32, 32), torch.rand(3, 32, 32) * 2
+    out = fourier_mix(x, other, lam=1.0, beta=0.1)
+    f = lambda t: torch.fft.fftshift(torch.fft.fft2(t.double()), dim=(-2, -1))  # noqa: E731
+    band = _low_band(32, 32, 0.1, "cpu")
+    assert torch.allclose(f(out).abs()[:, band], f(other).abs()[:, band], atol=1e-3)  # target amplitude
+    assert torch.allclose(f(out).abs()[:, ~band], f(x).abs()[:, ~band], atol=1e-3)  # the rest untouched
+    strong = f(x).abs() > 1e-3  # phase is defined where there is amplitude
+    dphase = torch.remainder(f(out).angle() - f(x).angle() + torch.pi, 2 * torch.pi) - torch.pi
+    assert dphase[strong].abs().max() < 1e-3
+    half = fourier_mix(x, other, lam=0.5, beta=0.1)
+    expected = 0.5 * (f(x).abs() + f(other).abs())
+    assert torch.allclose(f(half).abs()[:, band], expected[:, band], atol=1e-3)
+
+
+def test_fourier_mix_batch_with_zero_probability_is_the_identity():
+    x = torch.rand(4, 3, 16, 16)
+    assert torch.equal(fourier_mix_batch(x, 0.0), x)
+    assert not torch.allclose(fourier_mix_batch(x, 1.0, max_lam=1.0), x)
+
+
+def test_mixstyle_is_identity_in_eval_and_mixes_statistics_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 5, 5) * torch.rand(6, 8, 1, 1) * 3 + torch.randn(6, 8, 1, 1)
+    ms = MixStyle(p=1.0)
+    assert torch.equal(ms.eval()(x), x)
+    perm, lam = torch.tensor([1, 0, 3, 2, 5, 4]), torch.full((6,), 0.3)
+    out = ms.train()(x, perm=perm, lam=lam)
+    mu, sig = x.mean((2, 3)), x.var((2, 3)).add(1e-6).sqrt()
+    assert torch.allclose(out.mean((2, 3)), 0.3 * mu + 0.7 * mu[perm], atol=1e-5)
+    assert torch.allclose(out.var((2, 3)).add(1e-6).sqrt(), 0.3 * sig + 0.7 * sig[perm], rtol=1e-2)  # eps aside
+    # the batch's overall per-channel mean is preserved (pairs swap: lam and 1 - lam average out per pair)
+    assert torch.allclose(out.mean((0, 2, 3)), x.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_mixstyle_hooks_act_in_training_only():
+    model = create_model("baseline", num_classes=3, pretrained=False)
+    x = torch.randn(4, 3, 64, 64)
+    model.eval()
+    ref = model(x)
+    add_mixstyle(model, p=1.0)
+    assert torch.equal(model.eval()(x), ref)
+    model.train()
+    model.head[0].p = 0.0  # no dropout: any difference is MixStyle's
+    assert not torch.allclose(model(x), ref, atol=1e-4)
+
+
+def test_image_augmentations_need_image_training():
+    with pytest.raises(ConfigError, match="no-cache-features"):
+        TrainConfig(random_erasing=0.5).validate()
+    TrainConfig(random_erasing=0.5, cache_features=False).validate()
+
+
+def test_training_with_every_style_augmentation_learns(imagefolder, tiny_config):
+    cfg = tiny_config(
+        imagefolder, epochs=4, lr=3e-3, cache_features=False, random_erasing=0.5, fourier_mix=0.5, mixstyle=0.5
+    )
+    assert fit(cfg).history[-1]["val_top1"] >= 0.75  # 4 classes: chance is 0.25
