@@ -2,7 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.cli import main
+from finegrain.data import load_dataset
+from finegrain.engine.checkpoint import load_checkpoint, save_atomic
+from finegrain.engine.train import fit
 from finegrain.losses import CenterLoss, distillation_loss
+from finegrain.predict import Predictor
 
 
 def test_kd_loss_is_cross_entropy_for_a_one_hot_teacher_at_t1():
@@ -42,3 +47,32 @@ def test_center_loss_falls_and_classes_tighten_on_a_toy_problem():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first and spread() < 0.3 * before
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_distillation_student_follows_its_teacher_not_the_labels(tmp_path, imagefolder, tiny_config, cached):
+    """A teacher that systematically answers the *next* class: a student taught by it alone (kd_alpha=1) must
+    learn the teacher's mapping, which proves the soft labels, not the true ones, drive its training."""
+    teacher = fit(tiny_config(imagefolder, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
+    ckpt = load_checkpoint(teacher / "best.pt")
+    for key in ("head.1.weight", "head.1.bias"):
+        ckpt["state_dict"][key] = ckpt["state_dict"][key].roll(1, dims=0)  # logit of c+1 <- evidence of c
+    save_atomic(ckpt, tmp_path / "shifted.pt")
+    student = fit(
+        tiny_config(
+            imagefolder, epochs=5, lr=3e-3, teachers=[str(tmp_path / "shifted.pt")], kd_alpha=1.0,
+            kd_temperature=1.0, cache_features=cached, run_dir=str(tmp_path / "student"), input_size=48,
+        )  # the teacher sees 64 px, the student 48: images are resized for the teacher
+    )  # fmt: skip
+    val = load_dataset(imagefolder, val_fraction=0.2).split("val")
+    paths, labels = [s.path for s in val], torch.tensor([s.label for s in val])
+    pred = Predictor.load(student.run_dir / "best.pt").probabilities_for(paths).argmax(1)
+    teacher_pred = Predictor.load(tmp_path / "shifted.pt").probabilities_for(paths).argmax(1)
+    assert (teacher_pred == (labels + 1) % 4).float().mean() >= 0.75  # the teacher is shifted as intended
+    assert (pred == teacher_pred).float().mean() >= 0.75 and (pred == labels).float().mean() <= 0.25
+
+
+def test_cli_distill_needs_a_teacher(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--epochs", "1"])
+    assert "--teacher" in capsys.readouterr().err

@@ -52,6 +52,9 @@ TRAIN_HELP = {
     "mixstyle": "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2",
     "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
     "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
+    "teachers": "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`)",
+    "kd_temperature": "distillation temperature T",
+    "kd_alpha": "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the true labels)",
     "qat": "quantization-aware training: simulate the int8 model (see `finegrain qat`)",
     "calib_images": "training images that calibrate int8 activation ranges",
     "amp": "bf16 autocast (faster on CPU and GPU) or none",
@@ -64,13 +67,17 @@ TRAIN_HELP = {
 }
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
-        if f.name == "model_kwargs":
+        if f.name == "teachers":
+            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="CKPT")
+        elif f.name == "model_kwargs":
             p.add_argument(
                 flag, nargs="*", type=_key_value, default=argparse.SUPPRESS, help=help_text, metavar="KEY=VALUE"
             )
@@ -300,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     _add_train_options(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "distill", help="train a student taught by one or more finegrain checkpoints (knowledge distillation)",
+        description="Train like `finegrain train`, with the averaged soft labels of --teacher checkpoints "
+        "(KL at temperature T, plus cross-entropy). With a frozen, cached student backbone the teachers' outputs "
+        "for the fixed views are computed once and cached.",
+    )  # fmt: skip
+    p.add_argument("--teacher", dest="teachers", nargs="+", required=True, metavar="CKPT", help="teacher checkpoint(s)")
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
+    _add_train_options(p, skip=("teachers",))
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="top-1/top-5/per-class accuracy and confusion matrix")

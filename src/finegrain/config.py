@@ -64,6 +64,10 @@ class TrainConfig:
     mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
+    # knowledge distillation (finegrain distill): finegrain checkpoints whose averaged soft labels teach this run
+    teachers: list = field(default_factory=list)
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5  # weight of the teacher's term; 1 - kd_alpha weighs cross-entropy with the labels
     # quantization-aware training (finegrain qat): fake int8 rounding as ONNX Runtime will run the model
     qat: bool = False
     calib_images: int = 256  # training images that calibrate int8 activation ranges
@@ -104,6 +108,8 @@ class TrainConfig:
                 "fourier-mix in [0, 1], fourier-beta in (0, 0.5)",
             ),
             (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
+            (self.kd_temperature > 0, "kd-temperature must be > 0"),
+            (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
 from finegrain.data.augment import MixStyle, fourier_mix_batch
-from finegrain.data.transforms import eval_transform, train_transform
+from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
-from finegrain.engine.checkpoint import load_checkpoint, load_weights, model_record, save_atomic
+from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weights, model_record, save_atomic
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
 from finegrain.errors import CheckpointError, DataError
+from finegrain.losses import distillation_loss
 from finegrain.models import create_model
 
 
@@ -45,6 +46,7 @@ class Task:
     val_set: torch.utils.data.Dataset | None
     workers: int
     images: bool
+    teachers: list | None = None  # image training: (teacher model, its preprocessing) run on every batch
 
 
 def seed_everything(seed: int) -> None:
@@ -142,9 +144,66 @@ def _feature_task(model, index, cfg, device, info) -> Task:
             train_x = torch.cat([features("train", f) for f in views])
             val_x = features("val", False) if len(labels["val"]) else None
         fgdist.barrier()
-    train_set = TensorDataset(train_x, labels["train"].repeat(len(views)))
+    train_y = labels["train"].repeat(len(views))
+    if cfg.teachers:  # the views are fixed, so the teachers' soft labels are computed (and cached) once too
+        train = index.split("train")
+        soft = torch.cat([teacher_probabilities(cfg, index.classes, train, f, device) for f in views])
+        train_set = TensorDataset(train_x, train_y, soft)
+    else:
+        train_set = TensorDataset(train_x, train_y)
     val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
     return Task(model.head, train_set, val_set, workers=0, images=False)
+
+
+class _Logits(nn.Module):
+    """A whole model seen as a 'backbone' whose features are its logits: caches teacher outputs with the
+    feature cache (keyed by every weight of the teacher, its preprocessing and the files)."""
+
+    feature_spec = "logits"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone = model
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def load_teachers(cfg: TrainConfig, classes: list[str], device: torch.device) -> list[tuple[nn.Module, Preprocess]]:
+    teachers = []
+    for path in cfg.teachers:
+        ckpt = load_checkpoint(path)
+        if ckpt["classes"] != classes:
+            raise CheckpointError(f"teacher {path} was trained on other classes ({len(ckpt['classes'])}) than this run")
+        teachers.append((build_model(ckpt).to(device).eval(), Preprocess.from_dict(ckpt["preprocess"])))
+    return teachers
+
+
+def teacher_probabilities(cfg: TrainConfig, classes, samples, flip: bool, device: torch.device) -> torch.Tensor:
+    """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers."""
+    probs = []
+    for model, pre in load_teachers(cfg, classes, device):
+        kw = dict(amp=cfg.amp, channels_last=cfg.channels_last, workers=cfg.workers, cache_dir=cfg.cache_dir)
+        logits = extract_features(_Logits(model), samples, pre, device, flip=flip, desc="teacher", **kw)
+        probs.append((logits / cfg.kd_temperature).softmax(1))
+    return torch.stack(probs).mean(0)
+
+
+def _teacher_input(x: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
+    """The student's normalised batch as the teacher expects it: renormalised and resized if they differ."""
+    if (student.mean, student.std) != (teacher.mean, teacher.std):
+        s_mean, s_std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (student.mean, student.std))
+        t_mean, t_std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (teacher.mean, teacher.std))
+        x = ((x * s_std + s_mean) - t_mean) / t_std
+    if teacher.input_size != x.shape[-1]:
+        x = nn.functional.interpolate(x, size=teacher.input_size, mode="bilinear", align_corners=False)
+    return x
+
+
+@torch.no_grad()
+def _soft_labels(task: Task, x: torch.Tensor, student: Preprocess, temperature: float) -> torch.Tensor:
+    probs = [(m(_teacher_input(x, student, pre)).float() / temperature).softmax(1) for m, pre in task.teachers]
+    return torch.stack(probs).mean(0)
 
 
 def _image_task(model, index, cfg) -> Task:
@@ -210,18 +269,26 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
     if cfg.freeze_bn_stats:
         freeze_bn_stats(module)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    student_pre = getattr(module.module if isinstance(module, DistributedDataParallel) else module, "preprocess", None)
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     steps = len(loader)
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main, leave=False)
-    for step, (x, y) in enumerate(bar):
-        x = to_device(x, device, task.images and cfg.channels_last)
-        y = y.to(device)
+    for step, batch in enumerate(bar):
+        x = to_device(batch[0], device, task.images and cfg.channels_last)
+        y = batch[1].to(device)
         if task.images and cfg.fourier_mix > 0:
             x = fourier_mix_batch(x, cfg.fourier_mix, cfg.fourier_beta)
+        criterion = loss_fn
+        if cfg.teachers:
+            soft = batch[2].to(device) if len(batch) > 2 else _soft_labels(task, x, student_pre, cfg.kd_temperature)
+
+            def criterion(logits, target, soft=soft):
+                return distillation_loss(logits, soft, target, cfg.kd_temperature, cfg.kd_alpha, teacher_probs=True)
+
         with autocast(device, cfg.amp if task.images else "none"):
             out = module(x)
-        loss, logits = _loss(module, out, y, loss_fn)
+        loss, logits = _loss(module, out, y, criterion)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}: lower --lr or use --amp none")
         optimizer.zero_grad(set_to_none=True)
@@ -299,6 +366,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         model = model.to(memory_format=torch.channels_last)
     cached = cfg.freeze_backbone and cfg.cache_features and getattr(model, "cacheable", True)
     task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
+    if cfg.teachers and task.images:
+        task.teachers = load_teachers(cfg, index.classes, device)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
     seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm
 
