@@ -14,13 +14,13 @@ the timings are inference only. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 from finegrain.compress.prune import prune_checkpoint
 from finegrain.config import TrainConfig
@@ -121,10 +121,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(args.checkpoint), "qat": args.qat,
             "test_images": len(test),
             "finetune_epochs": args.finetune_epochs, "torch_threads": torch.get_num_threads()}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ e.g. lite0 at 320 px: ``finegrain train --input-size 320 --run-dir runs/teacher3
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from _results import write_json
 
 from finegrain.config import TrainConfig
 from finegrain.engine.evaluate import evaluate_checkpoint
@@ -63,10 +64,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "teachers": args.teacher, "seeds": args.seeds,
             "kd_temperature": args.kd_temperature, "kd_alpha": args.kd_alpha,
             "teacher_top1": [e["top1"] for e in teacher_eval]}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"meta": meta, "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

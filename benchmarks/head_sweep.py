@@ -9,12 +9,12 @@ the test split is not touched. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
@@ -54,10 +54,7 @@ def main() -> None:
     print(f"{'variant':62s} {'val top-1 (mean ± std over seeds)':>34s}")
     for r in rows:
         print(f"{r['variant']:62s} {100 * r['val_top1_mean']:27.2f} ± {100 * r['val_top1_std']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "seeds": args.seeds, "rows": rows})
 
 
 if __name__ == "__main__":

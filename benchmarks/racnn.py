@@ -10,12 +10,12 @@ this run, prints a table, writes JSON, and draws RA-CNN's zoom boxes with Grad-C
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 from PIL import Image
 
 from finegrain.config import TrainConfig
@@ -98,10 +98,8 @@ def main() -> None:
     picture(runs["racnn"], Path(args.picture))
     meta = {"date": time.strftime("%Y-%m-%d"), "data": args.data, "epochs": args.epochs, "lr": args.lr,
             "scales": args.scales, "threads": torch.get_num_threads()}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"written {out} and {args.picture}")
+    write_json(args.out, {"meta": meta, "rows": rows})
+    print(f"picture: {args.picture}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _results import write_json
+
 SCRIPT = Path(__file__).with_name("wrk") / "post_images.lua"
 
 
@@ -100,10 +102,7 @@ def main() -> None:
               f"{r['requests_per_s'] / base:5.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} {r['errors']:6d}")  # fmt: skip
     meta = {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "concurrency": args.concurrency,
             "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(), "images": len(files), "client": "wrk"}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_json(args.out, {"meta": meta, "rows": rows})
     if any(r["errors"] for r in rows):
         sys.exit(1)
 
