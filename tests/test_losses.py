@@ -6,8 +6,11 @@ from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.engine.checkpoint import load_checkpoint, save_atomic
 from finegrain.engine.train import fit
+from finegrain.errors import CheckpointError
 from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.predict import Predictor
+
+from .conftest import make_checkpoint
 
 
 def test_kd_loss_is_cross_entropy_for_a_one_hot_teacher_at_t1():
@@ -76,3 +79,9 @@ def test_cli_distill_needs_a_teacher(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--epochs", "1"])
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_a_teacher_of_other_classes_is_refused_before_training(tmp_path, imagefolder, tiny_config):
+    teacher = make_checkpoint(tmp_path / "t.pt", classes=("a", "b", "c"))
+    with pytest.raises(CheckpointError, match="other classes"):
+        fit(tiny_config(imagefolder, teachers=[str(teacher)]))

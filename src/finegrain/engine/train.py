@@ -354,6 +354,9 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.skip_bad:
         index = _drop_bad(index, cfg, run_dir, info)
+    for path in cfg.teachers:  # fail before any feature extraction, not after
+        if load_checkpoint(path)["classes"] != index.classes:
+            raise CheckpointError(f"teacher {path} was trained on other classes than '{cfg.data}'")
     counts = {sp: len(index.split(sp)) for sp in ("train", "val", "test")}
     _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
 
