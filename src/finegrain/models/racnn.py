@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.config import DEFAULT_BACKBONE
 from finegrain.errors import ConfigError
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models.backbone import create_backbone
@@ -135,7 +136,7 @@ class RACNN(FGVCModel):
         self.share_backbone = share_backbone
         if not share_backbone:
             spec = {"pretrained": kwargs.get("pretrained", True), "weights": kwargs.get("weights")}
-            name = kwargs.get("backbone", "tf_efficientnet_lite0")
+            name = kwargs.get("backbone", DEFAULT_BACKBONE)
             self.extra_backbones = nn.ModuleList(
                 create_backbone(name, num_classes=0, **spec) for _ in range(scales - 1)
             )
