@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6, help="RA-CNN epochs")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scales", type=int, default=2)
+    p.add_argument("--init-from-baseline", action="store_true", help="start RA-CNN from the baseline run")
     p.add_argument("--work-dir", default="runs/bench_racnn")
     p.add_argument("--picture", default="docs/images/racnn_boxes.jpg")
     p.add_argument("--out", default="benchmarks/results/racnn_cub100.json")
@@ -76,7 +77,7 @@ def main() -> None:
     start = time.perf_counter()
     cfg = TrainConfig(
         data=args.data, method="racnn", epochs=args.epochs, lr=args.lr, model_kwargs={"scales": args.scales},
-        run_dir=str(work / "racnn"),
+        run_dir=str(work / "racnn"), init_from=str(runs["baseline"] / "best.pt") if args.init_from_baseline else None,
     )  # fmt: skip
     runs["racnn"] = fit(cfg).run_dir
     seconds = {"baseline": baseline_seconds, "racnn": time.perf_counter() - start}
@@ -97,7 +98,8 @@ def main() -> None:
               f"{train:>8s} {r['latency_b1_ms']:7.1f}")  # fmt: skip
     picture(runs["racnn"], Path(args.picture))
     meta = {"date": time.strftime("%Y-%m-%d"), "data": args.data, "epochs": args.epochs, "lr": args.lr,
-            "scales": args.scales, "threads": torch.get_num_threads()}  # fmt: skip
+            "scales": args.scales, "init_from_baseline": args.init_from_baseline,
+            "threads": torch.get_num_threads()}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})
     print(f"picture: {args.picture}")
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.train import fit
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models import create_model
 from finegrain.models.racnn import peak_boxes, zoom
@@ -66,3 +67,18 @@ def test_save_reload_gives_identical_logits_and_boxes(tmp_path):
     assert torch.equal(a(x), b(x))
     for ba, bb in zip(a.attention_boxes(x), b.attention_boxes(x), strict=True):
         assert torch.equal(ba, bb) and ((ba >= 0) & (ba <= 1)).all()
+
+
+def test_init_from_a_baseline_gives_every_scale_its_classifier(tmp_path, imagefolder, tiny_config):
+    base = fit(tiny_config(imagefolder, epochs=3, run_dir=str(tmp_path / "base"))).run_dir
+    cfg = tiny_config(
+        imagefolder, method="racnn", init_from=str(base / "best.pt"), epochs=1, cache_features=False,
+        run_dir=str(tmp_path / "racnn"), lr=1e-9,  # (almost) no learning: the start is what is compared
+    )  # fmt: skip
+    model = fit(cfg).model.eval()
+    baseline = build_model(load_checkpoint(base / "best.pt"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_scales(x)[0][0], baseline(x), atol=1e-4)
+    for head in model.heads:
+        assert torch.allclose(head[-1].weight, baseline.head[-1].weight, atol=1e-6)

@@ -95,12 +95,16 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     )
     if cfg.init_from:
         ckpt = load_checkpoint(cfg.init_from)
-        if ckpt["classes"] != classes or ckpt["method"] != cfg.method:
+        adapt = ckpt["method"] != cfg.method and hasattr(model, "init_from_baseline") and ckpt["method"] == "baseline"
+        if ckpt["classes"] != classes or (ckpt["method"] != cfg.method and not adapt):
             raise CheckpointError(
                 f"--init-from {cfg.init_from}: its method/classes ({ckpt['method']}, {len(ckpt['classes'])} classes) "
                 f"differ from this run's ({cfg.method}, {len(classes)} classes)"
             )
-        load_weights(model, ckpt)
+        if adapt:
+            model.init_from_baseline(ckpt["state_dict"])
+        else:
+            load_weights(model, ckpt)
     if cfg.input_size is not None or cfg.crop_pct != model.preprocess.crop_pct:
         model.preprocess = replace(
             model.preprocess, input_size=cfg.input_size or model.preprocess.input_size, crop_pct=cfg.crop_pct

@@ -149,6 +149,16 @@ class RACNN(FGVCModel):
         self.head = self.heads[0]  # FGVCModel's "head": the first scale's classifier
         self.apns = nn.ModuleList(APN(c, apn_hidden, min_half, max_half) for _ in range(scales - 1))
 
+    def init_from_baseline(self, state_dict: dict) -> None:
+        """Start from a trained ``baseline`` of the same backbone and classes (``--init-from``): its backbone
+        for every scale and its classifier for every scale's classifier, so RA-CNN begins where the baseline
+        ends and the zooms only have to add to it."""
+        backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        for net in [self.backbone, *getattr(self, "extra_backbones", [])]:
+            net.load_state_dict(backbone, strict=True)
+        for head in self.heads:
+            head.load_state_dict({k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")})
+
     def train(self, mode: bool = True) -> RACNN:
         super().train(mode)
         if self.freeze_backbone and not self.share_backbone:
