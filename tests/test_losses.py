@@ -85,3 +85,14 @@ def test_a_teacher_of_other_classes_is_refused_before_training(tmp_path, imagefo
     teacher = make_checkpoint(tmp_path / "t.pt", classes=("a", "b", "c"))
     with pytest.raises(CheckpointError, match="other classes"):
         fit(tiny_config(imagefolder, teachers=[str(teacher)]))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_center_loss_option_trains_and_its_centres_survive_resume(tmp_path, imagefolder, tiny_config, cached):
+    cfg = tiny_config(imagefolder, epochs=3, lr=3e-3, center_loss=0.5, cache_features=cached)
+    result = fit(cfg)
+    assert result.history[-1]["val_top1"] >= 0.75
+    centres = load_checkpoint(result.run_dir / "last.pt")["resume"]["center"]["centers"]
+    assert centres.shape[0] == 4 and torch.allclose(centres.norm(dim=1), torch.ones(4), atol=0.2)  # unit features
+    again = fit(tiny_config(imagefolder, epochs=4, run_dir=str(tmp_path / "again")), resume=result.run_dir)
+    assert len(again.history) == 1  # one more epoch, from the saved state (centres included)

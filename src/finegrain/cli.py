@@ -52,6 +52,8 @@ TRAIN_HELP = {
     "mixstyle": "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2",
     "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
     "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
+    "center_loss": "weight of the center loss on the features the classifier reads (0: off)",
+    "center_beta": "rate at which class centres follow their features",
     "teachers": "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`)",
     "kd_temperature": "distillation temperature T",
     "kd_alpha": "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the true labels)",

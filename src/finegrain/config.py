@@ -64,6 +64,9 @@ class TrainConfig:
     mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
+    # center loss (Wen et al. 2016) on the features the classifier reads: weight and centre update rate
+    center_loss: float = 0.0
+    center_beta: float = 0.05
     # knowledge distillation (finegrain distill): finegrain checkpoints whose averaged soft labels teach this run
     teachers: list = field(default_factory=list)
     kd_temperature: float = 4.0
@@ -109,6 +112,7 @@ class TrainConfig:
             ),
             (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
             (self.kd_temperature > 0, "kd-temperature must be > 0"),
+            (self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]"),
             (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
         ]
         for ok, message in checks:

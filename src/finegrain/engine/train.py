@@ -33,7 +33,7 @@ from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weigh
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
 from finegrain.errors import CheckpointError, DataError
-from finegrain.losses import distillation_loss
+from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.models import create_model
 
 
@@ -47,6 +47,8 @@ class Task:
     workers: int
     images: bool
     teachers: list | None = None  # image training: (teacher model, its preprocessing) run on every batch
+    center: CenterLoss | None = None
+    head_input: dict | None = None  # filled by a hook on the classifier: the features center loss pulls
 
 
 def seed_everything(seed: int) -> None:
@@ -110,6 +112,17 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
             model.preprocess, input_size=cfg.input_size or model.preprocess.input_size, crop_pct=cfg.crop_pct
         )
     return model
+
+
+def _add_center_loss(task: Task, model: nn.Module, num_classes: int, cfg: TrainConfig, device) -> None:
+    """Center loss on whatever the classifier (``model.head``) reads, captured by a hook, so it works for any
+    method and for both the cached-feature and the image path."""
+    task.head_input = {}
+    model.head.register_forward_pre_hook(lambda _m, args: task.head_input.__setitem__("x", args[0]))
+    sample = task.train_set[0][0][None].to(device)
+    with torch.no_grad():
+        (task.trainable.eval())(sample.to(memory_format=torch.channels_last) if task.images else sample)
+    task.center = CenterLoss(num_classes, task.head_input["x"][0].numel(), cfg.center_beta).to(device)
 
 
 def add_mixstyle(model: nn.Module, p: float, stages: tuple[int, ...] = (1, 2)) -> None:
@@ -290,6 +303,12 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
             def criterion(logits, target, soft=soft):
                 return distillation_loss(logits, soft, target, cfg.kd_temperature, cfg.kd_alpha, teacher_probs=True)
 
+        if task.center is not None:
+            base = criterion
+
+            def criterion(logits, target, base=base):
+                return base(logits, target) + cfg.center_loss * task.center(task.head_input["x"], target)
+
         with autocast(device, cfg.amp if task.images else "none"):
             out = module(x)
         loss, logits = _loss(module, out, y, criterion)
@@ -375,6 +394,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
     if cfg.teachers and task.images:
         task.teachers = load_teachers(cfg, index.classes, device)
+    if cfg.center_loss > 0:
+        _add_center_loss(task, model, len(index.classes), cfg, device)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
     seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm
 
@@ -408,6 +429,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of the step: nothing to load
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if task.center is not None and state.get("center") is not None:
+            task.center.load_state_dict(state["center"])
         _set_rng_state(state["rng"])
         start_epoch, best = resume_state["epoch"] + 1, state["best"]
         _log(info, f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
@@ -458,6 +481,7 @@ def _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer
         "trainable": task.trainable.state_dict(),
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
+        "center": task.center.state_dict() if task.center is not None else None,
         "rng": _rng_state(),
         "best": max(best, row.get("val_top1", row["train_acc"])),
     }
