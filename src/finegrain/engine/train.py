@@ -46,7 +46,7 @@ class Task:
     val_set: torch.utils.data.Dataset | None
     workers: int
     images: bool
-    teachers: list | None = None  # image training: (teacher model, its preprocessing) run on every batch
+    teachers: list | None = None  # (teacher model, its preprocessing); with images they run on every batch
     center: CenterLoss | None = None
     head_input: dict | None = None  # filled by a hook on the classifier: the features center loss pulls
 
@@ -147,7 +147,7 @@ def _prepare_qat(model, index, cfg, device, info) -> None:
     _log(info, f"qat: int8 rounding simulated, activation ranges calibrated on {seen} training images")
 
 
-def _feature_task(model, index, cfg, device, info) -> Task:
+def _feature_task(model, index, cfg, device, info, teachers) -> Task:
     """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
     labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
 
@@ -162,9 +162,9 @@ def _feature_task(model, index, cfg, device, info) -> Task:
             val_x = features("val", False) if len(labels["val"]) else None
         fgdist.barrier()
     train_y = labels["train"].repeat(len(views))
-    if cfg.teachers:  # the views are fixed, so the teachers' soft labels are computed (and cached) once too
+    if teachers:  # the views are fixed, so the teachers' soft labels are computed (and cached) once too
         train = index.split("train")
-        soft = torch.cat([teacher_probabilities(cfg, index.classes, train, f, device) for f in views])
+        soft = torch.cat([teacher_probabilities(teachers, train, f, cfg, device) for f in views])
         train_set = TensorDataset(train_x, train_y, soft)
     else:
         train_set = TensorDataset(train_x, train_y)
@@ -186,20 +186,22 @@ class _Logits(nn.Module):
         return self.backbone(x)
 
 
-def load_teachers(cfg: TrainConfig, classes: list[str], device: torch.device) -> list[tuple[nn.Module, Preprocess]]:
+def load_teachers(cfg: TrainConfig, index, device: torch.device) -> list[tuple[nn.Module, Preprocess]]:
+    """The teacher models with their own preprocessing; refused (before any feature extraction) when they were
+    trained on other classes."""
     teachers = []
     for path in cfg.teachers:
         ckpt = load_checkpoint(path)
-        if ckpt["classes"] != classes:
-            raise CheckpointError(f"teacher {path} was trained on other classes ({len(ckpt['classes'])}) than this run")
+        if ckpt["classes"] != index.classes:
+            raise CheckpointError(f"teacher {path} was trained on other classes than '{cfg.data}'")
         teachers.append((build_model(ckpt).to(device).eval(), Preprocess.from_dict(ckpt["preprocess"])))
     return teachers
 
 
-def teacher_probabilities(cfg: TrainConfig, classes, samples, flip: bool, device: torch.device) -> torch.Tensor:
+def teacher_probabilities(teachers, samples, flip: bool, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers."""
     probs = []
-    for model, pre in load_teachers(cfg, classes, device):
+    for model, pre in teachers:
         kw = dict(amp=cfg.amp, channels_last=cfg.channels_last, workers=cfg.workers, cache_dir=cfg.cache_dir)
         logits = extract_features(_Logits(model), samples, pre, device, flip=flip, desc="teacher", **kw)
         probs.append((logits / cfg.kd_temperature).softmax(1))
@@ -272,13 +274,16 @@ def freeze_bn_stats(module: nn.Module) -> None:
             m.eval()
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 def _loss(module: nn.Module, out, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on logits, or the method's own loss when its training forward returns more than logits
     (e.g. RA-CNN: logits of every scale plus the ranking loss)."""
     if isinstance(out, torch.Tensor):
         return loss_fn(out.float(), y), out
-    model = module.module if isinstance(module, DistributedDataParallel) else module
-    return model.compute_loss(out, y, loss_fn)
+    return _unwrap(module).compute_loss(out, y, loss_fn)
 
 
 def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info) -> dict:
@@ -286,7 +291,7 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
     if cfg.freeze_bn_stats:
         freeze_bn_stats(module)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    student_pre = getattr(module.module if isinstance(module, DistributedDataParallel) else module, "preprocess", None)
+    student_pre = getattr(_unwrap(module), "preprocess", None)
     stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     steps = len(loader)
     start = time.perf_counter()
@@ -321,7 +326,7 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
         optimizer.step()
         scheduler.step_update(epoch * steps + step + 1)
         if ema is not None:
-            ema.update(module.module if isinstance(module, DistributedDataParallel) else module)
+            ema.update(_unwrap(module))
         stats += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
         rate = stats[2].item() * info.world_size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.3f}", img_s=f"{rate:.1f}")
@@ -377,9 +382,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.skip_bad:
         index = _drop_bad(index, cfg, run_dir, info)
-    for path in cfg.teachers:  # fail before any feature extraction, not after
-        if load_checkpoint(path)["classes"] != index.classes:
-            raise CheckpointError(f"teacher {path} was trained on other classes than '{cfg.data}'")
+    teachers = load_teachers(cfg, index, device)
     counts = {sp: len(index.split(sp)) for sp in ("train", "val", "test")}
     _log(info, f"data: {index.format} '{cfg.data}': {len(index.classes)} classes, {counts}")
 
@@ -391,9 +394,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cached = cfg.freeze_backbone and cfg.cache_features and getattr(model, "cacheable", True)
-    task = _feature_task(model, index, cfg, device, info) if cached else _image_task(model, index, cfg)
-    if cfg.teachers and task.images:
-        task.teachers = load_teachers(cfg, index.classes, device)
+    task = _feature_task(model, index, cfg, device, info, teachers) if cached else _image_task(model, index, cfg)
+    task.teachers = teachers
     if cfg.center_loss > 0:
         _add_center_loss(task, model, len(index.classes), cfg, device)
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
