@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn as nn
 from PIL import Image
 
 from finegrain.data.datasets import DatasetIndex, Sample
 from finegrain.data.loading import open_image
-from finegrain.data.transforms import eval_transform
-from finegrain.explain.cam import grad_cam
-from finegrain.explain.render import overlay
+from finegrain.explain import explain
+from finegrain.predict import Predictor
 
 
 def _data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
@@ -68,16 +66,16 @@ def confused_pairs(confmat: np.ndarray, k: int = 10) -> list[tuple[int, int, int
     return [p for p in pairs if p[2] > 0]
 
 
-def heatmap_pictures(model: nn.Module, samples: Sequence[Sample], device: torch.device) -> list[Image.Image]:
-    transform = eval_transform(model.preprocess)
-    images = [open_image(s.path) for s in samples]
-    if not images:
+def heatmap_pictures(model: nn.Module, classes: Sequence[str], samples: Sequence[Sample]) -> list[Image.Image]:
+    """The same pictures as ``finegrain explain`` (heat-map and, for RA-CNN, its boxes), 300 px."""
+    if not samples:
         return []
-    x = torch.stack([transform(img) for img in images]).to(device, memory_format=torch.channels_last)
-    cams, _ = grad_cam(model, x)
-    return [
-        overlay(img, cam.cpu().numpy(), model.preprocess, max_side=300) for img, cam in zip(images, cams, strict=True)
-    ]
+    predictor = Predictor(model, classes, model.preprocess, next(model.parameters()).device)
+    images = [open_image(s.path) for s in samples]
+    pictures = [e.overlay(img, predictor) for e, img in zip(explain(predictor, images), images, strict=True)]
+    for picture in pictures:
+        picture.thumbnail((300, 300))
+    return pictures
 
 
 def write_report(
@@ -94,7 +92,6 @@ def write_report(
 ) -> Path:
     classes = index.classes
     esc = html.escape
-    device = next(model.parameters()).device
     support = confmat.sum(1)
     wrong_by_class = confmat - np.diag(np.diag(confmat))
 
@@ -132,7 +129,7 @@ def write_report(
         (i for i, (s, p) in enumerate(zip(samples, predicted, strict=True)) if s.label != p),
         key=lambda i: -confidence[i],
     )[:errors]
-    pictures = heatmap_pictures(model, [samples[i] for i in mistakes], device)
+    pictures = heatmap_pictures(model, classes, [samples[i] for i in mistakes])
     error_html = [
         f'<figure><img src="{_data_uri(pic)}"><figcaption>true <b>{esc(classes[samples[i].label])}</b><br>'
         f"predicted {esc(classes[predicted[i]])} ({100 * confidence[i]:.0f}%)</figcaption></figure>"
