@@ -13,6 +13,7 @@ class BadImageError(DataError):
     """An image file cannot be decoded (unreadable, truncated or not an image)."""
 
     def __init__(self, path: str, reason: str = "") -> None:
+        self.reason = reason
         # The DataLoader re-raises worker errors as ``type(exc)(message)``: accept a single string too.
         if reason:
             message = (
@@ -23,6 +24,14 @@ class BadImageError(DataError):
         else:
             message = path
         super().__init__(message)
+
+
+class NotAnImageError(BadImageError):
+    """The file is not in an image format Pillow can read."""
+
+
+class ImageTooLargeError(BadImageError):
+    """The image has more pixels than allowed (decompression bombs included); refused before decoding."""
 
 
 class ConfigError(FinegrainError):

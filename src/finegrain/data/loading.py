@@ -10,20 +10,41 @@ import torch
 from PIL import Image
 
 from finegrain.data.datasets import Sample
-from finegrain.errors import BadImageError
+from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode fully (so truncation is detected here) and convert to RGB; a decompression bomb is an error."""
+def decode_image(source, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """A path or binary file -> RGB image, decoded fully (so truncation is detected here).
+
+    Decompression bombs, and images above ``max_pixels``, are refused from the header, before decoding. Errors
+    name ``name`` (default: the source) and say why: :class:`NotAnImageError`, :class:`ImageTooLargeError`,
+    or :class:`BadImageError` for truncated and corrupt files.
+    """
+    name = name or str(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
+            img = Image.open(source)
+    except Image.UnidentifiedImageError as e:
+        raise NotAnImageError(name, f"{type(e).__name__}: {e}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(name, f"{type(e).__name__}: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(name, f"{type(e).__name__}: {e}") from e
+    with img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(name, f"{w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}")
+        try:
             img.load()
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(str(path), f"{type(e).__name__}: {e}") from e
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadImageError(name, f"{type(e).__name__}: {e}") from e
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file -> RGB image; a bad file raises :class:`BadImageError` naming it."""
+    return decode_image(path)
 
 
 def find_bad_images(samples: Sequence[Sample], progress: bool = False) -> list[tuple[Sample, str]]:

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import io
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from PIL import Image
 
 from finegrain import __version__
 from finegrain.config import DEFAULT_BACKBONE
+from finegrain.data.loading import decode_image
+from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 from finegrain.explain import explain
 from finegrain.explain.render import png_bytes
 from finegrain.predict import Predictor
@@ -56,28 +57,18 @@ def model_id(path: str | Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:12]}"
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image, or an HTTP 4xx that says why not; the pixel count is checked before decoding."""
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Uploaded bytes -> RGB image (the same decoding as training data), or an HTTP 4xx that says why not."""
     if not data:
         raise HTTPException(400, "the uploaded file is empty: send an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError as e:
+        return decode_image(io.BytesIO(data), "upload", max_pixels)
+    except NotAnImageError as e:
         raise HTTPException(400, "the uploaded file is not an image PIL can read (JPEG, PNG, WebP ...)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise HTTPException(413, f"image has too many pixels ({e}); the limit is {max_pixels:,}") from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise HTTPException(400, f"the image is truncated or corrupt: {e}") from e
-    w, h = img.size
-    if w * h > max_pixels:
-        raise HTTPException(413, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}")
-    try:
-        img.load()
-        return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise HTTPException(400, f"the image is truncated or corrupt: {e}") from e
+    except ImageTooLargeError as e:
+        raise HTTPException(413, f"image has too many pixels ({e.reason}); the limit is {max_pixels:,}") from e
+    except BadImageError as e:
+        raise HTTPException(400, f"the image is truncated or corrupt: {e.reason}") from e
 
 
 def create_app(model: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -145,7 +136,7 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
             )  # fmt: skip
         if file is None:
             raise HTTPException(400, "no file: upload the image as the multipart form field 'file'")
-        return await cpu(decode_image, await file.read(), settings.max_pixels)
+        return await cpu(decode_upload, await file.read(), settings.max_pixels)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
