@@ -241,17 +241,22 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _export(args: argparse.Namespace) -> int:
+def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=None, calib_images: int = 256):
+    """Export, report the check against PyTorch, and optionally write the int8 copy: `export` and `qat`."""
     from finegrain.export import export_onnx
 
-    r = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    r = export_onnx(checkpoint, out, opset=opset)
     print(f"wrote {r['path']} ({r['megabytes']:.1f} MB, opset {r['opset']}); "
           f"max |ONNX Runtime - PyTorch| logit difference {r['max_abs_diff']:.2e}")  # fmt: skip
-    if args.int8:
+    if int8:
         from finegrain.export.quantize import calibration_samples, quantize_onnx
 
-        q = quantize_onnx(r["path"], calibration_samples(args.checkpoint, args.data, args.calib_images))
+        q = quantize_onnx(r["path"], calibration_samples(checkpoint, data, calib_images))
         print(f"wrote {q['path']} ({q['megabytes']:.1f} MB, int8, calibrated on {q['calibration_images']} images)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    _write_onnx(args.checkpoint, args.out, args.opset, args.int8, args.data, args.calib_images)
     return 0
 
 
@@ -275,8 +280,6 @@ def _prune(args: argparse.Namespace) -> int:
 def _qat(args: argparse.Namespace) -> int:
     from finegrain.engine.checkpoint import load_checkpoint
     from finegrain.engine.train import fit
-    from finegrain.export import export_onnx
-    from finegrain.export.quantize import calibration_samples, quantize_onnx
 
     ckpt = load_checkpoint(args.checkpoint)
     overrides = {
@@ -286,10 +289,8 @@ def _qat(args: argparse.Namespace) -> int:
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     run_dir = fit(TrainConfig.from_dict({**ckpt["config"], **overrides})).run_dir
-    best = run_dir / "best.pt"
-    fp32 = export_onnx(best)
-    q = quantize_onnx(fp32["path"], calibration_samples(best, count=args.calib_images))
-    print(f"QAT checkpoint {best}; int8 model {q['path']} ({q['megabytes']:.1f} MB)")
+    print(f"QAT checkpoint {run_dir / 'best.pt'}")
+    _write_onnx(run_dir / "best.pt", int8=True, calib_images=args.calib_images)
     return 0
 
 
