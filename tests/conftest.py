@@ -148,3 +148,55 @@ def cub10_checkpoint(tmp_path_factory) -> Path:
         val_fraction=0.0, cache_dir=str(root / "cache"), run_dir=str(root / "run"),
     )  # fmt: skip
     return fit(cfg.validate()).run_dir / "last.pt"
+
+
+PATTERN_COLOURS = [(230, 30, 30), (30, 200, 30), (40, 80, 240)]
+
+
+def part_image(label: int, rng: np.random.Generator, size: int = 128) -> tuple[Image.Image, tuple[int, int]]:
+    """A cluttered scene whose class is a small coloured square on the 'head' (a black disc); squares of the
+    other classes' colours lie around as distractors, so the head's square is the only reliable cue.
+    Returns the image and the head keypoint."""
+    img = Image.fromarray(rng.integers(70, 170, size=(size, size, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):  # grey clutter
+        x, y = rng.integers(0, size - 20, size=2)
+        w, h = rng.integers(8, 30, size=2)
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(int(v) for v in rng.integers(60, 200, size=3)))
+    hx, hy = (int(v) for v in rng.integers(18, size - 18, size=2))
+    draw.ellipse((hx - 13, hy - 13, hx + 13, hy + 13), fill=(10, 10, 10))
+    draw.rectangle((hx - 5, hy - 5, hx + 5, hy + 5), fill=PATTERN_COLOURS[label])
+    for _ in range(2):  # distractors: other classes' squares, away from the head
+        while True:
+            dx, dy = (int(v) for v in rng.integers(6, size - 6, size=2))
+            if abs(dx - hx) > 24 or abs(dy - hy) > 24:
+                break
+        colour = PATTERN_COLOURS[int(rng.choice([c for c in range(len(PATTERN_COLOURS)) if c != label]))]
+        draw.rectangle((dx - 5, dy - 5, dx + 5, dy + 5), fill=colour)
+    return img, (hx, hy)
+
+
+def make_part_cub(root: Path, per_class: int = 40, seed: int = 0, size: int = 128) -> Path:
+    """CUB layout with a synthetic ``parts/part_locs.txt``: one keypoint, 'head', decides the class."""
+    rng = np.random.default_rng(seed)
+    images, labels, split, locs = [], [], [], []
+    for c in range(len(PATTERN_COLOURS)):
+        name = f"{c + 1:03d}.Pattern_{c}"
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(per_class):
+            img, (hx, hy) = part_image(c, rng, size)
+            img.save(root / "images" / name / f"{i:03d}.png")
+            image_id = len(images) + 1
+            images.append(f"{image_id} {name}/{i:03d}.png")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {1 if i < per_class * 2 // 3 else 0}")
+            locs.append(f"{image_id} 1 {hx} {hy} 1")
+    (root / "classes.txt").write_text(
+        "".join(f"{c + 1} {c + 1:03d}.Pattern_{c}\n" for c in range(len(PATTERN_COLOURS)))
+    )
+    for fname, rows in (("images.txt", images), ("image_class_labels.txt", labels), ("train_test_split.txt", split)):
+        (root / fname).write_text("\n".join(rows) + "\n")
+    (root / "parts").mkdir()
+    (root / "parts" / "parts.txt").write_text("1 head\n")
+    (root / "parts" / "part_locs.txt").write_text("\n".join(locs) + "\n")
+    return root

@@ -20,6 +20,8 @@ CLASSES = ["a", "b", "c"]
         ("bcnn", {"reduce_dim": 16, "layers": [3, "final"]}),
         ("cbcnn", {"reduce_dim": 16, "sketch_dim": 256, "pooling": "rm"}),
         ("racnn", {"scales": 3}),
+        ("wsdan", {"num_maps": 4}),
+        ("parts", {"part_groups": {"head": ["beak"], "body": ["tail"]}}),
     ],
 )
 def test_export_matches_pytorch_and_predicts_from_metadata_alone(tmp_path, cub, method, kwargs):

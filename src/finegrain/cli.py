@@ -50,6 +50,8 @@ TRAIN_HELP = {
     "fourier_mix": "probability of mixing low-frequency Fourier amplitude with another training image (style)",
     "fourier_beta": "half-size of the mixed low-frequency band, as a fraction of the image side",
     "mixstyle": "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2",
+    "sr_aug": "probability of reducing a training image by the SR model's scale and restoring it with that model",
+    "sr_model": "super-resolution checkpoint (finegrain sr train) used by --sr-aug",
     "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
     "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
     "center_loss": "weight of the center loss on the features the classifier reads (0: off)",
@@ -154,6 +156,8 @@ def _predict(args: argparse.Namespace) -> int:
     elif args.engine == "torch" and Path(model).suffix == ".onnx":
         raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
     predictor = Predictor.load(model, device=args.device, threads=args.threads)
+    if args.sr_model:
+        predictor.upscale_small_inputs(args.sr_model, args.sr_below)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -294,6 +298,36 @@ def _qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sr_train(args: argparse.Namespace) -> int:
+    from finegrain.engine.sr import train_sr
+
+    m = train_sr(
+        args.data, args.scale, args.steps, args.batch_size, args.patch, args.lr, args.max_images, args.eval_images,
+        args.run_dir, args.seed, args.format,
+    )  # fmt: skip
+    print(f"x{args.scale} on {m['images']} held-out images: PSNR {m['psnr']:.2f} dB "
+          f"(bicubic {m['psnr_bicubic']:.2f} dB); wrote {Path(args.run_dir) / 'sr.pt'}")  # fmt: skip
+    return 0
+
+
+def _sr_upscale(args: argparse.Namespace) -> int:
+    from finegrain.data.loading import open_image
+    from finegrain.engine.sr import load_sr
+    from finegrain.models.sr import sr_upscale
+    from finegrain.predict import list_images
+
+    model = load_sr(args.model)
+    files = list_images(args.target)
+    root = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
+    for f in files:
+        dest = (Path(args.out) / f.relative_to(root)).with_suffix(".png")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        img = sr_upscale(model, open_image(f))
+        img.save(dest)
+        print(f"{dest}  {img.width}x{img.height}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from finegrain.models import list_models
 
@@ -346,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--sr-model", help="super-resolution checkpoint (finegrain sr train) to enlarge small images")
+    p.add_argument("--sr-below", type=int, default=160, help="enlarge images whose shorter side is below this (160)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON output")
     out.add_argument("--csv", action="store_true", help="CSV output")
@@ -406,6 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=256, help="training images for activation ranges (256)")
     p.add_argument("--run-dir", help="output run directory (default runs/<method>-<time>)")
     p.set_defaults(func=_qat)
+
+    sr = sub.add_parser("sr", help="learned super-resolution").add_subparsers(dest="sr_command", required=True)
+    p = sr.add_parser(
+        "train", help="train a x2/x4 super-resolution model on a dataset's training images",
+        description="Cut patches from the training images, reduce them by --scale and learn to restore them; report "
+        "PSNR against bicubic upscaling on held-out (validation) images. Writes RUN_DIR/sr.pt.",
+    )  # fmt: skip
+    p.add_argument("data", help="dataset folder or CSV manifest")
+    p.add_argument("--scale", type=int, default=2, choices=[2, 3, 4], help="(default: 2)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (2000)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    p.add_argument("--patch", type=int, default=96, help="high-resolution patch side in pixels (96)")
+    p.add_argument("--lr", type=float, default=1e-3, help="(default: 1e-3)")
+    p.add_argument("--max-images", type=int, default=400, help="training images kept in memory (400)")
+    p.add_argument("--eval-images", type=int, default=50, help="held-out images for PSNR (50)")
+    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default="runs/sr", help="(default: runs/sr)")
+    p.set_defaults(func=_sr_train)
+    p = sr.add_parser("upscale", help="enlarge images with a trained super-resolution model")
+    p.add_argument("model", help="sr.pt or its run directory")
+    p.add_argument("target", help="image file or folder")
+    p.add_argument("--out", default="upscaled", help="output folder (default: upscaled)")
+    p.set_defaults(func=_sr_upscale)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

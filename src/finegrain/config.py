@@ -62,6 +62,8 @@ class TrainConfig:
     fourier_mix: float = 0.0  # probability of taking another image's low-frequency amplitude (style)
     fourier_beta: float = 0.1  # half-size of that low band, as a fraction of the image side
     mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
+    sr_aug: float = 0.0  # probability of reducing a training image by the SR model's scale and restoring it
+    sr_model: str | None = None  # a `finegrain sr train` checkpoint, for sr_aug
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
     # center loss (Wen et al. 2016) on the features the classifier reads: weight and centre update rate
@@ -111,6 +113,8 @@ class TrainConfig:
                 "fourier-mix in [0, 1], fourier-beta in (0, 0.5)",
             ),
             (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
+            (0 <= self.sr_aug <= 1, "sr-aug is a probability in [0, 1]"),
+            (not self.sr_aug or self.sr_model, "sr-aug needs --sr-model (train one: finegrain sr train DATA)"),
             (self.kd_temperature > 0, "kd-temperature must be > 0"),
             (self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]"),
             (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
@@ -118,7 +122,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        image_level = [n for n in ("random_erasing", "fourier_mix", "mixstyle") if getattr(self, n) > 0]
+        image_level = [n for n in ("random_erasing", "fourier_mix", "mixstyle", "sr_aug") if getattr(self, n) > 0]
         if image_level and self.freeze_backbone and self.cache_features:
             names = ", ".join("--" + n.replace("_", "-") for n in image_level)
             raise ConfigError(

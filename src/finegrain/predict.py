@@ -82,6 +82,18 @@ class Predictor:
             return cls.from_onnx(path, threads, spinning)
         return cls.from_checkpoint(path, device)
 
+    def upscale_small_inputs(self, sr_model: str | Path, min_side: int) -> Predictor:
+        """Images whose shorter side is below ``min_side`` are enlarged by a ``finegrain sr train`` model before
+        the usual preprocessing (instead of by the plain resize), restoring some of the detail they lack."""
+        from torchvision.transforms import v2
+
+        from finegrain.engine.sr import load_sr
+        from finegrain.models.sr import SRUpscaleSmall
+
+        self.transform = v2.Compose([SRUpscaleSmall(load_sr(sr_model), min_side), eval_transform(self.preprocess)])
+        self.info["super_resolution"] = {"model": str(sr_model), "below": min_side}
+        return self
+
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (on the CPU) for a batch already through :attr:`transform`."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from finegrain.data.datasets import Sample
+from finegrain.data.parts import part_boxes
 from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 
@@ -61,11 +63,24 @@ def find_bad_images(samples: Sequence[Sample], progress: bool = False) -> list[t
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) pairs; a bad file raises :class:`BadImageError` naming it."""
+    """(image tensor, label) pairs; a bad file raises :class:`BadImageError` naming it.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None) -> None:
+    With ``part_groups`` (and the dataset's ``part_names``) each item also carries its part boxes, moved by the
+    same random crop and flip as the image: ``{"part_boxes": (P, 4) in [0, 1], "part_visible": (P,)}``; a part
+    the crop cut out is not visible.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable | None = None,
+        part_groups: Mapping[str, Sequence[str]] | None = None,
+        part_names: Sequence[str] | None = None,
+        part_pad: float = 0.1,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.part_groups, self.part_names, self.part_pad = part_groups, part_names, part_pad
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,4 +88,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         s = self.samples[i]
         img = open_image(s.path)
-        return (self.transform(img) if self.transform else img), s.label
+        if self.part_groups is None:
+            return (self.transform(img) if self.transform else img), s.label
+        boxes, visible = part_boxes(s, self.part_names, self.part_groups, img.size, self.part_pad)
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(img.height, img.width))
+        x, boxes = self.transform(img, boxes)
+        h, w = boxes.canvas_size
+        boxes = boxes.as_subclass(torch.Tensor) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        visible = visible & ((boxes[:, 2:] - boxes[:, :2]) > 0).all(1)
+        return x, s.label, {"part_boxes": boxes, "part_visible": visible}

@@ -1,10 +1,14 @@
-"""Image preprocessing: one implementation shared by training, evaluation, prediction, export and serving."""
+"""Image preprocessing: one implementation shared by training, evaluation, prediction, export and serving.
+
+torchvision's v2 transforms: called with an image and :class:`~torchvision.tv_tensors.BoundingBoxes`, they move
+the boxes with the image (what part annotations need); with an image alone they act as the v1 ones did."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from torchvision import transforms as T
+import torch
+from torchvision.transforms import v2 as T
 
 INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -33,14 +37,18 @@ class Preprocess:
         return cls(**d)
 
 
+def _to_tensor(pre: Preprocess) -> list:
+    """PIL image -> normalised float tensor (and boxes kept inside the image)."""
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std), T.ClampBoundingBoxes()]
+
+
 def eval_transform(pre: Preprocess) -> T.Compose:
     resize = int(round(pre.input_size / pre.crop_pct))
     return T.Compose(
         [
             T.Resize(resize, interpolation=INTERPOLATION[pre.interpolation]),
             T.CenterCrop(pre.input_size),
-            T.ToTensor(),
-            T.Normalize(pre.mean, pre.std),
+            *_to_tensor(pre),
         ]
     )
 
@@ -62,7 +70,7 @@ def train_transform(
     ]
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
-    ops += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    ops += _to_tensor(pre)
     if erasing > 0:
         value = "random" if erasing_fill == "random" else 0
         ops.append(T.RandomErasing(erasing, scale=(0.02, erasing_max_area), ratio=(0.3, 3.3), value=value))

@@ -132,6 +132,8 @@ def evaluate_checkpoint(
         keep_predictions=report,
     )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
+    if getattr(model, "part_groups", None) and index.part_names:
+        metrics["part_localisation"] = evaluate_part_localisation(model, samples, index.part_names, dev, workers)
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     confmat = metrics.pop("confusion_matrix")
@@ -157,3 +159,27 @@ def evaluate_checkpoint(
             out / f"report_{split}.html", model, index, samples, predicted, confidence, confmat, result
         ))  # fmt: skip
     return result
+
+
+@torch.inference_mode()
+def evaluate_part_localisation(model: nn.Module, samples, part_names, device, workers: int = 2) -> dict:
+    """How well a ``parts`` model finds its parts on held-out images: per part group, the mean IoU of the
+    located box with the box derived from the annotated keypoints (where the part is visible), and the share
+    of those images with IoU >= 0.5."""
+    from finegrain.data import ImageDataset
+    from finegrain.data.transforms import eval_transform
+    from finegrain.models.regions import box_iou
+
+    ds = ImageDataset(samples, eval_transform(model.preprocess), model.part_groups, part_names, model.part_pad)
+    ious = [[] for _ in model.part_groups]
+    model.eval()
+    for x, _, t in torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers):
+        boxes = torch.stack(model.attention_boxes(x.to(device)), 1)
+        iou = box_iou(boxes, t["part_boxes"])
+        for p in range(len(ious)):
+            ious[p] += iou[t["part_visible"][:, p], p].tolist()
+    return {
+        name: {"mean_iou": float(np.mean(v)) if v else None, "iou_at_0.5": float(np.mean(np.array(v) >= 0.5)) if v
+               else None, "n": len(v)}
+        for name, v in zip(model.part_groups, ious, strict=True)
+    }  # fmt: skip

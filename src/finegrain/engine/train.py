@@ -27,6 +27,7 @@ from tqdm import tqdm
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
 from finegrain.data.augment import MixStyle, fourier_mix_batch
+from finegrain.data.parts import check_part_groups
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weights, model_record, save_atomic
@@ -231,9 +232,21 @@ def _image_task(model, index, cfg) -> Task:
         pre, scale=(cfg.scale_min, 1.0), color_jitter=cfg.color_jitter,
         erasing=cfg.random_erasing, erasing_max_area=cfg.erasing_max_area, erasing_fill=cfg.erasing_fill,
     )  # fmt: skip
+    if cfg.sr_aug > 0:  # a low-resolution photo, restored: before the crop, at the image's own size
+        from torchvision.transforms import v2
+
+        from finegrain.engine.sr import load_sr
+        from finegrain.models.sr import SRAugment
+
+        tf = v2.Compose([SRAugment(load_sr(cfg.sr_model), cfg.sr_aug), tf])
     val = index.split("val")
     val_set = ImageDataset(val, eval_transform(pre)) if val else None
-    return Task(model, ImageDataset(index.split("train"), tf), val_set, workers=cfg.workers, images=True)
+    parts = {}
+    if getattr(model, "part_groups", None):  # supervised parts: each image brings its annotated part boxes
+        check_part_groups(model.part_groups, index.part_names, cfg.data)
+        parts = dict(part_groups=model.part_groups, part_names=index.part_names, part_pad=model.part_pad)
+    train_set = ImageDataset(index.split("train"), tf, **parts)
+    return Task(model, train_set, val_set, workers=cfg.workers, images=True)
 
 
 def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -299,11 +312,12 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
     for step, batch in enumerate(bar):
         x = to_device(batch[0], device, task.images and cfg.channels_last)
         y = batch[1].to(device)
+        targets = batch[2] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
         if task.images and cfg.fourier_mix > 0:
             x = fourier_mix_batch(x, cfg.fourier_mix, cfg.fourier_beta)
         criterion = loss_fn
         if cfg.teachers:
-            soft = batch[2].to(device) if len(batch) > 2 else _soft_labels(task, x, student_pre, cfg.kd_temperature)
+            soft = _soft_labels(task, x, student_pre, cfg.kd_temperature) if task.images else batch[2].to(device)
 
             def criterion(logits, target, soft=soft):
                 return distillation_loss(logits, soft, target, cfg.kd_temperature, cfg.kd_alpha, teacher_probs=True)
@@ -315,7 +329,7 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
                 return base(logits, target) + cfg.center_loss * task.center(task.head_input["x"], target)
 
         with autocast(device, cfg.amp if task.images else "none"):
-            out = module(x)
+            out = module(x) if targets is None else module(x, targets={k: v.to(device) for k, v in targets.items()})
         loss, logits = _loss(module, out, y, criterion)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}: lower --lr or use --amp none")

@@ -19,13 +19,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from finegrain.config import DEFAULT_BACKBONE
 from finegrain.errors import ConfigError
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models.backbone import create_backbone
 from finegrain.models.base import FGVCModel
+from finegrain.models.regions import crop_resize
 from finegrain.models.registry import register_model
 
 
@@ -35,15 +35,8 @@ def zoom(x: torch.Tensor, boxes: torch.Tensor, size: int | None = None) -> torch
 
     Differentiable with respect to the boxes; the box (0, 0, 1) reproduces ``x`` exactly.
     """
-    size = size or x.shape[-1]
-    # output pixel centres in normalised coordinates (align_corners=False), scaled and moved into the box;
-    # built by hand rather than with affine_grid, which ONNX only has from opset 20
-    u = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
-    boxes = boxes.to(x.dtype)
-    gx = boxes[:, 0, None, None] + boxes[:, 2, None, None] * u[None, None, :]
-    gy = boxes[:, 1, None, None] + boxes[:, 2, None, None] * u[None, :, None]
-    grid = torch.stack([gx.expand(-1, size, size), gy.expand(-1, size, size)], dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    cx, cy, half = boxes.unbind(1)
+    return crop_resize(x, (torch.stack([cx - half, cy - half, cx + half, cy + half], 1) + 1) / 2, size)
 
 
 def peak_boxes(energy: torch.Tensor, half: float = 0.5) -> torch.Tensor:
