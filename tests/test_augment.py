@@ -3,7 +3,7 @@ import torch
 from torchvision.transforms import v2  # noqa: F401 - torchvision is what train_transform uses
 
 from finegrain.config import TrainConfig
-from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch
+from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch, jigsaw
 from finegrain.data.transforms import Preprocess, train_transform
 from finegrain.engine.train import add_mixstyle, fit
 from finegrain.errors import ConfigError
@@ -85,3 +85,17 @@ def test_training_with_every_style_augmentation_learns(imagefolder, tiny_config)
         imagefolder, epochs=4, lr=3e-3, cache_features=False, random_erasing=0.5, fourier_mix=0.5, mixstyle=0.5
     )
     assert fit(cfg).history[-1]["val_top1"] >= 0.75  # 4 classes: chance is 0.25
+
+
+def test_jigsaw_shuffles_whole_cells_and_n1_is_the_identity():
+    x = torch.arange(2 * 1 * 6 * 7, dtype=torch.float32).view(2, 1, 6, 7)
+    assert torch.equal(jigsaw(x, 1), x)
+    torch.manual_seed(0)
+    y = jigsaw(x, 3)  # 2x2 cells; the 7th column does not divide by 3 and stays
+    assert torch.equal(y[..., 6], x[..., 6])
+
+    def cells(t: torch.Tensor, b: int) -> list:
+        return sorted(t[b, 0, i : i + 2, j : j + 2].flatten().tolist() for i in (0, 2, 4) for j in (0, 2, 4))
+
+    assert all(cells(y, b) == cells(x, b) for b in range(2))  # the same cells, each intact
+    assert not torch.equal(y, x)

@@ -8,6 +8,7 @@ from finegrain.data import load_dataset
 from finegrain.engine import train as train_module
 from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
+from finegrain.errors import ConfigError
 from finegrain.predict import Predictor
 
 from .conftest import make_imagefolder
@@ -111,3 +112,54 @@ def test_evaluate_refuses_other_data(cub, tmp_path, tiny_config, capsys):
     other = make_imagefolder(tmp_path / "other", num_classes=3, per_class=4)
     assert main(["evaluate", str(result.run_dir), "--data", str(other), "--workers", "0"]) == 2
     assert "the data changed since training" in capsys.readouterr().err  # the saved split catches it first
+
+
+def test_progressive_stages_switch_at_their_epochs_and_resume_mid_stage(cub, tiny_config, tmp_path, monkeypatch):
+    stages = [
+        {"epochs": 1, "input_size": 48, "jigsaw": 2, "model": {"augment": False}},
+        {"epochs": 2, "input_size": 64, "model": {"augment": True}},
+    ]
+    make = lambda run: tiny_config(  # noqa: E731
+        cub, method="wsdan", model_kwargs={"num_maps": 2}, pretrained=False, cache_features=False,
+        stages=stages, epochs=99, run_dir=str(tmp_path / run),
+    )  # fmt: skip
+    seen = []
+    real_epoch = train_module.train_one_epoch
+
+    def spy(task, *args, **kwargs):
+        model = task.trainable
+        with torch.random.fork_rng():  # reading a sample must not change the training's random stream
+            side = task.train_set[0][0].shape[-1]
+        seen.append((model.preprocess.input_size, task.jigsaw, model.augment, side))
+        return real_epoch(task, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    straight = fit(make("a"))
+    assert seen == [(48, 2, False, 48), (64, 1, True, 64), (64, 1, True, 64)]  # epochs = 1 + 2, not 99
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["stage"]) for r in rows] == [(1, 1), (2, 2), (3, 2)]
+    assert load_checkpoint(tmp_path / "a" / "last.pt")["preprocess"]["input_size"] == 64
+
+    def killed_in_epoch_3(task, *args, **kwargs):
+        if args[7] == 2:  # the epoch argument: stop in the middle of stage 2
+            raise KeyboardInterrupt
+        return real_epoch(task, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make("b"))
+    monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    seen.clear()
+    resumed = fit(None, resume=tmp_path / "b")
+    assert seen == [(64, 1, True, 64)]  # set up as stage 2, with stage 1's settings overridden by stage 2's
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
+
+
+def test_bad_stages_are_refused_with_the_fix(cub, tiny_config):
+    with pytest.raises(ConfigError, match="no-cache-features"):
+        tiny_config(cub, stages=[{"epochs": 1}])
+    with pytest.raises(ConfigError, match="unknown key"):
+        tiny_config(cub, cache_features=False, stages=[{"epochs": 1, "size": 3}])
+    with pytest.raises(ConfigError, match="jigsaw"):
+        tiny_config(cub, cache_features=False, stages=[{"epochs": 1, "jigsaw": 0}])

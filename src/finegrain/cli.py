@@ -52,6 +52,8 @@ TRAIN_HELP = {
     "mixstyle": "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2",
     "sr_aug": "probability of reducing a training image by the SR model's scale and restoring it with that model",
     "sr_model": "super-resolution checkpoint (finegrain sr train) used by --sr-aug",
+    "stages": "progressive training as a YAML list, e.g. '[{epochs: 2, input_size: 160, jigsaw: 4}, {epochs: 3}]'; "
+    "each stage may set input_size, jigsaw (n x n shuffled patches) and model (method settings)",
     "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
     "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
     "center_loss": "weight of the center loss on the features the classifier reads (0: off)",
@@ -81,6 +83,8 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
         if f.name == "teachers":
             p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="CKPT")
+        elif f.name == "stages":
+            p.add_argument(flag, type=_yaml_list, default=argparse.SUPPRESS, help=help_text, metavar="YAML")
         elif f.name == "model_kwargs":
             p.add_argument(
                 flag, nargs="*", type=_key_value, default=argparse.SUPPRESS, help=help_text, metavar="KEY=VALUE"
@@ -103,6 +107,15 @@ def _key_value(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
     return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def _yaml_list(text: str) -> list:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{epochs: 2}}, {{epochs: 3}}]', got '{text}'")
+    return value
 
 
 def _optional_float(text: str) -> float | None:

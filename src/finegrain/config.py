@@ -64,6 +64,9 @@ class TrainConfig:
     mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
     sr_aug: float = 0.0  # probability of reducing a training image by the SR model's scale and restoring it
     sr_model: str | None = None  # a `finegrain sr train` checkpoint, for sr_aug
+    # progressive training: stages run one after another, each {epochs, input_size, jigsaw, model: {attr: value}};
+    # with stages, epochs is their sum
+    stages: list = field(default_factory=list)
     cache_features: bool = True
     feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
     # center loss (Wen et al. 2016) on the features the classifier reads: weight and centre update rate
@@ -122,6 +125,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_stages()
         image_level = [n for n in ("random_erasing", "fourier_mix", "mixstyle", "sr_aug") if getattr(self, n) > 0]
         if image_level and self.freeze_backbone and self.cache_features:
             names = ", ".join("--" + n.replace("_", "-") for n in image_level)
@@ -130,6 +134,41 @@ class TrainConfig:
                 "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
             )
         return self
+
+    STAGE_KEYS = ("epochs", "input_size", "jigsaw", "model")
+
+    def _validate_stages(self) -> None:
+        if not self.stages:
+            return
+        if self.freeze_backbone and self.cache_features:
+            raise ConfigError("stages change what the network sees: add --no-cache-features or --no-freeze-backbone")
+        for i, stage in enumerate(self.stages, 1):
+            if not isinstance(stage, dict):
+                raise ConfigError(f"stage {i} must be a mapping such as {{epochs: 2, input_size: 320}}, got {stage!r}")
+            unknown = sorted(set(stage) - set(self.STAGE_KEYS))
+            if unknown:
+                raise ConfigError(f"stage {i}: unknown key(s) {unknown}; known: {', '.join(self.STAGE_KEYS)}")
+            if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
+                raise ConfigError(f"stage {i} needs epochs: a whole number >= 1")
+            if stage.get("input_size") is not None and (not isinstance(stage["input_size"], int) or
+                                                         stage["input_size"] < 32):  # fmt: skip
+                raise ConfigError(f"stage {i}: input_size must be a whole number >= 32")
+            if not isinstance(stage.get("jigsaw", 1), int) or stage.get("jigsaw", 1) < 1:
+                raise ConfigError(f"stage {i}: jigsaw is the grid side n (n x n patches), a whole number >= 1")
+            if not isinstance(stage.get("model", {}), dict):
+                raise ConfigError(f"stage {i}: model must map method attributes to values, e.g. {{augment: true}}")
+        self.epochs = sum(s["epochs"] for s in self.stages)
+
+    def stage_at(self, epoch: int) -> int | None:
+        """Index of the stage that epoch ``epoch`` (0-based) belongs to; None without stages."""
+        if not self.stages:
+            return None
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage["epochs"]
+            if epoch < end:
+                return i
+        return len(self.stages) - 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -67,3 +67,22 @@ class MixStyle(nn.Module):
         mu_mix = lam * mu + (1 - lam) * mu[perm]
         sig_mix = lam * sig + (1 - lam) * sig[perm]
         return (x - mu.detach()) / sig.detach() * sig_mix + mu_mix
+
+
+def jigsaw(x: torch.Tensor, n: int) -> torch.Tensor:
+    """PMG's jigsaw patches (Du et al., ECCV 2020): cut each image into an ``n`` x ``n`` grid and shuffle the
+    cells (a different order per image), so only local parts, not the global layout, carry the class. Sides
+    that do not divide by ``n`` keep their last few rows/columns in place. ``n`` = 1 is the identity."""
+    if n <= 1:
+        return x
+    b, c, h, w = x.shape
+    ph, pw = h // n, w // n
+    out = x.clone()
+    cells = (
+        x[..., : ph * n, : pw * n].reshape(b, c, n, ph, n, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, ph, pw)
+    )
+    order = torch.argsort(torch.rand(b, n * n, device=x.device), dim=1)
+    cells = cells[torch.arange(b, device=x.device)[:, None], order]
+    grid = cells.reshape(b, n, n, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, ph * n, pw * n)
+    out[..., : ph * n, : pw * n] = grid
+    return out

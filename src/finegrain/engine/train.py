@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, find_bad_images, load_dataset, save_split
-from finegrain.data.augment import MixStyle, fourier_mix_batch
+from finegrain.data.augment import MixStyle, fourier_mix_batch, jigsaw
 from finegrain.data.parts import check_part_groups
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weights, model_record, save_atomic
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
-from finegrain.errors import CheckpointError, DataError
+from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.models import create_model
 
@@ -50,6 +50,7 @@ class Task:
     teachers: list | None = None  # (teacher model, its preprocessing); with images they run on every batch
     center: CenterLoss | None = None
     head_input: dict | None = None  # filled by a hook on the classifier: the features center loss pulls
+    jigsaw: int = 1  # progressive training: shuffle n x n patches of each training image (PMG)
 
 
 def seed_everything(seed: int) -> None:
@@ -315,6 +316,8 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
         targets = batch[2] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
         if task.images and cfg.fourier_mix > 0:
             x = fourier_mix_batch(x, cfg.fourier_mix, cfg.fourier_beta)
+        if task.jigsaw > 1:
+            x = jigsaw(x, task.jigsaw)
         criterion = loss_fn
         if cfg.teachers:
             soft = _soft_labels(task, x, student_pre, cfg.kd_temperature) if task.images else batch[2].to(device)
@@ -353,6 +356,40 @@ def train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device
         "epoch_seconds": seconds,
         "samples_per_s": stats[2].item() / seconds,
     }
+
+
+def _loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
+    """The training sampler and loader (sharded across ranks) and the validation loader (sharded too)."""
+    sampler = DistributedSampler(
+        task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+        drop_last=len(task.train_set) >= cfg.batch_size * info.world_size * 2,
+    )  # fmt: skip
+    loader = DataLoader(
+        task.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=task.workers,
+        persistent_workers=task.workers > 0, drop_last=sampler.drop_last,
+    )  # fmt: skip
+    val_loader = None
+    if task.val_set is not None:
+        shard = Subset(task.val_set, range(info.rank, len(task.val_set), info.world_size))
+        val_loader = DataLoader(shard, batch_size=cfg.batch_size * 2, num_workers=task.workers)
+    return sampler, loader, val_loader
+
+
+def _apply_stage(model, task: Task, cfg: TrainConfig, index, s: int, base_preprocess, info) -> None:
+    """Set up progressive-training stage ``s``: its input size (new datasets), its jigsaw grid, and the method
+    settings of every stage up to it (so a run resumed mid-stage is set up exactly as it was)."""
+    stage = cfg.stages[s]
+    model.preprocess = replace(base_preprocess, input_size=stage.get("input_size") or base_preprocess.input_size)
+    fresh = _image_task(model, index, cfg)
+    task.train_set, task.val_set = fresh.train_set, fresh.val_set
+    task.jigsaw = stage.get("jigsaw", 1)
+    for i in range(s + 1):
+        for name, value in cfg.stages[i].get("model", {}).items():
+            if not hasattr(model, name):
+                raise ConfigError(f"stage {i + 1}: method '{cfg.method}' has no setting '{name}'")
+            setattr(model, name, value)
+    _log(info, f"stage {s + 1}/{len(cfg.stages)}: input {model.preprocess.input_size} px, jigsaw {task.jigsaw}x"
+               f"{task.jigsaw}, method settings {stage.get('model', {})}")  # fmt: skip
 
 
 @dataclass
@@ -415,18 +452,11 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     _log(info, f"training {'the head on cached features' if cached else 'on images'}; run dir {run_dir}")
     seed_everything(cfg.seed + info.rank)  # the same training whether or not the feature cache was warm
 
-    sampler = DistributedSampler(
-        task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
-        drop_last=len(task.train_set) >= cfg.batch_size * info.world_size * 2,
-    )  # fmt: skip
-    loader = DataLoader(
-        task.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=task.workers,
-        persistent_workers=task.workers > 0, drop_last=sampler.drop_last,
-    )  # fmt: skip
-    val_loader = None
-    if task.val_set is not None:
-        shard = Subset(task.val_set, range(info.rank, len(task.val_set), info.world_size))
-        val_loader = DataLoader(shard, batch_size=cfg.batch_size * 2, num_workers=task.workers)
+    start_epoch = resume_state["epoch"] + 1 if resume_state is not None else 0
+    base_preprocess, stage = model.preprocess, cfg.stage_at(start_epoch)
+    if stage is not None:
+        _apply_stage(model, task, cfg, index, stage, base_preprocess, info)
+    sampler, loader, val_loader = _loaders(task, cfg, info)
 
     unused = getattr(task.trainable, "has_unused_parameters", False)
     module = DistributedDataParallel(task.trainable, find_unused_parameters=unused) if info.enabled else task.trainable
@@ -438,7 +468,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     )  # fmt: skip
     ema = ModelEmaV3(task.trainable, decay=cfg.ema_decay) if cfg.ema else None
 
-    start_epoch, best = 0, -math.inf
+    best = -math.inf
     if resume_state is not None:
         state = resume_state["resume"]
         task.trainable.load_state_dict(state["trainable"])
@@ -448,13 +478,17 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         if task.center is not None and state.get("center") is not None:
             task.center.load_state_dict(state["center"])
         _set_rng_state(state["rng"])
-        start_epoch, best = resume_state["epoch"] + 1, state["best"]
+        best = state["best"]
         _log(info, f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
 
     classes, history = index.classes, []
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.stage_at(epoch) != stage:
+            stage = cfg.stage_at(epoch)
+            _apply_stage(model, task, cfg, index, stage, base_preprocess, info)
+            sampler, loader, val_loader = _loaders(task, cfg, info)
         sampler.set_epoch(epoch)
-        row = {"epoch": epoch + 1}
+        row = {"epoch": epoch + 1} if stage is None else {"epoch": epoch + 1, "stage": stage + 1}
         row.update(train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info))
         scheduler.step(epoch + 1)
         eval_module = ema.module if ema is not None else task.trainable

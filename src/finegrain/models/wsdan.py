@@ -80,6 +80,7 @@ class WSDAN(FGVCModel):
         self.num_maps, self.center_weight = num_maps, center_weight
         self.crop_theta, self.drop_theta = tuple(crop_theta), tuple(drop_theta)
         self.crop_pad, self.theta_test, self.test_crop = crop_pad, theta_test, test_crop
+        self.augment = True  # attention crop/drop views in training; progressive stages may switch them on later
         self.attention = nn.Sequential(nn.Conv2d(c, num_maps, 1, bias=False), nn.BatchNorm2d(num_maps), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(num_maps * c, num_classes, bias=False))
         self.center = CenterLoss(num_classes, num_maps * c, center_beta)  # centres are saved: resume keeps them
@@ -100,6 +101,8 @@ class WSDAN(FGVCModel):
 
     def forward(self, x: torch.Tensor):
         logits, parts, attention = self.look(x)
+        if self.training and not self.augment:
+            return {"logits": logits, "parts": parts}
         if not self.training:
             if not self.test_crop:
                 return logits
@@ -121,8 +124,8 @@ class WSDAN(FGVCModel):
         return attention[rows, idx[:, 0]], attention[rows, idx[:, 1]]
 
     def compute_loss(self, out: dict, y: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
-        views = (out["logits"], out["crop_logits"], out["drop_logits"])
-        loss = sum(criterion(v.float(), y) for v in views) / 3
+        views = [out[k] for k in ("logits", "crop_logits", "drop_logits") if k in out]
+        loss = sum(criterion(v.float(), y) for v in views) / len(views)
         if self.center_weight > 0:
             loss = loss + self.center_weight * self.center(out["parts"], y)
         return loss, out["logits"].detach()
