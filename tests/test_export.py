@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from finegrain.cli import main
 from finegrain.errors import ConfigError
@@ -73,3 +74,14 @@ def test_same_padding_is_constant_in_the_exported_graph(tmp_path):
     path = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert "Pad" in ops and not ops & {"Shape", "Ceil"}  # pads do not depend on the input's shape
+
+
+def test_every_graph_optimisation_level_gives_the_same_logits(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "baseline")
+    path = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    x = torch.randn(2, 3, 64, 64)
+    ref = Predictor.load(path).logits(x)
+    for level in ("disable", "basic", "extended"):
+        torch.testing.assert_close(Predictor.load(path, threads=1, graph_opt=level).logits(x), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="optimisation level"):
+        Predictor.load(path, graph_opt="max")

@@ -168,7 +168,7 @@ def _predict(args: argparse.Namespace) -> int:
         model = export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
     elif args.engine == "torch" and Path(model).suffix == ".onnx":
         raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
-    predictor = Predictor.load(model, device=args.device, threads=args.threads)
+    predictor = Predictor.load(model, device=args.device, threads=args.threads, graph_opt=args.graph_opt)
     if args.sr_model:
         predictor.upscale_small_inputs(args.sr_model, args.sr_below)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="(default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--graph-opt", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="ONNX Runtime graph optimisation level (default: all)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--sr-model", help="super-resolution checkpoint (finegrain sr train) to enlarge small images")
     p.add_argument("--sr-below", type=int, default=160, help="enlarge images whose shorter side is below this (160)")

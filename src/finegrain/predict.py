@@ -63,23 +63,33 @@ class Predictor:
         return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device), info)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, threads: int | None = None, spinning: bool = True) -> Predictor:
+    def from_onnx(
+        cls, path: str | Path, threads: int | None = None, spinning: bool = True, graph_opt: str = "all"
+    ) -> Predictor:
         from finegrain.export.onnx import OnnxRunner, read_onnx_metadata
 
         meta = read_onnx_metadata(path)
         info = {"method": meta["method"], "model_kwargs": meta["model_kwargs"], "engine": "onnxruntime"}
         info["path"] = str(path)
         return cls(
-            OnnxRunner(path, threads, spinning), meta["classes"], Preprocess.from_dict(meta["preprocess"]), info=info
+            OnnxRunner(path, threads, spinning, graph_opt),
+            meta["classes"],
+            Preprocess.from_dict(meta["preprocess"]),
+            info=info,
         )
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", threads: int | None = None, spinning: bool = True
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        spinning: bool = True,
+        graph_opt: str = "all",
     ) -> Predictor:
         """A checkpoint (.pt or run directory) runs in PyTorch; an .onnx file in ONNX Runtime."""
         if Path(path).suffix == ".onnx":
-            return cls.from_onnx(path, threads, spinning)
+            return cls.from_onnx(path, threads, spinning, graph_opt)
         return cls.from_checkpoint(path, device)
 
     def upscale_small_inputs(self, sr_model: str | Path, min_side: int) -> Predictor:

@@ -138,13 +138,22 @@ def read_onnx_metadata(path: str | Path) -> dict:
 class OnnxRunner:
     """Logits from an ONNX file with ONNX Runtime; a callable like a model on an image batch tensor."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True) -> None:
+    GRAPH_OPT = ("disable", "basic", "extended", "all")
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, spinning: bool = True, graph_opt: str = "all"
+    ) -> None:
         """``spinning=False`` stops idle worker threads from busy-waiting for the next run: slower for
-        back-to-back batches, but it leaves the CPU to the rest of a server (decoding, HTTP)."""
+        back-to-back batches, but it leaves the CPU to the rest of a server (decoding, HTTP). ``graph_opt``:
+        ONNX Runtime's graph optimisation level (``all`` fuses most; lower levels load faster)."""
         import onnxruntime as ort
 
+        if graph_opt not in self.GRAPH_OPT:
+            raise ConfigError(f"graph optimisation level must be one of {', '.join(self.GRAPH_OPT)}, got '{graph_opt}'")
+        level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                 "all": "ORT_ENABLE_ALL"}[graph_opt]  # fmt: skip
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         if threads:
             opts.intra_op_num_threads = threads
         if not spinning:
