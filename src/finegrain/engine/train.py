@@ -122,9 +122,16 @@ def _add_center_loss(task: Task, model: nn.Module, num_classes: int, cfg: TrainC
     task.head_input = {}
     model.head.register_forward_pre_hook(lambda _m, args: task.head_input.__setitem__("x", args[0]))
     sample = task.train_set[0][0][None].to(device)
-    with torch.no_grad():
+    with torch.enable_grad():
         (task.trainable.eval())(sample.to(memory_format=torch.channels_last) if task.images else sample)
-    task.center = CenterLoss(num_classes, task.head_input["x"][0].numel(), cfg.center_beta).to(device)
+    if not task.head_input["x"].requires_grad:
+        raise ConfigError(
+            "--center-loss pulls the features the classifier reads, but with a frozen backbone they cannot move "
+            f"(for '{cfg.method}' they are the backbone's output), so it would change nothing: add "
+            "--no-freeze-backbone, or use a method whose features train (wsdan has center loss built in)"
+        )
+    dim = task.head_input.pop("x")[0].numel()  # (drop the sample's graph)
+    task.center = CenterLoss(num_classes, dim, cfg.center_beta).to(device)
 
 
 def add_mixstyle(model: nn.Module, p: float, stages: tuple[int, ...] = (1, 2)) -> None:
