@@ -10,12 +10,12 @@ this run, prints a table, writes JSON, and draws RA-CNN's zoom boxes with Grad-C
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from _results import write_json
+from _timing import latency_ms
 from PIL import Image
 
 from finegrain.config import TrainConfig
@@ -25,17 +25,6 @@ from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.explain import explain
 from finegrain.predict import Predictor
-
-
-def latency_ms(predictor: Predictor, runs: int = 30) -> float:
-    x = torch.randn(1, 3, predictor.preprocess.input_size, predictor.preprocess.input_size)
-    predictor.logits(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predictor.logits(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def picture(run: Path, out: Path, count: int = 6) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from _results import write_json
+from _timing import latency_ms
 from PIL import Image, ImageDraw
 
 from finegrain.config import TrainConfig
@@ -29,17 +29,6 @@ from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.explain.render import overlay
 from finegrain.predict import Predictor
-
-
-def latency_ms(predictor: Predictor, runs: int = 30) -> float:
-    x = torch.randn(1, 3, predictor.preprocess.input_size, predictor.preprocess.input_size)
-    predictor.logits(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predictor.logits(x)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _norm(a: torch.Tensor, size) -> np.ndarray:
