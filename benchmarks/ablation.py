@@ -30,6 +30,8 @@ VARIANTS = {
     "mixstyle": {"mixstyle": 0.5},
     "center loss": {"center_loss": 0.1},
     "sr": {"sr_aug": 0.3},  # needs --sr-model
+    # progressive: the same 3 epochs as a stage of 2x2 jigsaw patches at 160 px, then whole images at 224 px
+    "progressive": {"stages": [{"epochs": 1, "input_size": 160, "jigsaw": 2}, {"epochs": 2}]},
 }
 
 
