@@ -191,6 +191,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png_destination(target: str, file: Path, out_dir: str) -> Path:
+    """Where a per-image PNG goes: ``out_dir`` mirrors the input folder's layout (folders created)."""
+    root = Path(target) if Path(target).is_dir() else Path(target).parent
+    dest = (Path(out_dir) / file.relative_to(root)).with_suffix(".png")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
 def _explain(args: argparse.Namespace) -> int:
     from finegrain.data.loading import open_image
     from finegrain.explain import explain
@@ -198,16 +206,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     predictor = Predictor.load(args.model, device=args.device)
     files = list_images(args.target)
-    root = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
-    out_dir = Path(args.out)
     from tqdm import tqdm
 
     for i in tqdm(range(0, len(files), args.batch_size), desc="explain", disable=len(files) <= args.batch_size):
         chunk = files[i : i + args.batch_size]
         images = [open_image(f) for f in chunk]
         for f, img, e in zip(chunk, images, explain(predictor, images, args.topk), strict=True):
-            dest = (out_dir / f.relative_to(root)).with_suffix(".png")
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = _png_destination(args.target, f, args.out)
             e.picture(img, predictor).save(dest)
             print(f"{dest}  {e.top[0]['class']} ({100 * e.top[0]['prob']:.1f}%, {e.method})")
     return 0
@@ -330,11 +335,8 @@ def _sr_upscale(args: argparse.Namespace) -> int:
     from finegrain.predict import list_images
 
     model = load_sr(args.model)
-    files = list_images(args.target)
-    root = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
-    for f in files:
-        dest = (Path(args.out) / f.relative_to(root)).with_suffix(".png")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    for f in list_images(args.target):
+        dest = _png_destination(args.target, f, args.out)
         img = sr_upscale(model, open_image(f))
         img.save(dest)
         print(f"{dest}  {img.width}x{img.height}")

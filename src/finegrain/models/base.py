@@ -27,6 +27,7 @@ class FGVCModel(nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
+        self._backbone_spec = {"name": backbone, "pretrained": pretrained, "weights": weights}
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, num_classes=0)
         self.preprocess = backbone_preprocess(self.backbone)
         self.freeze_backbone = freeze_backbone
@@ -35,9 +36,19 @@ class FGVCModel(nn.Module):
 
     def train(self, mode: bool = True) -> FGVCModel:
         super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()  # frozen means frozen BatchNorm statistics too
+        if self.freeze_backbone:  # frozen means frozen BatchNorm statistics too
+            for m in [self.backbone, *(m for m in self.modules() if getattr(m, "is_backbone_copy", False))]:
+                m.eval()
         return self
+
+    def backbone_copies(self, n: int) -> nn.ModuleList:
+        """``n`` more backbones built like ``self.backbone`` and frozen like it, for methods that give each scale
+        or part its own encoder; ``train()`` keeps them in eval mode when frozen."""
+        copies = nn.ModuleList(create_backbone(num_classes=0, **self._backbone_spec) for _ in range(n))
+        copies.is_backbone_copy = True
+        if self.freeze_backbone:
+            copies.requires_grad_(False)
+        return copies
 
     #: why this configuration cannot be exported to ONNX (None: it can)
     export_blocker: str | None = None

@@ -22,10 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finegrain.config import DEFAULT_BACKBONE
 from finegrain.data.parts import CUB_PART_GROUPS
 from finegrain.errors import ConfigError
-from finegrain.models.backbone import create_backbone
 from finegrain.models.base import FGVCModel
 from finegrain.models.regions import crop_resize
 from finegrain.models.registry import register_model
@@ -119,19 +117,9 @@ class Parts(FGVCModel):
         num_parts, c = len(self.part_groups), self.backbone.num_features
         self.share_encoder = share_encoder
         if not share_encoder:
-            spec = {"pretrained": kwargs.get("pretrained", True), "weights": kwargs.get("weights")}
-            name = kwargs.get("backbone", DEFAULT_BACKBONE)
-            self.part_encoders = nn.ModuleList(create_backbone(name, num_classes=0, **spec) for _ in range(num_parts))
-            if self.freeze_backbone:
-                self.part_encoders.requires_grad_(False)
+            self.part_encoders = self.backbone_copies(num_parts)
         self.localiser = PartLocaliser(c, num_parts)
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c * (num_parts + 1), num_classes))
-
-    def train(self, mode: bool = True) -> Parts:
-        super().train(mode)
-        if self.freeze_backbone and not self.share_encoder:
-            self.part_encoders.eval()
-        return self
 
     def _encode_parts(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B, P, 4) boxes -> (B, P * C) pooled features of the enlarged crops."""

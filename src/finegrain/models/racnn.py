@@ -20,10 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from finegrain.config import DEFAULT_BACKBONE
 from finegrain.errors import ConfigError
 from finegrain.losses import pairwise_ranking_loss
-from finegrain.models.backbone import create_backbone
 from finegrain.models.base import FGVCModel
 from finegrain.models.regions import crop_resize
 from finegrain.models.registry import register_model
@@ -128,13 +126,7 @@ class RACNN(FGVCModel):
         self.steps = 0  # training forward passes so far (APN steps begin after ``apn_start`` of them)
         self.share_backbone = share_backbone
         if not share_backbone:
-            spec = {"pretrained": kwargs.get("pretrained", True), "weights": kwargs.get("weights")}
-            name = kwargs.get("backbone", DEFAULT_BACKBONE)
-            self.extra_backbones = nn.ModuleList(
-                create_backbone(name, num_classes=0, **spec) for _ in range(scales - 1)
-            )
-            if self.freeze_backbone:
-                self.extra_backbones.requires_grad_(False)
+            self.extra_backbones = self.backbone_copies(scales - 1)
         c = self.backbone.num_features
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c, num_classes)) for _ in range(scales)
@@ -151,12 +143,6 @@ class RACNN(FGVCModel):
             net.load_state_dict(backbone, strict=True)
         for head in self.heads:
             head.load_state_dict({k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")})
-
-    def train(self, mode: bool = True) -> RACNN:
-        super().train(mode)
-        if self.freeze_backbone and not self.share_backbone:
-            self.extra_backbones.eval()
-        return self
 
     def _backbone(self, s: int) -> nn.Module:
         return self.backbone if s == 0 or self.share_backbone else self.extra_backbones[s - 1]
