@@ -2,13 +2,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.config import TrainConfig
+from finegrain.data import ImageDataset, load_dataset
+from finegrain.data.parts import part_boxes
+from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models import create_model
 from finegrain.models.racnn import peak_boxes, zoom
+from finegrain.models.regions import box_iou
 
-from .conftest import make_checkpoint
+from .conftest import make_checkpoint, make_part_cub
 
 
 def test_whole_image_box_reproduces_the_input():
@@ -82,3 +88,41 @@ def test_init_from_a_baseline_gives_every_scale_its_classifier(tmp_path, imagefo
         assert torch.allclose(model.forward_scales(x)[0][0], baseline(x), atol=1e-4)
     for head in model.heads:
         assert torch.allclose(head[-1].weight, baseline.head[-1].weight, atol=1e-6)
+
+
+def _covered(boxes: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """Share of each patch's area inside the matching box."""
+    lt, rb = torch.maximum(boxes[:, :2], patch[:, :2]), torch.minimum(boxes[:, 2:], patch[:, 2:])
+    return (rb - lt).clamp(min=0).prod(1) / (patch[:, 2:] - patch[:, :2]).prod(1)
+
+
+@pytest.mark.slow
+def test_attended_boxes_find_the_small_patch_that_decides_the_class(tmp_path):
+    """Generated scenes: the colour of a small square on a black disc at a random position decides the class;
+    squares of the other colours lie elsewhere. After training (lite0 fine-tuned, as in the paper), the first
+    zoom must cover the disc's region far more often than random boxes of the same sizes do."""
+    data = make_part_cub(tmp_path / "cub")
+    cfg = TrainConfig(
+        data=str(data), method="racnn", model_kwargs={"apn_start": 15}, freeze_backbone=False, input_size=160,
+        epochs=8, batch_size=16, lr=1e-3, workers=0, amp="none", cache_features=False, val_fraction=0.0,
+        run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    run = fit(cfg.validate()).run_dir
+    assert evaluate_checkpoint(run / "last.pt", workers=0)["top1"] > 0.9
+    ckpt = load_checkpoint(run / "last.pt")
+    index = load_dataset(data)
+    test = index.split("test")
+    dataset = ImageDataset(test, eval_transform(Preprocess.from_dict(ckpt["preprocess"])))
+    boxes = build_model(ckpt).eval().attention_boxes(torch.stack([dataset[i][0] for i in range(len(test))]))[0]
+    # the disc's annotated region (keypoint box, padded), in [0, 1] image coordinates
+    patch = torch.stack([part_boxes(s, index.part_names, {"head": ["head"]}, (128, 128))[0][0] / 128 for s in test])
+    side = boxes[:, 2:] - boxes[:, :2]
+    g = torch.Generator().manual_seed(0)
+    random = [torch.cat([lt := torch.rand(len(side), 2, generator=g) * (1 - side), lt + side], 1) for _ in range(20)]
+    hit = (_covered(boxes, patch) >= 0.5).float().mean().item()
+    hit_random = torch.stack([(_covered(r, patch) >= 0.5).float().mean() for r in random]).mean().item()
+    iou = box_iou(boxes, patch).mean().item()
+    iou_random = torch.stack([box_iou(r, patch).mean() for r in random]).mean().item()
+    print(f"patch half covered: attended {hit:.2f} random {hit_random:.2f}; IoU {iou:.3f} random {iou_random:.3f}")
+    assert hit >= max(0.35, 2 * hit_random)
+    assert iou >= 1.5 * iou_random
