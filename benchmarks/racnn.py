@@ -9,6 +9,8 @@ fine-tunes the whole network of each for the same epochs at the same learning ra
     python benchmarks/racnn.py --baseline-run runs/default --epochs 6 --out benchmarks/results/racnn_cub100.json
     python benchmarks/racnn.py --baseline-run runs/default --fine-tune --epochs 3 --lr 1e-4 \
         --work-dir runs/bench_racnn_ft --out benchmarks/results/racnn_ft_cub100.json
+    python benchmarks/racnn.py --baseline-run runs/default --fine-tune --epochs 3 --lr 1e-4 --input-size 448 \
+        --scale-size 224 --work-dir runs/bench_racnn_448 --out benchmarks/results/racnn_448_cub100.json
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main() -> None:
     p.add_argument("--scales", type=int, default=2)
     p.add_argument("--init-from-baseline", action="store_true", help="start RA-CNN from the baseline run")
     p.add_argument("--fine-tune", action="store_true", help="fine-tune RA-CNN and the baseline from the baseline run")
+    p.add_argument("--input-size", type=int, help="input size of RA-CNN and the fine-tuned baseline (default: 224)")
+    p.add_argument("--scale-size", type=int, help="RA-CNN's per-scale size; zooms crop the larger input")
     p.add_argument("--apn-start", type=int, default=200, help="classification-only steps before APN steps")
     p.add_argument("--work-dir", default="runs/bench_racnn")
     p.add_argument("--picture", default="docs/images/racnn_boxes.jpg")
@@ -72,14 +76,15 @@ def main() -> None:
     init = str(runs["baseline"] / "best.pt") if args.init_from_baseline or args.fine_tune else None
     tuned = {"freeze_backbone": False} if args.fine_tune else {}
     seconds = {"baseline": baseline_seconds}
-    jobs = {"racnn": {"method": "racnn", "model_kwargs": {"scales": args.scales, "apn_start": args.apn_start}}}
+    racnn_kwargs = {"scales": args.scales, "apn_start": args.apn_start, "scale_size": args.scale_size}
+    jobs = {"racnn": {"method": "racnn", "model_kwargs": racnn_kwargs}}
     if args.fine_tune:
         jobs = {"baseline fine-tuned": {}, **jobs}
     for name, job in jobs.items():
         start = time.perf_counter()
         cfg = TrainConfig(
             data=args.data, epochs=args.epochs, lr=args.lr, run_dir=str(work / name.replace(" ", "_")),
-            init_from=init, cache_features=False, **tuned, **job,
+            init_from=init, cache_features=False, input_size=args.input_size, **tuned, **job,
         )  # fmt: skip
         runs[name] = fit(cfg).run_dir
         seconds[name] = time.perf_counter() - start
@@ -101,7 +106,8 @@ def main() -> None:
     picture(runs["racnn"], Path(args.picture))
     meta = {"date": time.strftime("%Y-%m-%d"), "data": args.data, "epochs": args.epochs, "lr": args.lr,
             "scales": args.scales, "init_from_baseline": args.init_from_baseline or args.fine_tune,
-            "fine_tune": args.fine_tune, "apn_start": args.apn_start,
+            "fine_tune": args.fine_tune, "apn_start": args.apn_start, "input_size": args.input_size,
+            "scale_size": args.scale_size,
             "threads": torch.get_num_threads()}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})
     print(f"picture: {args.picture}")

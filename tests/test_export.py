@@ -21,6 +21,7 @@ CLASSES = ["a", "b", "c"]
         ("bcnn", {"reduce_dim": 16, "layers": [3, "final"]}),
         ("cbcnn", {"reduce_dim": 16, "sketch_dim": 256, "pooling": "rm"}),
         ("racnn", {"scales": 3}),
+        ("racnn", {"scale_size": 32}),  # zooms crop the full-resolution 64-px input
         ("wsdan", {"num_maps": 4}),
         ("parts", {"part_groups": {"head": ["beak"], "body": ["tail"]}}),
     ],

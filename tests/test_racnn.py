@@ -75,6 +75,20 @@ def test_save_reload_gives_identical_logits_and_boxes(tmp_path):
         assert torch.equal(ba, bb) and ((ba >= 0) & (ba <= 1)).all()
 
 
+def test_with_a_scale_size_the_zoom_reads_the_full_resolution_input():
+    """A 1-pixel checkerboard averages to flat grey at half resolution (what the first scale sees); the zoom,
+    cropped from the full-resolution input, must still contain it."""
+    model = create_model("racnn", num_classes=3, pretrained=False, scale_size=32).eval()
+    views = []
+    forward_features = model.backbone.forward_features
+    model.backbone.forward_features = lambda v: views.append(v) or forward_features(v)
+    board = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1
+    with torch.no_grad():
+        model(board.expand(2, 3, 64, 64).contiguous())
+    assert [v.shape[-1] for v in views] == [32, 32]
+    assert views[0].abs().max() < 1e-6 and views[1].std() > 0.3
+
+
 def test_init_from_a_baseline_gives_every_scale_its_classifier(tmp_path, imagefolder, tiny_config):
     base = fit(tiny_config(imagefolder, epochs=3, run_dir=str(tmp_path / "base"))).run_dir
     cfg = tiny_config(

@@ -11,6 +11,10 @@ backbones and classifiers with cross-entropy at every scale (regions fixed), APN
 ranking loss only (classifiers fixed). The APN starts on the region of highest response of the last feature
 map for the predicted class (its class activation map) and learns offsets from there: the paper's
 initialisation, done in closed form. Each zoom is at least 2x (``max_half``) and at most 5x (``min_half``).
+
+``scale_size`` lets the zooms add detail: with an input larger than it (e.g. ``input_size`` 448,
+``scale_size`` 224) the first scale sees the whole image reduced to ``scale_size`` and every zoom crops its
+region from the full-resolution input. Without it, a zoom only enlarges pixels the first scale already saw.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from finegrain.errors import ConfigError
 from finegrain.losses import pairwise_ranking_loss
@@ -35,6 +40,12 @@ def zoom(x: torch.Tensor, boxes: torch.Tensor, size: int | None = None) -> torch
     """
     cx, cy, half = boxes.unbind(1)
     return crop_resize(x, (torch.stack([cx - half, cy - half, cx + half, cy + half], 1) + 1) / 2, size)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The box ``inner`` (given in the frame of the zoom ``outer``) in the frame ``outer`` lives in."""
+    cx, cy, half = outer.unbind(1)
+    return torch.stack([cx + half * inner[:, 0], cy + half * inner[:, 1], half * inner[:, 2]], 1)
 
 
 def peak_boxes(energy: torch.Tensor, half: float = 0.5) -> torch.Tensor:
@@ -112,6 +123,7 @@ class RACNN(FGVCModel):
         alternate: int = 1,
         apn_start: int = 200,
         fuse: str | list[int] = "all",
+        scale_size: int | None = None,
         drop_rate: float = 0.2,
         **kwargs,
     ) -> None:
@@ -119,6 +131,7 @@ class RACNN(FGVCModel):
         if scales not in (2, 3):
             raise ConfigError(f"racnn scales must be 2 or 3, got {scales}")
         self.scales = scales
+        self.scale_size = scale_size
         self.fuse = list(range(scales)) if fuse == "all" else [int(s) for s in fuse]
         if not self.fuse or any(not 0 <= s < scales for s in self.fuse):
             raise ConfigError(f"racnn fuse must be 'all' or scale indices in 0..{scales - 1}, got {fuse}")
@@ -153,18 +166,31 @@ class RACNN(FGVCModel):
         ``apn_step``: the classification parameters are held fixed (no gradient), the zooms carry gradient
         into the APNs; otherwise the zooms are fixed and everything else learns.
         """
+        size = self.scale_size or x.shape[-1]
+        view = x if size == x.shape[-1] else self._reduce(x, size)
         fixed = [m for m in (self.backbone, self.heads, getattr(self, "extra_backbones", None)) if m is not None]
         with _without_grad(fixed if apn_step else []):
             logits, boxes = [], []
+            region = None  # the current view's region of the input (none: the whole input)
             for s in range(self.scales):
                 net = self._backbone(s)
-                maps = net.forward_features(x)
+                maps = net.forward_features(view)
                 logits.append(self.heads[s](net.forward_head(maps)))
                 if s + 1 < self.scales:
                     box = self.apns[s](maps, self._cam(s, maps, logits[-1]))
                     boxes.append(box)
-                    x = zoom(x, box if apn_step else box.detach())
+                    box = box if apn_step else box.detach()
+                    region = box if region is None else compose(region, box)
+                    view = zoom(x, region, size)  # always from the full-resolution input: one resampling
         return logits, boxes
+
+    @staticmethod
+    def _reduce(x: torch.Tensor, size: int) -> torch.Tensor:
+        """The whole input at ``size``: an exact box average when the input is a multiple of it (exports as a
+        pooling), else bilinear."""
+        if x.shape[-1] % size == 0 and x.shape[-2] % size == 0:
+            return F.adaptive_avg_pool2d(x, size)
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
     def _cam(self, s: int, maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Class activation map of the predicted class: the classifier reads average-pooled maps, so its
@@ -195,9 +221,10 @@ class RACNN(FGVCModel):
     def attention_boxes(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each zoom's region in the *input image's* normalised [0, 1] coordinates: (B, 4) x0, y0, x1, y1."""
         _, boxes = self.forward_scales(x)
-        out, cx, cy, half = [], torch.zeros(len(x)), torch.zeros(len(x)), torch.ones(len(x))
+        out, region = [], torch.tensor([[0.0, 0.0, 1.0]]).expand(len(x), 3)
         for b in boxes:  # compose: each box lives in the frame of the previous zoom
-            cx, cy, half = cx + half * b[:, 0].cpu(), cy + half * b[:, 1].cpu(), half * b[:, 2].cpu()
+            region = compose(region, b.float().cpu())
+            cx, cy, half = region.unbind(1)
             out.append((torch.stack([cx - half, cy - half, cx + half, cy + half], 1) + 1) / 2)
         return out
 
