@@ -161,7 +161,8 @@ class RACNN(FGVCModel):
         return self.backbone if s == 0 or self.share_backbone else self.extra_backbones[s - 1]
 
     def forward_scales(self, x: torch.Tensor, apn_step: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Logits of every scale and the boxes (B, 3) that made scales 2.. (each in the previous scale's frame).
+        """Logits of every scale and the regions (B, 3) of the input that scales 2.. saw (each zoom's box,
+        predicted in the previous view's frame, composed into the input's frame).
 
         ``apn_step``: the classification parameters are held fixed (no gradient), the zooms carry gradient
         into the APNs; otherwise the zooms are fixed and everything else learns.
@@ -170,19 +171,17 @@ class RACNN(FGVCModel):
         view = x if size == x.shape[-1] else self._reduce(x, size)
         fixed = [m for m in (self.backbone, self.heads, getattr(self, "extra_backbones", None)) if m is not None]
         with _without_grad(fixed if apn_step else []):
-            logits, boxes = [], []
-            region = None  # the current view's region of the input (none: the whole input)
+            logits, regions = [], []
             for s in range(self.scales):
                 net = self._backbone(s)
                 maps = net.forward_features(view)
                 logits.append(self.heads[s](net.forward_head(maps)))
                 if s + 1 < self.scales:
                     box = self.apns[s](maps, self._cam(s, maps, logits[-1]))
-                    boxes.append(box)
                     box = box if apn_step else box.detach()
-                    region = box if region is None else compose(region, box)
-                    view = zoom(x, region, size)  # always from the full-resolution input: one resampling
-        return logits, boxes
+                    regions.append(compose(regions[-1], box) if regions else box)
+                    view = zoom(x, regions[-1], size)  # always from the full-resolution input: one resampling
+        return logits, regions
 
     @staticmethod
     def _reduce(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -204,8 +203,8 @@ class RACNN(FGVCModel):
             return torch.stack([logits[s] for s in self.fuse]).mean(0)
         apn_step = self.steps >= self.apn_start and bool(((self.steps - self.apn_start) // self.alternate) % 2)
         self.steps += 1
-        logits, boxes = self.forward_scales(x, apn_step=apn_step)
-        return {"scale_logits": logits, "boxes": boxes, "apn_step": apn_step}
+        logits, regions = self.forward_scales(x, apn_step=apn_step)
+        return {"scale_logits": logits, "regions": regions, "apn_step": apn_step}
 
     def compute_loss(self, out: dict, y: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
         logits = out["scale_logits"]
@@ -220,11 +219,9 @@ class RACNN(FGVCModel):
     @torch.no_grad()
     def attention_boxes(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each zoom's region in the *input image's* normalised [0, 1] coordinates: (B, 4) x0, y0, x1, y1."""
-        _, boxes = self.forward_scales(x)
-        out, region = [], torch.tensor([[0.0, 0.0, 1.0]]).expand(len(x), 3)
-        for b in boxes:  # compose: each box lives in the frame of the previous zoom
-            region = compose(region, b.float().cpu())
-            cx, cy, half = region.unbind(1)
+        out = []
+        for region in self.forward_scales(x)[1]:
+            cx, cy, half = region.float().cpu().unbind(1)
             out.append((torch.stack([cx - half, cy - half, cx + half, cy + half], 1) + 1) / 2)
         return out
 
