@@ -12,7 +12,7 @@ from finegrain.engine.train import fit
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models import create_model
 from finegrain.models.racnn import peak_boxes, zoom
-from finegrain.models.regions import box_iou
+from finegrain.models.regions import box_intersection, box_iou
 
 from .conftest import make_checkpoint, make_part_cub
 
@@ -106,8 +106,7 @@ def test_init_from_a_baseline_gives_every_scale_its_classifier(tmp_path, imagefo
 
 def _covered(boxes: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
     """Share of each patch's area inside the matching box."""
-    lt, rb = torch.maximum(boxes[:, :2], patch[:, :2]), torch.minimum(boxes[:, 2:], patch[:, 2:])
-    return (rb - lt).clamp(min=0).prod(1) / (patch[:, 2:] - patch[:, :2]).prod(1)
+    return box_intersection(boxes, patch) / (patch[:, 2:] - patch[:, :2]).prod(1)
 
 
 @pytest.mark.slow

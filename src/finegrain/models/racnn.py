@@ -200,15 +200,19 @@ class RACNN(FGVCModel):
     def forward(self, x: torch.Tensor):
         if not self.training:
             logits, _ = self.forward_scales(x)
-            return torch.stack([logits[s] for s in self.fuse]).mean(0)
+            return self.fused(logits)
         apn_step = self.steps >= self.apn_start and bool(((self.steps - self.apn_start) // self.alternate) % 2)
         self.steps += 1
         logits, regions = self.forward_scales(x, apn_step=apn_step)
         return {"scale_logits": logits, "regions": regions, "apn_step": apn_step}
 
+    def fused(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction: the mean of the chosen scales' logits (``fuse``)."""
+        return torch.stack([logits[s] for s in self.fuse]).mean(0)
+
     def compute_loss(self, out: dict, y: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
         logits = out["scale_logits"]
-        fused = torch.stack([logits[s] for s in self.fuse]).mean(0).detach()
+        fused = self.fused(logits).detach()
         if out["apn_step"]:
             probs = [lg.float().softmax(1).gather(1, y[:, None])[:, 0] for lg in logits]
             loss = sum(pairwise_ranking_loss(probs[s], probs[s + 1], self.margin) for s in range(self.scales - 1))

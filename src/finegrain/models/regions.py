@@ -46,9 +46,14 @@ def threshold_boxes(maps: torch.Tensor, theta: torch.Tensor | float, pad: float 
     return box.clamp(0, 1)
 
 
+def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection area of matching rows of two (..., 4) box tensors (x0, y0, x1, y1)."""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    return (rb - lt).clamp(min=0).prod(-1)
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of matching rows of two (..., 4) box tensors."""
-    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
+    inter = box_intersection(a, b)
     area = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
     return inter / (area - inter).clamp(min=1e-12)
