@@ -144,7 +144,7 @@ def cub10_checkpoint(tmp_path_factory) -> Path:
             if s.label % 10 == 0:
                 writer.writerow([str(s.path), index.classes[s.label], s.split])
     cfg = TrainConfig(
-        data=str(root / "cub10.csv"), input_size=224, epochs=15, batch_size=8, workers=0, amp="bf16",
+        data=str(root / "cub10.csv"), input_size=224, epochs=15, batch_size=8, workers=0, amp="auto",
         val_fraction=0.0, cache_dir=str(root / "cache"), run_dir=str(root / "run"),
     )  # fmt: skip
     return fit(cfg.validate()).run_dir / "last.pt"

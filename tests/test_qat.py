@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from finegrain.cli import main
-from finegrain.compress.qat import QATConv2d, _fake_quant_weight, calibrate, prepare_qat, qat_layers
+from finegrain.compress.qat import QMAX_WEIGHT, QATConv2d, _fake_quant_weight, calibrate, prepare_qat, qat_layers
 from finegrain.config import TrainConfig
 from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
@@ -13,19 +13,23 @@ from finegrain.predict import Predictor
 from .conftest import make_checkpoint
 
 
-def on_int8_grid(w: torch.Tensor) -> bool:
-    """Per output channel: w = k * max|w| / 127 with integer k in [-127, 127]."""
-    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
+def on_int8_grid(w: torch.Tensor, qmax: int = 127) -> bool:
+    """Per output channel: w = k * max|w| / qmax with integer k in [-qmax, qmax]."""
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
     k = w / scale
-    return bool(torch.allclose(k, k.round(), atol=1e-3) and k.abs().max() <= 127 + 1e-3)
+    return bool(torch.allclose(k, k.round(), atol=1e-3) and k.abs().max() <= qmax + 1e-3)
 
 
-def test_weights_round_per_channel_symmetric_as_onnx_runtime_does():
+@pytest.mark.parametrize("target", ["vnni", "portable"])
+def test_weights_round_per_channel_symmetric_as_onnx_runtime_does(target):
+    qmax = QMAX_WEIGHT[target]
     w = torch.randn(8, 4, 3, 3) * torch.logspace(-2, 1, 8).view(-1, 1, 1, 1)
-    q = _fake_quant_weight(w)
-    assert on_int8_grid(q) and not on_int8_grid(w)
+    q = _fake_quant_weight(w, qmax)
+    assert on_int8_grid(q, qmax) and not on_int8_grid(w, qmax)
     assert torch.allclose(q.abs().amax((1, 2, 3)), w.abs().amax((1, 2, 3)))  # the extreme value is kept exactly
-    assert (q - w).abs().max() <= (w.abs().amax() / 127 / 2) + 1e-6
+    assert (q - w).abs().max() <= (w.abs().amax() / qmax / 2) + 1e-6
+    if target == "portable":
+        assert not on_int8_grid(q, 127) or on_int8_grid(q, 64)  # the coarser 7-bit grid
 
 
 def test_conv_followed_by_batchnorm_rounds_the_folded_weight():

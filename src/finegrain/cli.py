@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finegrain import __version__
 from finegrain.config import TrainConfig
+from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads
 from finegrain.errors import ConfigError, FinegrainError
 
 TRAIN_HELP = {
@@ -63,7 +64,9 @@ TRAIN_HELP = {
     "kd_alpha": "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the true labels)",
     "qat": "quantization-aware training: simulate the int8 model (see `finegrain qat`)",
     "calib_images": "training images that calibrate int8 activation ranges",
-    "amp": "bf16 autocast (faster on CPU and GPU) or none",
+    "int8_target": "int8 rounding for: vnni (CPUs with VNNI/AMX), portable (any x86 CPU: 7-bit weights), auto: "
+    "this machine's (see `finegrain env`)",
+    "amp": "precision: auto (bf16 where it is native: CUDA, AVX-512 BF16 or AMX CPUs; else fp32), bf16, none (fp32)",
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "workers": "DataLoader worker processes",
     "device": "auto, cpu, cuda",
@@ -263,7 +266,8 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=None, calib_images: int = 256):
+def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=None, calib_images: int = 256,
+                int8_target: str = "auto", min_agreement: float | None = None):  # fmt: skip
     """Export, report the check against PyTorch, and optionally write the int8 copy: `export` and `qat`."""
     from finegrain.export import export_onnx
 
@@ -271,14 +275,22 @@ def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=
     print(f"wrote {r['path']} ({r['megabytes']:.1f} MB, opset {r['opset']}); "
           f"max |ONNX Runtime - PyTorch| logit difference {r['max_abs_diff']:.2e}")  # fmt: skip
     if int8:
-        from finegrain.export.quantize import calibration_samples, quantize_onnx
+        from finegrain.export.quantize import MIN_AGREEMENT, evenly_spaced, held_out, quantize_onnx, training_samples
 
-        q = quantize_onnx(r["path"], calibration_samples(checkpoint, data, calib_images))
-        print(f"wrote {q['path']} ({q['megabytes']:.1f} MB, int8, calibrated on {q['calibration_images']} images)")
+        train = training_samples(checkpoint, data)
+        calib = evenly_spaced(train, calib_images)
+        check = held_out(train, calib, 256)
+        q = quantize_onnx(r["path"], calib, target=int8_target, check=check,
+                          min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement)  # fmt: skip
+        agree = f"; top-1 agrees with fp32 on {q['agreement']:.1%} of {q['agreement_images']} held-out training " \
+            "images" if "agreement" in q else ""  # fmt: skip
+        print(f"wrote {q['path']} ({q['megabytes']:.1f} MB, int8 for {q['int8_target']} CPUs, calibrated on "
+              f"{q['calibration_images']} images{agree})")  # fmt: skip
 
 
 def _export(args: argparse.Namespace) -> int:
-    _write_onnx(args.checkpoint, args.out, args.opset, args.int8, args.data, args.calib_images)
+    _write_onnx(args.checkpoint, args.out, args.opset, args.int8, args.data, args.calib_images, args.int8_target,
+                args.min_agreement)  # fmt: skip
     return 0
 
 
@@ -310,9 +322,10 @@ def _qat(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
+    overrides["int8_target"] = args.int8_target
     run_dir = fit(TrainConfig.from_dict({**ckpt["config"], **overrides})).run_dir
     print(f"QAT checkpoint {run_dir / 'best.pt'}")
-    _write_onnx(run_dir / "best.pt", int8=True, calib_images=args.calib_images)
+    _write_onnx(run_dir / "best.pt", int8=True, calib_images=args.calib_images, int8_target=args.int8_target)
     return 0
 
 
@@ -343,11 +356,39 @@ def _sr_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from finegrain.env import describe
+
+    info = describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    flags = ", ".join(info["cpu_flags"]) or "none of " + "/".join(("avx2", "avx512f", "avx512_bf16", "vnni"))
+    gpus = ", ".join(info["cuda_devices"]) or "none"
+    print(f"CPU            {info['cpu_model']} ({info['cores']} cores, {info['machine']})")
+    print(f"CPU flags      {flags}")
+    print(f"CUDA devices   {gpus}")
+    print(f"libraries      torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}, "
+          f"onnxruntime {info['onnxruntime']} ({', '.join(info['onnxruntime_providers'])})")  # fmt: skip
+    t = info["threads"]
+    print(f"threads        {t['intra_op_threads']} intra-op, {t['inter_op_threads']} inter-op; "
+          f"{info['default_workers']} DataLoader worker(s)")  # fmt: skip
+    why = "native bf16" if info["amp_auto"] == "bf16" else "bf16 is not native here: emulated bf16 is ~10x slower"
+    print(f"training       {info['amp_auto']} on {info['device']} (--amp auto: {why})")
+    vnni = "VNNI present" if info["vnni"] else "no VNNI: 7-bit weights keep int16 sums from saturating"
+    print(f"int8 export    --int8-target auto = {info['int8_target_auto']} ({vnni})")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from finegrain.models import list_models
 
     print("\n".join(list_models()))
     return 0
+
+
+def _add_int8_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8-target", default="auto", choices=INT8_TARGETS, help=TRAIN_HELP["int8_target"] + " (auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default: test)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--workers", type=int, default=TrainConfig().workers, help="DataLoader workers")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default: none)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=TRAIN_HELP["amp"] + " (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
@@ -412,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write a post-training int8 model (*.int8.onnx)")
     p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration (256)")
     p.add_argument("--data", help="dataset for calibration (default: the checkpoint's)")
+    _add_int8_target(p)
+    p.add_argument("--min-agreement", type=float, help="least int8-vs-fp32 top-1 agreement on held-out training "
+                   "images; below it no int8 file is written (default: 0.95)")  # fmt: skip
     p.set_defaults(func=_export)
 
     p = sub.add_parser("prune", help="structured channel pruning (then fine-tuning)")
@@ -458,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="(default: the checkpoint's)")
     p.add_argument("--calib-images", type=int, default=256, help="training images for activation ranges (256)")
     p.add_argument("--run-dir", help="output run directory (default runs/<method>-<time>)")
+    _add_int8_target(p)
     p.set_defaults(func=_qat)
 
     sr = sub.add_parser("sr", help="learned super-resolution").add_subparsers(dest="sr_command", required=True)
@@ -494,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON report")
     p.set_defaults(func=_data_check)
 
+    p = sub.add_parser("env", help="what finegrain sees on this machine and the precision/runtime it picks")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(func=_env)
+
     p = sub.add_parser("models", help="list the registered methods")
     p.set_defaults(func=_models)
     return parser
@@ -510,10 +559,16 @@ def _clean_message(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_threads()
     try:
         return args.func(args)
     except FinegrainError as e:
         print(f"finegrain: error: {_clean_message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the one place where file-system failures become messages (read-only, full, missing)
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"finegrain: error: cannot access{where}: {e.strerror or e}. Check the path and its permissions "
+              "(or free disk space), then run the command again.", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("finegrain: interrupted", file=sys.stderr)

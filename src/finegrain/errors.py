@@ -40,3 +40,7 @@ class ConfigError(FinegrainError):
 
 class CheckpointError(FinegrainError):
     """A checkpoint or weights file is missing or cannot be used."""
+
+
+class ExportError(FinegrainError):
+    """An exported model would not be what it claims (e.g. int8 that disagrees with fp32)."""

@@ -66,13 +66,14 @@ class Predictor:
     def from_onnx(
         cls, path: str | Path, threads: int | None = None, spinning: bool = True, graph_opt: str = "all"
     ) -> Predictor:
-        from finegrain.export.onnx import OnnxRunner, read_onnx_metadata
+        from finegrain.export.onnx import OnnxRunner
 
-        meta = read_onnx_metadata(path)
+        runner = OnnxRunner(path, threads, spinning, graph_opt)
+        meta = runner.meta
         info = {"method": meta["method"], "model_kwargs": meta["model_kwargs"], "engine": "onnxruntime"}
         info["path"] = str(path)
         return cls(
-            OnnxRunner(path, threads, spinning, graph_opt),
+            runner,
             meta["classes"],
             Preprocess.from_dict(meta["preprocess"]),
             info=info,

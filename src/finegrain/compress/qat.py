@@ -1,7 +1,8 @@
 """Quantization-aware training that simulates exactly the int8 model ONNX Runtime will run (the QDQ route).
 
 The int8 deployment path is: export to ONNX (BatchNorm folded into the convolution before it), then ONNX
-Runtime static quantization — weights int8 symmetric per output channel (scale = max|w| / 127), activations
+Runtime static quantization — weights int8 symmetric per output channel (scale = max|w| / 127, or / 64 for
+the portable target), activations
 uint8 per tensor from calibration min/max. QAT here fine-tunes the network while the forward pass rounds
 *those* numbers: each conv's BN-folded weight is fake-quantized per channel and unfolded again (BN statistics
 are frozen, so folding is exact), and each conv/linear input is fake-quantized with ranges calibrated on the
@@ -23,21 +24,24 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
 
-QMAX_WEIGHT = 127  # symmetric int8, as ONNX Runtime quantizes weights
+#: symmetric int8 weights as ONNX Runtime quantizes them for each int8 target (finegrain.env.resolve_int8_target):
+#: full range for VNNI CPUs, ``reduce_range``'s [-64, 64] for portable files
+QMAX_WEIGHT = {"vnni": 127, "portable": 64}
 QMAX_ACT = 255  # uint8 activations
 
 
-def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / QMAX_WEIGHT).clamp(min=1e-12)
+def _fake_quant_weight(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / qmax).clamp(min=1e-12)
     zero = torch.zeros(len(w), dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -QMAX_WEIGHT, QMAX_WEIGHT)
+    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -qmax, qmax)
 
 
 class _QATMixin:
     """Fake-quantizes the layer input (once ranges are calibrated) and the (BN-folded) weight."""
 
-    def _qat_init(self, bn: nn.modules.batchnorm._BatchNorm | None) -> None:
-        object.__setattr__(self, "_qat_bn", bn)  # a plain reference: not a submodule, not in the state dict
+    def _qat_init(self, bn: nn.modules.batchnorm._BatchNorm | None, weight_qmax: int) -> None:
+        object.__setattr__(self, "_qat_bn", bn)
+        self.weight_qmax = weight_qmax  # a plain reference: not a submodule, not in the state dict
         self.register_buffer("act_lo", torch.tensor(float("inf")), persistent=False)
         self.register_buffer("act_hi", torch.tensor(float("-inf")), persistent=False)
         self.observing = False
@@ -58,9 +62,9 @@ class _QATMixin:
         w = self.weight
         bn = self._qat_bn
         if bn is None:
-            return _fake_quant_weight(w)
+            return _fake_quant_weight(w, self.weight_qmax)
         factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, *([1] * (w.dim() - 1)))
-        return _fake_quant_weight(w * factor) / factor
+        return _fake_quant_weight(w * factor, self.weight_qmax) / factor
 
 
 class QATConv2d(_QATMixin, nn.Conv2d):
@@ -101,16 +105,18 @@ def _conv_bn_pairs(model: nn.Module) -> dict[nn.Conv2d, nn.modules.batchnorm._Ba
     return pairs
 
 
-def prepare_qat(model: nn.Module) -> nn.Module:
-    """Switch every Conv2d / Linear of ``model`` to its QAT form, in place. BN statistics must stay frozen."""
+def prepare_qat(model: nn.Module, target: str = "vnni") -> nn.Module:
+    """Switch every Conv2d / Linear of ``model`` to its QAT form, in place, rounding weights as the int8
+    ``target`` (``vnni`` or ``portable``) will. BN statistics must stay frozen."""
     pairs = _conv_bn_pairs(model)
+    qmax = QMAX_WEIGHT[target]
     for m in model.modules():
         qat_class = QAT_CLASSES.get(type(m))
         if qat_class is None and isinstance(m, nn.Conv2d | nn.Linear) and not isinstance(m, _QATMixin):
             raise NotImplementedError(f"QAT has no form of {type(m).__name__} yet")
         if qat_class is not None:
             m.__class__ = qat_class
-            m._qat_init(pairs.get(m))
+            m._qat_init(pairs.get(m), qmax)
     return model
 
 

@@ -14,11 +14,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from finegrain.engine.distributed import all_reduce_sum
+from finegrain.env import machine_info, resolve_amp
 from finegrain.errors import DataError
 
 
 def autocast(device: torch.device, amp: str):
-    if amp == "bf16":
+    """bf16 autocast when ``amp`` resolves to it on ``device`` (``auto``: only where bf16 is native)."""
+    if resolve_amp(amp, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -96,7 +98,7 @@ def evaluate_checkpoint(
     split: str = "test",
     batch_size: int = 64,
     workers: int = 2,
-    amp: str = "none",
+    amp: str = "auto",
     device: str = "auto",
     skip_bad: bool = False,
     out_dir: str | Path | None = None,
@@ -142,7 +144,8 @@ def evaluate_checkpoint(
         writer.writerow(["true \\ predicted", *index.classes])
         writer.writerows([name, *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
     predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
-    result = {**metrics, "checkpoint": ckpt["path"], "data": str(data)}
+    result = {**metrics, "checkpoint": ckpt["path"], "data": str(data), "amp_used": resolve_amp(amp, dev)}
+    result["machine"] = machine_info()
     result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
     (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
     if report:

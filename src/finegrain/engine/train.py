@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from finegrain.engine import distributed as fgdist
 from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weights, model_record, save_atomic
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
+from finegrain.env import configure_threads, machine_info, physical_cores, resolve_amp, resolve_int8_target
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.models import create_model
@@ -70,7 +72,15 @@ def _prepare_run_dir(cfg: TrainConfig, info: fgdist.DistInfo) -> Path:
         dist.broadcast_object_list(name, src=0)  # every rank must agree on the folder
     run_dir = Path(name[0])
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # find out now, not at the first checkpoint an epoch later
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"run directory '{run_dir}' is not writable ({e.strerror}): pass --run-dir to a folder you can write"
+            ) from e
     return run_dir
 
 
@@ -150,10 +160,11 @@ def _prepare_qat(model, index, cfg, device, info) -> None:
     from finegrain.compress.qat import calibrate, prepare_qat
     from finegrain.export.quantize import calibration_loader, evenly_spaced
 
-    prepare_qat(model)
+    target = resolve_int8_target(cfg.int8_target)
+    prepare_qat(model, target)
     samples = evenly_spaced(index.split("train"), cfg.calib_images)
     seen = calibrate(model, (x for x, _ in calibration_loader(samples, model.preprocess)), device)
-    _log(info, f"qat: int8 rounding simulated, activation ranges calibrated on {seen} training images")
+    _log(info, f"qat: int8 rounding ({target}) simulated, activation ranges calibrated on {seen} training images")
 
 
 def _feature_task(model, index, cfg, device, info, teachers) -> Task:
@@ -425,8 +436,21 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     info = fgdist.init_distributed(device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing this machine's cores
+    threads = configure_threads(
+        max(1, physical_cores() // local_procs) if "OMP_NUM_THREADS" not in os.environ else None
+    )
     seed_everything(cfg.seed + info.rank)
     run_dir = _prepare_run_dir(cfg, info)
+    saved_cfg = cfg  # what config.yaml and the checkpoints record: "auto" stays "auto" on the next machine
+    cfg = replace(cfg, amp="none" if cfg.qat else resolve_amp(cfg.amp, device))
+    if info.is_main:
+        environment = {**machine_info(), "device": str(device), "amp_requested": saved_cfg.amp,
+                       "amp_used": "bf16" if cfg.amp == "bf16" else "fp32", "threads": threads,
+                       "dataloader_workers": cfg.workers, "world_size": info.world_size}  # fmt: skip
+        (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
+        _log(info, f"precision {environment['amp_used']} (--amp {saved_cfg.amp}), {threads['intra_op_threads']} "
+                   f"thread(s), {cfg.workers} loader worker(s) on {environment['cpu_model']}")  # fmt: skip
 
     split_file = run_dir / "split.csv"
     index = load_dataset(
@@ -437,7 +461,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         raise DataError(f"'{cfg.data}' has no training images after the split")
     if info.is_main:
         save_split(index, split_file)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved_cfg.to_dict(), sort_keys=False))
     if cfg.skip_bad:
         index = _drop_bad(index, cfg, run_dir, info)
     teachers = load_teachers(cfg, index, device)
@@ -505,10 +529,10 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
             row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
         score = row.get("val_top1", row["train_acc"])
         if info.is_main:
-            _save(run_dir, model, task, eval_module, classes, cfg, epoch, row, optimizer, ema, best)
+            _save(run_dir, model, task, eval_module, classes, saved_cfg, epoch, row, optimizer, ema, best)
             if score >= best:
                 best = score
-                save_atomic(_record(model, task, eval_module, classes, cfg, epoch, row), run_dir / "best.pt")
+                save_atomic(_record(model, task, eval_module, classes, saved_cfg, epoch, row), run_dir / "best.pt")
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""

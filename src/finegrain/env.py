@@ -1,0 +1,205 @@
+"""What machine finegrain runs on, and the precision and thread settings it picks for it.
+
+Everything that depends on the hardware is decided here, once, from what the machine reports, never assumed:
+
+- ``--amp auto`` (the default) is bf16 only where bf16 is native: a CUDA device that supports it, or a CPU
+  where oneDNN reports bf16 support (AVX-512 BF16 or AMX). Elsewhere it is fp32. Why: on an AMD EPYC Zen 3
+  (AVX2 + FMA only) bf16 autocast is emulated, and lite0's forward ran 10x slower than fp32
+  (1.1 vs 11.3 images/s, batch 8, one thread; frozen-feature extraction 2.5 vs ~23 images/s).
+- threads: one intra-op thread per physical core and a single inter-op thread, so a 2-core machine is not
+  oversubscribed (head training on cached features was seen at 280 samples/s next to another process that
+  also used every core, against ~8,700 alone).
+- :func:`machine_info` is the record written beside every run (``environment.json``) and into every evaluation
+  and benchmark JSON, so each number carries the CPU it was measured on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import warnings
+
+import torch
+
+AMP_CHOICES = ("auto", "bf16", "none")
+INT8_TARGETS = ("auto", "vnni", "portable")
+
+#: CPU flags that decide the fast paths (``/proc/cpuinfo`` names)
+CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "asimd", "bf16",
+)  # fmt: skip
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, else what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model name", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The flags of :data:`CPU_FLAGS` this CPU has."""
+    found: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    found = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return tuple(f for f in CPU_FLAGS if f in found)
+
+
+def has_vnni() -> bool:
+    """Whether int8 dot products are native (AVX-512 VNNI, AVX-VNNI or AMX): ONNX Runtime's u8s8 kernels
+    cannot saturate there."""
+    return any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def resolve_int8_target(target: str) -> str:
+    """``auto`` -> ``vnni`` on a CPU with native int8 dot products, else ``portable``.
+
+    Why two targets: ONNX Runtime's x86 u8s8 kernels without VNNI add pairs of uint8 x int8 products in int16
+    with saturation (``vpmaddubsw``); 255 x 127 x 2 overflows it. An int8 lite0 quantized with full-range weights
+    lost 4.2 pt top-1 on an AVX2-only AMD EPYC (Zen 3) against 0.7 pt on a VNNI CPU. ``portable`` quantizes
+    weights to [-64, 64] (ONNX Runtime's ``reduce_range``): 255 x 64 x 2 = 32,640 fits in int16, so the file
+    computes the same numbers on every x86 CPU, at the cost of one bit of weight precision.
+    """
+    if target not in INT8_TARGETS:
+        raise ValueError(f"int8 target must be one of {', '.join(INT8_TARGETS)}, got '{target}'")
+    if target == "auto":
+        return "vnni" if has_vnni() else "portable"
+    return target
+
+
+def cpu_bf16_native() -> bool:
+    """oneDNN's own answer to "does this CPU compute bf16 natively" (AVX-512 BF16 or AMX)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def bf16_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_bf16_native()
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where bf16 is native on ``device``, else ``none`` (fp32). An explicit ``bf16`` on a
+    CPU without native bf16 still runs, with one warning naming the cost and the fix."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got '{amp}'")
+    if amp == "auto":
+        return "bf16" if bf16_native(device) else "none"
+    if amp == "bf16" and not bf16_native(device):
+        _warn_emulated_bf16(device.type)
+    return amp
+
+
+@functools.cache
+def _warn_emulated_bf16(device_type: str) -> None:
+    warnings.warn(
+        f"--amp bf16 on a {device_type.upper()} without native bf16 ({cpu_model()}): bf16 is emulated there and "
+        "was measured 10x slower than fp32 (lite0, AMD EPYC Zen 3). Use --amp auto (the default) or --amp none.",
+        stacklevel=3,
+    )
+
+
+def physical_cores() -> int:
+    """Cores this process may use (its affinity mask), counting SMT siblings once where Linux says which."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def default_workers() -> int:
+    """DataLoader workers: decoding needs the cores too, so at most one per core and never more than 4."""
+    return min(4, physical_cores())
+
+
+def configure_threads(threads: int | None = None) -> dict:
+    """Intra-op threads = physical cores (or ``threads``), inter-op = 1; returns what is in force.
+
+    ``OMP_NUM_THREADS`` set by the user wins, as in PyTorch itself."""
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = physical_cores()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set, or parallel work already started in this process
+        torch.set_num_interop_threads(1)
+    return thread_settings()
+
+
+def thread_settings() -> dict:
+    return {
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def machine_info() -> dict:
+    """CPU, accelerators and library versions: what every result file records beside its numbers."""
+    import onnxruntime as ort  # noqa: PLC0415 - heavy; only the record needs it
+
+    cuda = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "cpu_flags": list(cpu_flags()),
+        "cpu_bf16_native": cpu_bf16_native(),
+        "vnni": has_vnni(),
+        "cuda_devices": cuda,
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "threads": thread_settings(),
+    }
+
+
+def describe(device: torch.device | None = None) -> dict:
+    """:func:`machine_info` plus the choices finegrain makes on this machine (``finegrain env``)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = machine_info()
+    info["device"] = str(device)
+    info["amp_auto"] = "bf16" if resolve_amp("auto", device) == "bf16" else "fp32"
+    info["int8_target_auto"] = resolve_int8_target("auto")
+    info["default_workers"] = default_workers()
+    return info

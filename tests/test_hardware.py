@@ -1,0 +1,134 @@
+"""Precision, threads and int8 settings chosen from the hardware (finegrain.env), and the record of them."""
+
+import json
+import warnings
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from finegrain import env
+from finegrain.cli import main
+from finegrain.data import Sample
+from finegrain.engine.train import fit
+from finegrain.errors import ExportError
+from finegrain.export import export_onnx
+from finegrain.export.quantize import quantize_onnx
+from finegrain.predict import Predictor
+
+from .conftest import make_checkpoint
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "none")])
+def test_auto_precision_follows_the_cpu_probe(monkeypatch, native, expected):
+    monkeypatch.setattr(env, "cpu_bf16_native", lambda: native)
+    assert env.resolve_amp("auto", CPU) == expected
+    assert env.resolve_amp("none", CPU) == "none"
+
+
+def test_explicit_bf16_without_native_support_runs_but_warns_once(monkeypatch):
+    monkeypatch.setattr(env, "cpu_bf16_native", lambda: False)
+    env._warn_emulated_bf16.cache_clear()
+    with pytest.warns(UserWarning, match="--amp auto"):
+        assert env.resolve_amp("bf16", CPU) == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.resolve_amp("bf16", CPU)  # once is enough
+
+
+@pytest.mark.parametrize("flags, expected", [(("avx2", "avx512_vnni"), "vnni"), (("avx2", "fma"), "portable")])
+def test_auto_int8_target_follows_vnni(monkeypatch, flags, expected):
+    monkeypatch.setattr(env, "cpu_flags", lambda: flags)
+    assert env.resolve_int8_target("auto") == expected
+    assert env.resolve_int8_target("portable") == "portable"
+
+
+def test_env_json_parses_and_names_the_choices(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("cpu_model", "cpu_flags", "cores", "torch", "onnxruntime", "onnxruntime_providers", "threads"):
+        assert key in info
+    assert info["amp_auto"] in ("bf16", "fp32") and info["int8_target_auto"] in ("vnni", "portable")
+    assert main(["env"]) == 0 and "int8 export" in capsys.readouterr().out
+
+
+def test_threads_follow_the_cores_and_never_oversubscribe(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(env, "physical_cores", lambda: 1)
+    try:
+        assert env.configure_threads()["intra_op_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_run_records_its_environment(cub, tiny_config, monkeypatch):
+    monkeypatch.setattr(env, "cpu_bf16_native", lambda: False)
+    run = fit(tiny_config(cub, epochs=1, amp="auto")).run_dir
+    record = json.loads((run / "environment.json").read_text())
+    assert record["amp_requested"] == "auto" and record["amp_used"] == "fp32"
+    for key in ("cpu_model", "cpu_flags", "cores", "torch", "timm", "onnxruntime", "threads", "dataloader_workers"):
+        assert key in record, key
+    assert record["threads"]["intra_op_threads"] >= 1
+    assert "amp: auto" in (run / "config.yaml").read_text()  # the next machine decides for itself again
+
+
+def _int8_weights(path) -> list:
+    model = onnx.load(str(path))
+    return [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_portable_int8_cannot_saturate_int16_sums_without_vnni(tmp_path, cub):
+    """ONNX Runtime's AVX2 u8s8 kernels add pairs of uint8 x int8 products in int16: with weights in [-64, 64]
+    the largest pair, 2 x 255 x 64 = 32,640, fits, so the file computes the same numbers on every x86 CPU."""
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    samples = [Sample(p, 0, "train") for p in sorted(cub.rglob("*.jpg"))[:8]]
+    portable = quantize_onnx(fp32, samples, tmp_path / "p.onnx", target="portable")
+    vnni = quantize_onnx(fp32, samples, tmp_path / "v.onnx", target="vnni")
+    assert portable["int8_target"] == "portable" and vnni["int8_target"] == "vnni"
+    p_max = max(int(abs(w.astype(int)).max()) for w in _int8_weights(tmp_path / "p.onnx"))
+    v_max = max(int(abs(w.astype(int)).max()) for w in _int8_weights(tmp_path / "v.onnx"))
+    assert p_max <= 64 and 2 * 255 * p_max <= 32767
+    assert v_max > 64  # the VNNI file uses the full range: it could saturate without VNNI
+    assert Predictor.load(tmp_path / "p.onnx").info["engine"] == "onnxruntime"
+
+
+def test_vnni_int8_file_warns_on_a_cpu_without_vnni(tmp_path, cub, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    samples = [Sample(p, 0, "train") for p in sorted(cub.rglob("*.jpg"))[:8]]
+    quantize_onnx(fp32, samples, tmp_path / "v.onnx", target="vnni")
+    quantize_onnx(fp32, samples, tmp_path / "p.onnx", target="portable")
+    monkeypatch.setattr(env, "cpu_flags", lambda: ("avx2", "fma"))
+    import finegrain.export.onnx as fonnx
+
+    monkeypatch.setattr(fonnx, "has_vnni", env.has_vnni)
+    with pytest.warns(UserWarning, match="--int8-target portable"):
+        Predictor.load(tmp_path / "v.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor.load(tmp_path / "p.onnx")
+
+
+def test_int8_below_the_agreement_floor_is_refused_with_the_fix(tmp_path, cub):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    samples = [Sample(p, 0, "train") for p in sorted(cub.rglob("*.jpg"))]
+    ok = quantize_onnx(fp32, samples[:8], tmp_path / "ok.onnx", target="portable", check=samples[8:], min_agreement=0)
+    assert 0 <= ok["agreement"] <= 1 and ok["agreement_images"] == len(samples) - 8
+    with pytest.raises(ExportError, match="--int8-target vnni"):
+        quantize_onnx(fp32, samples[:8], tmp_path / "no.onnx", target="portable", check=samples[8:], min_agreement=1.1)
+    assert not (tmp_path / "no.onnx").exists()
+
+
+def test_onnx_metadata_records_the_target(tmp_path, cub):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
+    samples = [Sample(p, 0, "train") for p in sorted(cub.rglob("*.jpg"))[:8]]
+    quantize_onnx(fp32, samples, tmp_path / "p.onnx", target="portable")
+    meta = Predictor.load(tmp_path / "p.onnx").model.meta
+    assert meta["int8_target"] == "portable" and "portable" in meta["quantization"]
