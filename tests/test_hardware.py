@@ -15,7 +15,7 @@ from finegrain.engine.train import fit
 from finegrain.errors import ExportError
 from finegrain.export import export_onnx
 from finegrain.export.quantize import quantize_onnx
-from finegrain.predict import Predictor
+from finegrain.predict import Predictor, choose_engine
 
 from .conftest import make_checkpoint
 
@@ -132,3 +132,21 @@ def test_onnx_metadata_records_the_target(tmp_path, cub):
     quantize_onnx(fp32, samples, tmp_path / "p.onnx", target="portable")
     meta = Predictor.load(tmp_path / "p.onnx").model.meta
     assert meta["int8_target"] == "portable" and "portable" in meta["quantization"]
+
+
+def test_onnx_evaluation_gives_eager_top1_and_auto_measures_once(cub, tiny_config, tmp_path):
+    run = fit(tiny_config(cub, epochs=3, lr=3e-3)).run_dir
+    results = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / engine
+        assert main(["evaluate", str(run), "--engine", engine, "--amp", "none", "--out", str(out)]) == 0
+        results[engine] = json.loads((out / "eval_test.json").read_text())
+    assert results["onnx"]["engine"] == "onnxruntime" and results["torch"]["engine"] == "torch"
+    assert results["onnx"]["top1"] == results["torch"]["top1"] and results["onnx"]["n"] == results["torch"]["n"]
+    assert results["onnx"]["machine"]["cpu_model"]
+    choice = choose_engine(run / "best.pt", amp="none", batch=8)
+    assert choice["engine"] in ("torch", "onnx") and choice["max_abs_diff"] < 1e-3
+    assert choice["onnx_img_s"] > 0 and choice["torch_img_s"] > 0
+    memo = run / "best.pt.engine.json"
+    assert json.loads(memo.read_text())["engine"] == choice["engine"]
+    assert choose_engine(run / "best.pt", amp="none", batch=8) == json.loads(memo.read_text())  # not re-measured

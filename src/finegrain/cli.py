@@ -76,6 +76,13 @@ TRAIN_HELP = {
 }
 
 
+ENGINES = ("auto", "torch", "onnx")
+ENGINE_HELP = (
+    "auto: an .onnx file runs in ONNX Runtime; a checkpoint runs in whichever of PyTorch and ONNX Runtime measured "
+    "faster on this machine (checked for equal logits, remembered beside the checkpoint); torch; onnx (default: auto)"
+)
+
+
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -145,9 +152,15 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from finegrain.engine.evaluate import evaluate_checkpoint
 
+    runner = None
+    model = _model_for_engine(args.checkpoint, args.engine, args.device)
+    if Path(model).suffix == ".onnx":
+        from finegrain.export import OnnxRunner
+
+        runner = OnnxRunner(model)
     r = evaluate_checkpoint(
         args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, workers=args.workers,
-        amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out, report=args.report,
+        amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out, report=args.report, runner=runner,
     )  # fmt: skip
     print(
         f"{args.split}: {r['n']} images  top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
@@ -161,16 +174,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_for_engine(model: str, engine: str, device: str) -> str:
+    """The file to run: an .onnx file runs in ONNX Runtime; a checkpoint in PyTorch, or in ONNX Runtime (exported
+    next to it) with --engine onnx, or with --engine auto where ONNX Runtime measured faster on this machine."""
+    from finegrain.predict import choose_engine
+
+    if Path(model).suffix == ".onnx":
+        if engine == "torch":
+            raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
+        return model
+    if engine == "torch":
+        return model
+    if engine == "onnx":
+        from finegrain.export import export_onnx
+
+        return export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
+    choice = choose_engine(model, device)
+    print(f"engine: {choice['engine']} ({choice['why']})", file=sys.stderr)
+    return choice["onnx_path"] if choice["engine"] == "onnx" else model
+
+
 def _predict(args: argparse.Namespace) -> int:
     from finegrain.predict import Predictor, list_images
 
-    model = args.model
-    if args.engine == "onnx" and Path(model).suffix != ".onnx":
-        from finegrain.export import export_onnx
-
-        model = export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
-    elif args.engine == "torch" and Path(model).suffix == ".onnx":
-        raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
+    model = _model_for_engine(args.model, args.engine, args.device)
     predictor = Predictor.load(model, device=args.device, threads=args.threads, graph_opt=args.graph_opt)
     if args.sr_model:
         predictor.upscale_small_inputs(args.sr_model, args.sr_below)
@@ -421,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--workers", type=int, default=TrainConfig().workers, help="DataLoader workers")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=TRAIN_HELP["amp"] + " (default: auto)")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
@@ -430,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
     p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
-    engines = "auto: by file type; onnx: ONNX Runtime (a checkpoint is exported next to itself first)"
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"], help=engines)
+    p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--topk", type=int, default=5, help="(default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")

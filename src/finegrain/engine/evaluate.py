@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False
 
 @torch.inference_mode()
 def evaluate(
-    module: nn.Module,
+    module: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     loader,
     num_classes: int,
     device: torch.device,
@@ -48,7 +49,8 @@ def evaluate(
 
     ``keep_predictions`` adds this process's per-sample predicted class and its probability, in loader order.
     """
-    module.eval()
+    if isinstance(module, nn.Module):
+        module.eval()
     predicted, confidence = [], []
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = torch.zeros((), dtype=torch.long)
@@ -103,10 +105,14 @@ def evaluate_checkpoint(
     skip_bad: bool = False,
     out_dir: str | Path | None = None,
     report: bool = False,
+    runner=None,
 ) -> dict:
     """Evaluate a checkpoint on a split of its dataset (the split saved by training when there is one);
     writes ``eval_<split>.json`` and ``confusion_<split>.csv`` next to the checkpoint (or in ``out_dir``),
-    and with ``report`` also ``predictions_<split>.csv`` and the HTML report ``report_<split>.html``."""
+    and with ``report`` also ``predictions_<split>.csv`` and the HTML report ``report_<split>.html``.
+
+    ``runner``: a callable that computes the same logits faster (e.g. the checkpoint's ONNX export in ONNX
+    Runtime, chosen one layer up); the checkpoint's PyTorch model is still what reports and part metrics use."""
     from finegrain.data import ImageDataset, find_bad_images
     from finegrain.data.transforms import eval_transform
     from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
@@ -130,8 +136,8 @@ def evaluate_checkpoint(
     )
     start = time.perf_counter()
     metrics = evaluate(
-        model, loader, len(index.classes), dev, amp=amp, channels_last=True, progress=True, desc=f"evaluate {split}",
-        keep_predictions=report,
+        runner or model, loader, len(index.classes), dev, amp="none" if runner else amp, channels_last=runner is None,
+        progress=True, desc=f"evaluate {split}", keep_predictions=report,
     )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
     if getattr(model, "part_groups", None) and index.part_names:
@@ -144,7 +150,9 @@ def evaluate_checkpoint(
         writer.writerow(["true \\ predicted", *index.classes])
         writer.writerows([name, *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
     predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
-    result = {**metrics, "checkpoint": ckpt["path"], "data": str(data), "amp_used": resolve_amp(amp, dev)}
+    result = {**metrics, "checkpoint": ckpt["path"], "data": str(data)}
+    result["engine"] = "onnxruntime" if runner else "torch"
+    result["amp_used"] = "fp32" if runner or resolve_amp(amp, dev) == "none" else "bf16"
     result["machine"] = machine_info()
     result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
     (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
