@@ -382,9 +382,13 @@ def _loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
         task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
         drop_last=len(task.train_set) >= cfg.batch_size * info.world_size * 2,
     )  # fmt: skip
+    # Workers are started each epoch from a generator seeded by (seed, epoch, rank), so the random augmentation
+    # of epoch e is the same whether the run got there straight or through --resume. (Persistent workers carry
+    # their RNG from epoch to epoch, outside anything a checkpoint can save: resume differed in 149 of 296
+    # tensors with them.)
     loader = DataLoader(
         task.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=task.workers,
-        persistent_workers=task.workers > 0, drop_last=sampler.drop_last,
+        drop_last=sampler.drop_last, generator=torch.Generator(),
     )  # fmt: skip
     val_loader = None
     if task.val_set is not None:
@@ -519,6 +523,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
             _apply_stage(model, task, cfg, index, stage, base_preprocess, info)
             sampler, loader, val_loader = _loaders(task, cfg, info)
         sampler.set_epoch(epoch)
+        loader.generator.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1} if stage is None else {"epoch": epoch + 1, "stage": stage + 1}
         row.update(train_one_epoch(task, module, loader, optimizer, scheduler, ema, cfg, device, epoch, info))
         scheduler.step(epoch + 1)

@@ -106,6 +106,11 @@ class APN(nn.Module):
         return torch.stack([cx, cy, half], 1)
 
 
+def _steps_default(state: dict, prefix: str, *_args) -> None:
+    """Checkpoints written before the step counter was saved load with the schedule at its start."""
+    state.setdefault(prefix + "steps", torch.zeros((), dtype=torch.long))
+
+
 class RACNN(FGVCModel):
     feature_spec = "racnn"
     cacheable = False  # what later scales see depends on the APN: no frozen-feature cache
@@ -136,7 +141,10 @@ class RACNN(FGVCModel):
         if not self.fuse or any(not 0 <= s < scales for s in self.fuse):
             raise ConfigError(f"racnn fuse must be 'all' or scale indices in 0..{scales - 1}, got {fuse}")
         self.margin, self.alternate, self.apn_start = margin, max(1, alternate), apn_start
-        self.steps = 0  # training forward passes so far (APN steps begin after ``apn_start`` of them)
+        # training forward passes so far (APN steps begin after ``apn_start`` of them): a buffer, so checkpoints
+        # and --resume carry the alternation schedule on where it was
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_steps_default)
         self.share_backbone = share_backbone
         if not share_backbone:
             self.extra_backbones = self.backbone_copies(scales - 1)
@@ -201,7 +209,8 @@ class RACNN(FGVCModel):
         if not self.training:
             logits, _ = self.forward_scales(x)
             return self.fused(logits)
-        apn_step = self.steps >= self.apn_start and bool(((self.steps - self.apn_start) // self.alternate) % 2)
+        steps = int(self.steps)
+        apn_step = steps >= self.apn_start and bool(((steps - self.apn_start) // self.alternate) % 2)
         self.steps += 1
         logits, regions = self.forward_scales(x, apn_step=apn_step)
         return {"scale_logits": logits, "regions": regions, "apn_step": apn_step}
