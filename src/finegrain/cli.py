@@ -201,7 +201,9 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.load(model, device=args.device, threads=args.threads, graph_opt=args.graph_opt)
     if args.sr_model:
         predictor.upscale_small_inputs(args.sr_model, args.sr_below)
-    results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size)
+    results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size, skip_bad=True)
+    bad = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     if args.json:
         print(json.dumps(results, indent=2))
     elif args.csv:
@@ -218,6 +220,12 @@ def _predict(args: argparse.Namespace) -> int:
             for i, t in enumerate(r["top"]):
                 table.add_row(Path(r["path"]).name if i == 0 else "", str(i + 1), t["class"], f"{t['prob']:.3f}")
         Console().print(table)
+    for r in bad:
+        print(f"finegrain: error: cannot read image '{r['path']}': {r['error']}", file=sys.stderr)
+    if bad:
+        message = f"finegrain: {len(bad)} of {len(bad) + len(results)} image(s) could not be read (listed above)"
+        print(message + "; the others were predicted. Fix or remove them.", file=sys.stderr)
+        return 2
     return 0
 
 

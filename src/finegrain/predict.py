@@ -17,7 +17,7 @@ from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.distributed import resolve_device
 from finegrain.env import cpu_model, physical_cores, resolve_amp
-from finegrain.errors import DataError
+from finegrain.errors import BadImageError, DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -193,10 +193,23 @@ class Predictor:
             for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)
         ]
 
-    def predict_files(self, paths: Sequence[str | Path], k: int = 5, batch_size: int = 32) -> list[dict]:
+    def predict_files(
+        self, paths: Sequence[str | Path], k: int = 5, batch_size: int = 32, skip_bad: bool = False
+    ) -> list[dict]:
+        """``[{"path", "top": [{"class", "index", "prob"}, ...]}]`` in the order of ``paths``.
+
+        ``skip_bad``: an image that does not decode gets ``{"path", "error"}`` instead of stopping the rest."""
         out = []
         for i in range(0, len(paths), batch_size):
-            chunk = list(paths[i : i + batch_size])
-            probs = self.probabilities_for(chunk)
-            out += [{"path": str(p), "top": t} for p, t in zip(chunk, self.topk(probs, k), strict=True)]
+            chunk, images, errors = list(paths[i : i + batch_size]), [], {}
+            for p in chunk:
+                try:
+                    images.append(open_image(p))
+                except BadImageError as e:
+                    if not skip_bad:
+                        raise
+                    errors[str(p)] = str(e.__cause__ or e)
+            tops = iter(self.topk(self.probabilities(images), k)) if images else iter(())
+            out += [{"path": str(p), "error": errors[str(p)]} if str(p) in errors else
+                    {"path": str(p), "top": next(tops)} for p in chunk]  # fmt: skip
         return out

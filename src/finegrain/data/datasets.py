@@ -7,6 +7,7 @@ are only opened by the loader. Every structural problem raises :class:`DataError
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from finegrain.errors import DataError
 FORMATS = ("auto", "cub", "imagefolder", "manifest")
 SPLITS = ("train", "val", "test")
 IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
+MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def detect_format(path: Path) -> str:
         raise DataError(f"dataset path '{path}' does not exist. Pass the folder (or CSV file) of your dataset.")
     if (path / "images.txt").is_file() and (path / "image_class_labels.txt").is_file():
         return "cub"
+    if (path / MANIFEST_NAME).is_file():  # before ImageFolder: a manifest's images usually sit in sub-folders
+        return "manifest"
     if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         return "imagefolder"
     csvs = sorted(path.glob("*.csv"))
@@ -68,11 +72,24 @@ def detect_format(path: Path) -> str:
     )
 
 
+def read_text(path: Path) -> str:
+    """A dataset's text file as UTF-8 (a byte-order mark is allowed); other encodings are named, not guessed."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 text. Save the file as UTF-8 (e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed && mv fixed {path.name}`) and run the command again."
+        ) from e
+
+
 def _read_table(path: Path, min_cols: int) -> list[list[str]]:
     if not path.is_file():
         raise DataError(f"missing file '{path}' (required by the CUB-200-2011 layout)")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split()
@@ -166,14 +183,16 @@ def read_imagefolder(root: Path) -> DatasetIndex:
 
 
 def read_manifest(path: Path) -> DatasetIndex:
-    """CSV with columns ``path,label[,split]``; paths are relative to the CSV file; a header row is optional."""
+    """CSV with columns ``path,label[,split]``; paths are relative to the CSV file; a header row is optional.
+
+    A folder is read through its ``manifest.csv``, or through its only CSV file."""
     if path.is_dir():
-        csvs = sorted(path.glob("*.csv"))
+        csvs = [path / MANIFEST_NAME] if (path / MANIFEST_NAME).is_file() else sorted(path.glob("*.csv"))
         if len(csvs) != 1:
             raise DataError(f"'{path}' must hold exactly one .csv manifest (found {len(csvs)}); pass the file")
         path = csvs[0]
-    with path.open(newline="") as f:
-        rows = [(i, r) for i, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows = [(i, r) for i, r in enumerate(reader, 1) if r and any(c.strip() for c in r)]
     if rows and rows[0][1][0].strip().lower() == "path":
         rows = rows[1:]
     if not rows:
@@ -192,9 +211,38 @@ def read_manifest(path: Path) -> DatasetIndex:
     if has_split and not all(e[2] for e in entries):
         missing = next(e for e in entries if not e[2])
         raise DataError(f"{path}:{missing[3]}: some rows have a split and this one has none; give all or none")
+    entries, repeated = _without_repeats(path, entries)
     samples = [Sample(p, class_index[lab], split or "train") for p, lab, split, _ in entries]
     notes = [] if has_split else ["the manifest has no split column: a stratified, seeded split is made"]
+    if repeated:
+        notes.append(f"{repeated} repeated row(s) (same file, label and split) counted once")
     return DatasetIndex(path, "manifest", classes, samples, notes=notes)
+
+
+def _without_repeats(path: Path, entries: list) -> tuple[list, int]:
+    """One entry per file. A file listed twice with the same label and split is counted once (and reported);
+    with two labels, or in two splits (a train/test leak), it is an error naming both lines."""
+    first: dict[Path, tuple] = {}
+    kept = []
+    for entry in entries:
+        key = entry[0].resolve()
+        if key not in first:
+            first[key] = entry
+            kept.append(entry)
+            continue
+        other = first[key]
+        if other[1] != entry[1]:
+            raise DataError(
+                f"{path}:{other[3]} and line {entry[3]} label the same file '{entry[0]}' as '{other[1]}' and "
+                f"'{entry[1]}': keep the right label and remove the other row."
+            )
+        if other[2] != entry[2]:
+            raise DataError(
+                f"{path}:{other[3]} and line {entry[3]} put the same file '{entry[0]}' in the {other[2] or 'train'} "
+                f"and {entry[2] or 'train'} splits: an image in both would be tested on what it trained on. "
+                "Keep one row."
+            )
+    return kept, len(entries) - len(kept)
 
 
 READERS = {"cub": read_cub, "imagefolder": read_imagefolder, "manifest": read_manifest}

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
@@ -39,9 +40,36 @@ def decode_image(source, name: str | None = None, max_pixels: int | None = None)
             raise ImageTooLargeError(name, f"{w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}")
         try:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImageError(name, f"{type(e).__name__}: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode Pillow decodes, without losing the picture on the way.
+
+    Pillow's own ``convert("RGB")`` clips 16-bit and 32-bit integer pixels at 255 (a 16-bit grayscale PNG came out
+    99.6% white) and drops alpha, so transparent pixels show whatever colour they hide. Here high-bit-depth images
+    are rescaled to 0-255 from their bit depth, and transparency is composited over white (a catalogue photo's
+    background).
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
+        elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+            scale = 255.0 / 65535.0  # 16-bit samples (Pillow may also read them as mode "I")
+        else:
+            scale = 1.0
+        gray = np.clip(np.nan_to_num(a * scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def open_image(path: str | Path) -> Image.Image:

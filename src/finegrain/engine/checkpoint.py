@@ -17,6 +17,7 @@ from finegrain import __version__
 from finegrain.data.transforms import Preprocess
 from finegrain.errors import CheckpointError
 from finegrain.models import create_model
+from finegrain.torchfile import load_tensors
 
 FORMAT_VERSION = 1
 
@@ -59,10 +60,10 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (pass a .pt file or a run directory)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
+    fix = "pass a best.pt or last.pt that `finegrain train` wrote, or its run directory"
+    if path.name == "last.pt":
+        fix += "; best.pt beside it may still be whole"
+    ckpt = load_tensors(path, "checkpoint", fix)
     if not isinstance(ckpt, dict) or "method" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"'{path}' is not a finegrain checkpoint (no method / state_dict)")
     ckpt["path"] = str(path)

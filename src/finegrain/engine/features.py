@@ -22,6 +22,7 @@ from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.checkpoint import save_atomic
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.env import resolve_amp
+from finegrain.torchfile import load_tensors
 
 
 def _state_digest(module: nn.Module) -> str:
@@ -97,7 +98,7 @@ def _read_cache(path: Path, count: int) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        features = torch.load(path, map_location="cpu", weights_only=True)["features"]
+        features = load_tensors(path, "feature cache entry")["features"]
         if isinstance(features, torch.Tensor) and len(features) == count:
             return features
         reason = "it holds features of another number of images"

