@@ -43,11 +43,14 @@ def test_page_shows_species_and_overlay(cub10_checkpoint, tmp_path):
             page.set_input_files("#file", str(photo.path))
             page.wait_for_selector("#result.shown", timeout=30_000)
             names = page.locator("#classes .name").all_text_contents()
+            listed = page.locator("#class-list li").all_text_contents()
+            docs_link = page.get_attribute("#about a[href='/docs']", "href")
             src = page.get_attribute("#overlay", "src")
             width = page.evaluate("document.getElementById('overlay').naturalWidth")
             page.screenshot(path=str(tmp_path / "page.png"))
             browser.close()
         assert names[0] == species and len(names) == 5
+        assert len(listed) == len(index.classes) and species in listed and docs_link == "/docs"
         assert src.startswith("data:image/png;base64,") and width > 100
     finally:
         server.terminate()

@@ -257,17 +257,18 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from finegrain.serve.app import ServeSettings, create_app
+    from finegrain.serve.server import run
 
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-        max_pixels=args.max_pixels, threads=args.threads, device=args.device,
+        max_pixels=args.max_pixels, threads=args.threads, device=args.device, max_inflight=args.max_inflight,
+        body_timeout_s=args.body_timeout,
     )  # fmt: skip
     app = create_app(args.model, settings)
     print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    run(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
+        max_connections=args.max_connections)  # fmt: skip
     return 0
 
 
@@ -523,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (40M)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
+    p.add_argument("--max-inflight", type=int, default=64, help="uploads in progress before 503 + Retry-After (64)")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections before 503 (256)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="longest pause inside a request body, s (30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=_serve)
 

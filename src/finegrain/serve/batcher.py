@@ -22,13 +22,14 @@ class MicroBatcher:
         self.fn = fn
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait_ms / 1000
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegrain-model")
+        self.executor: ThreadPoolExecutor | None = None  # made by start(), so a stopped batcher can start again
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.batches = 0
         self.images = 0
 
     async def start(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finegrain-model")
         self.queue = asyncio.Queue()
         self.task = asyncio.create_task(self._loop())
 
