@@ -6,6 +6,14 @@ posting real test photos as multipart uploads to POST /v1/predict from ``--concu
 ``--seconds`` (20 s at ~120 req/s is ~2,400 requests). Each configuration starts its own server process.
 
     python benchmarks/serve_load.py --models runs/default/best.int8.onnx runs/default/best.onnx
+
+``--hostile`` adds, beside the same normal traffic and against the same server, clients that never finish their
+headers (``--slow-clients`` connections, reopened as the server closes them) and uploads of 36-megapixel photos
+(within the default 40M-pixel limit) from 2 more clients. It reports the normal traffic's requests and p99, the
+5xx answers of every client (must be 0), how many slow connections the server cut, and the server's peak and
+final resident memory.
+
+    python benchmarks/serve_load.py --models runs/default/best.int8.onnx --max-batch 4 --hostile
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -58,6 +67,77 @@ def wrk(url: str, file_list: Path, seconds: int, concurrency: int) -> dict:
     return result
 
 
+def memory_mb(pid: int) -> dict:
+    """Peak (VmHWM) and current (VmRSS) resident memory of a process, in MB (Linux)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0]) / 1024
+    return {"peak_rss_mb": round(fields["VmHWM"], 1), "rss_mb": round(fields["VmRSS"], 1)}
+
+
+def big_photo(side: int = 6000) -> bytes:
+    """A ~36-megapixel JPEG of smooth gradients: small on the wire, 108 MB once decoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    rgb = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1), np.full((side, side), 128.0)], -1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def hostile(port: int, stop: threading.Event, slow_clients: int, big: bytes) -> dict:
+    """Slow clients and huge uploads until ``stop``; returns what the server answered them."""
+    import httpx
+
+    counts = {"slow_opened": 0, "slow_cut": 0, "big_sent": 0, "big_status": {}}
+    lock = threading.Lock()
+
+    def slow() -> None:
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            while len(socks) < slow_clients:
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # the rest never comes
+                s.setblocking(False)
+                socks.append(s)
+                counts["slow_opened"] += 1
+            for s in list(socks):
+                try:
+                    if s.recv(1) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    s.close()
+                    socks.remove(s)
+                    counts["slow_cut"] += 1
+            time.sleep(0.2)
+        for s in socks:
+            s.close()
+
+    def uploads() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": ("big.jpg", big, "image/jpeg")})
+                with lock:
+                    counts["big_sent"] += 1
+                    counts["big_status"][r.status_code] = counts["big_status"].get(r.status_code, 0) + 1
+
+    threads = [threading.Thread(target=slow), *(threading.Thread(target=uploads) for _ in range(2))]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join(120)
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["runs/default/best.int8.onnx"])
@@ -67,6 +147,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-batch", type=int, nargs="+", default=[1, 4, 8], help="configurations (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--hostile", action="store_true", help="add slow clients and 36-megapixel uploads (see above)")
+    p.add_argument("--slow-clients", type=int, default=200, help="connections that never finish their headers")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = p.parse_args()
     if not shutil.which("wrk"):
@@ -84,8 +166,21 @@ def main() -> None:
             try:
                 url = f"http://127.0.0.1:{port}/v1/predict"
                 wrk(url, file_list, 3, args.concurrency)  # warm-up
-                row = {"model": Path(model).name, "max_batch": max_batch}
+                row = {"model": Path(model).name, "max_batch": max_batch, "hostile": args.hostile}
+                stop, attack = threading.Event(), {}
+                if args.hostile:
+                    big = big_photo()
+                    attacker = threading.Thread(
+                        target=lambda a=attack, p=port, st=stop, b=big: a.update(hostile(p, st, args.slow_clients, b))
+                    )
+                    attacker.start()
                 row |= wrk(url, file_list, args.seconds, args.concurrency)
+                if args.hostile:
+                    stop.set()
+                    attacker.join()
+                    time.sleep(2)  # let the last big image's memory go
+                    big_5xx = sum(n for code, n in attack["big_status"].items() if code >= 500)
+                    row |= {"attack": attack, "server_5xx": row["status"] + big_5xx, **memory_mb(server.pid)}
             finally:
                 server.terminate()
                 server.wait(30)
@@ -100,10 +195,16 @@ def main() -> None:
         base = next(b for b in rows if b["model"] == r["model"])["requests_per_s"]
         print(f"{r['model']:24s} {r['max_batch']:9d} {r['requests']:8d} {r['requests_per_s']:7.1f} "
               f"{r['requests_per_s'] / base:5.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} {r['errors']:6d}")  # fmt: skip
+    for r in rows:
+        if r.get("hostile"):
+            a = r["attack"]
+            print(f"hostile: {a['slow_opened']} slow connections opened, {a['slow_cut']} cut by the server; "
+                  f"{a['big_sent']} 36-MP uploads answered {a['big_status']}; normal p99 {r['p99_ms']:.1f} ms; "
+                  f"5xx {r['server_5xx']}; RSS peak {r['peak_rss_mb']:.0f} MB, after {r['rss_mb']:.0f} MB")  # fmt: skip
     meta = {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "concurrency": args.concurrency,
             "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(), "images": len(files), "client": "wrk"}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})
-    if any(r["errors"] for r in rows):
+    if any(r["errors"] or r.get("server_5xx") for r in rows):
         sys.exit(1)
 
 

@@ -70,6 +70,9 @@ TRAIN_HELP = {
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "workers": "DataLoader worker processes",
     "device": "auto, cpu, cuda",
+    "log": "also log to TensorBoard (RUN_DIR/tensorboard) and/or MLflow: --log tensorboard mlflow "
+    "(pip install 'finegrain[tracking]'); curves.png is always written",
+    "tracking_uri": "MLflow tracking URI (default: a file store in mlruns/ beside the run directory)",
     "seed": "random seed (splits, initialisation, data order)",
     "run_dir": "output folder (default runs/<method>-<time>)",
     "cache_dir": "feature cache folder (env FINEGRAIN_CACHE)",
@@ -93,6 +96,10 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
         if f.name == "teachers":
             p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="CKPT")
+        elif f.name == "log":
+            p.add_argument(
+                flag, nargs="+", choices=["tensorboard", "mlflow"], default=argparse.SUPPRESS, help=help_text
+            )
         elif f.name == "stages":
             p.add_argument(flag, type=_yaml_list, default=argparse.SUPPRESS, help=help_text, metavar="YAML")
         elif f.name == "model_kwargs":
@@ -168,10 +175,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if r["skipped_bad"]:
         print(f"skipped {r['skipped_bad']} unreadable image(s) (--skip-bad)")
-    print(f"written: {Path(args.out or Path(r['checkpoint']).parent) / f'eval_{args.split}.json'}")
+    out = Path(args.out or Path(r["checkpoint"]).parent)
+    print(f"written: {out / f'eval_{args.split}.json'}")
     if args.report:
         print(f"report: {r['report']}")
+    _after_evaluation(r, out, args.split)
     return 0
+
+
+def _after_evaluation(result: dict, out: Path, split: str) -> None:
+    """The model card beside the checkpoint, the confusion picture, and the trackers the run logs to."""
+    import numpy as np
+
+    from finegrain.card import _read_confusion, write_model_card
+    from finegrain.engine.checkpoint import load_checkpoint
+    from finegrain.engine.tracking import RunTracker
+    from finegrain.report import confusion_png
+
+    ckpt = load_checkpoint(result["checkpoint"])
+    _, confmat = _read_confusion(out / f"confusion_{split}.csv")
+    picture = out / f"confusion_{split}.png"
+    picture.write_bytes(confusion_png(np.asarray(confmat)))
+    print(f"model card: {write_model_card(ckpt, result, out)}")
+    cfg = ckpt.get("config", {})
+    if cfg.get("log"):
+        run_dir = Path(ckpt["path"]).parent
+        tracker = RunTracker(run_dir, cfg["log"], cfg.get("tracking_uri"))
+        curves = [run_dir / "curves.png"] if (run_dir / "curves.png").is_file() else []
+        tracker.final(result, split, [picture, *curves, out / "MODEL_CARD.md", Path(ckpt["path"])])
+        tracker.close()
 
 
 def _model_for_engine(model: str, engine: str, device: str) -> str:

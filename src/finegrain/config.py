@@ -87,6 +87,8 @@ class TrainConfig:
     workers: int = default_workers()
     device: str = "auto"
     # bookkeeping
+    log: list = field(default_factory=list)  # experiment trackers: "tensorboard" and/or "mlflow" (curves.png always)
+    tracking_uri: str | None = None  # MLflow tracking URI (default: a local file store beside the run directory)
     seed: int = 0
     run_dir: str | None = None
     cache_dir: str = default_cache_dir()
@@ -127,6 +129,10 @@ class TrainConfig:
             (self.kd_temperature > 0, "kd-temperature must be > 0"),
             (self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]"),
             (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
+            (
+                isinstance(self.log, list) and set(self.log) <= {"tensorboard", "mlflow"},
+                f"log takes tensorboard and/or mlflow, got {self.log}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

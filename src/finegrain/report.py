@@ -36,6 +36,11 @@ def _thumbnail(path: Path, side: int = 220) -> str:
 
 def confusion_picture(confmat: np.ndarray) -> str:
     """The row-normalised confusion matrix as a PNG data URI (log colour scale so rare confusions show)."""
+    return f"data:image/png;base64,{base64.b64encode(confusion_png(confmat)).decode()}"
+
+
+def confusion_png(confmat: np.ndarray) -> bytes:
+    """The row-normalised confusion matrix as PNG bytes (log colour scale so rare confusions show)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +59,7 @@ def confusion_picture(confmat: np.ndarray) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    return buf.getvalue()
 
 
 def confused_pairs(confmat: np.ndarray, k: int = 10) -> list[tuple[int, int, int]]:
@@ -146,12 +151,20 @@ def write_report(
         top5=100 * metrics["top5"],
         mpc=100 * metrics["mean_class_acc"],
         confusion=confusion_picture(confmat),
+        curves=_curves_html(Path(metrics["checkpoint"]).parent / "curves.png"),
         rows="\n".join(rows),
         pairs="\n".join(pair_html) or "<p>No confusions.</p>",
         errors="\n".join(error_html) or "<p>No mistakes.</p>",
     )
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _curves_html(path: Path) -> str:
+    """The run's learning curves (``curves.png``, written every epoch), inlined; nothing if the run has none."""
+    if not path.is_file():
+        return ""
+    return f'<h2>Learning curves</h2><img id="curves" src="{_data_uri(Image.open(path), "PNG")}" alt="learning curves">'
 
 
 TEMPLATE = """<!doctype html>
@@ -172,6 +185,7 @@ figcaption {{ font-size: 13px; max-width: 300px; }}
 <p>checkpoint <code>{checkpoint}</code><br>data <code>{data}</code>, split <b>{split}</b>, {n} images</p>
 <div class="cards"><div class="card">top-1<b>{top1:.2f}%</b></div><div class="card">top-5<b>{top5:.2f}%</b></div>
 <div class="card">mean per-class<b>{mpc:.2f}%</b></div></div>
+{curves}
 <h2>Confusion matrix</h2><img src="{confusion}" alt="confusion matrix">
 <h2>Per-class accuracy</h2><p>Click a column to sort.</p>
 <div class="scroll"><table id="classes"><thead><tr><th>#</th><th>class</th><th>images</th><th>correct</th>

@@ -34,6 +34,7 @@ from finegrain.engine import distributed as fgdist
 from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weights, model_record, save_atomic
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
+from finegrain.engine.tracking import RunTracker, write_curves
 from finegrain.env import configure_threads, machine_info, physical_cores, resolve_amp, resolve_int8_target
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.losses import CenterLoss, distillation_loss
@@ -516,6 +517,9 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
         best = state["best"]
         _log(info, f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
 
+    tracker = RunTracker(run_dir, cfg.log, cfg.tracking_uri) if info.is_main else None
+    if tracker is not None:
+        tracker.params(saved_cfg.to_dict())
     classes, history = index.classes, []
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stage_at(epoch) != stage:
@@ -540,6 +544,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
                 save_atomic(_record(model, task, eval_module, classes, saved_cfg, epoch, row), run_dir / "best.pt")
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            write_curves(run_dir)
+            tracker.epoch(row)
             val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
             tqdm.write(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}"
@@ -547,6 +553,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
             )
         best = max(best, score)
         history.append(row)
+    if tracker is not None:
+        tracker.close()
     fgdist.barrier()
     return FitResult(run_dir, model, history)
 

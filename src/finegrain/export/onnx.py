@@ -117,6 +117,12 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         "finegrain_version": __version__,
         "source": str(ckpt["path"]),
     }
+    card = Path(ckpt["path"]).with_name("model_card.json")  # written by `finegrain evaluate`
+    if card.is_file():
+        try:
+            meta["model_card"] = json.loads(card.read_text())
+        except (OSError, json.JSONDecodeError):
+            warnings.warn(f"{card} is unreadable: the ONNX file carries no model card", stacklevel=2)
     save_with_metadata(proto, meta, out)
     raw.unlink()
 

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -129,6 +130,17 @@ class BodyTimeout:
         await self.app(scope, timed_receive, send)
 
 
+def _description(predictor: Predictor) -> str | None:
+    """What the model is for, from its model card (inside an ONNX file, or beside a checkpoint)."""
+    if isinstance(getattr(predictor.model, "meta", None), dict):
+        return predictor.model.meta.get("model_card", {}).get("description")
+    card = Path(predictor.info["path"]).with_name("model_card.json")
+    try:
+        return json.loads(card.read_text()).get("description") if card.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _validation_message(request: Request, exc: RequestValidationError) -> tuple[int, str]:
     """FastAPI's 422 in finegrain's words: 415 for a body that is not a form, else 400 naming the field."""
     content_type = request.headers.get("content-type", "")
@@ -162,6 +174,7 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         "preprocess": predictor.preprocess.to_dict(),
         "engine": predictor.info["engine"],
         "explain": "grad-cam" if predictor.info["engine"] == "torch" else "occlusion",
+        "description": _description(predictor),
         "max_batch": settings.max_batch,
         "max_wait_ms": settings.max_wait_ms,
     }

@@ -1,0 +1,128 @@
+"""The model card: what a model is for, what it was trained on, how well it does and where it fails, in one page
+that travels with the checkpoint (``MODEL_CARD.md``) and, in short, inside its ONNX file.
+
+Every number comes from files the run already wrote: ``eval_<split>.json`` (metrics and the CPU they were measured
+on), ``confusion_<split>.csv``, ``split.csv`` (class counts), ``metrics.jsonl`` and ``environment.json`` (training
+time and machine), the checkpoint (method, backbone, recipe).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from finegrain.report import confused_pairs
+
+FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
+CARD_FILE, SHORT_CARD_FILE = "MODEL_CARD.md", "model_card.json"
+
+
+def _read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    return [r[0] for r in rows[1:]], np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+
+
+def _pretty(name: str) -> str:
+    return name.split(".", 1)[1].replace("_", " ") if name[:3].isdigit() and "." in name else name.replace("_", " ")
+
+
+def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
+    """(markdown, short summary) for a checkpoint evaluated on ``result['split']``."""
+    run_dir = Path(ckpt["path"]).parent
+    cfg, split = ckpt.get("config", {}), result["split"]
+    classes, confmat = _read_confusion(out_dir / f"confusion_{split}.csv")
+    counts: dict[str, Counter] = {}
+    if (run_dir / "split.csv").is_file():
+        with (run_dir / "split.csv").open(newline="") as f:
+            for row in csv.DictReader(f):
+                counts.setdefault(row["split"], Counter())[row["label"]] += 1
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
+        run_dir / "metrics.jsonl").is_file() else []  # fmt: skip
+    train_s = sum(r.get("epoch_seconds", 0) for r in rows)
+    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    backbone = ckpt["model_kwargs"].get("backbone", "tf_efficientnet_lite0")
+    machine = result.get("machine", {})
+    top1, top5, mean = 100 * result["top1"], 100 * result["top5"], 100 * result["mean_class_acc"]
+    few = sorted(c for c in classes if counts.get("train", Counter()).get(c, 0) < FEW_IMAGES) if counts else []
+    per_class = sorted(result.get("per_class_acc", {}).items(), key=lambda kv: kv[1])[:5]
+    pairs = confused_pairs(confmat, 5)
+    description = (
+        f"Tells apart {len(classes)} fine-grained classes ({', '.join(_pretty(c) for c in classes[:4])}"
+        f"{', ...' if len(classes) > 4 else ''}) in photos, with {ckpt['method']} on {backbone}."
+    )
+    short = {
+        "description": description,
+        "data": cfg.get("data"),
+        "classes": len(classes),
+        "method": ckpt["method"],
+        "backbone": backbone,
+        f"{split}_top1": round(top1, 2),
+        f"{split}_mean_class_acc": round(mean, 2),
+        f"{split}_images": result["n"],
+        "measured_on": machine.get("cpu_model"),
+    }
+    split_counts = ", ".join(f"{sp} {sum(c.values()):,}" for sp, c in sorted(counts.items())) or "not recorded"
+    frozen = cfg.get("freeze_backbone", True)
+    recipe = (
+        f"{'frozen backbone, linear head on cached features' if frozen else 'whole network fine-tuned'}; "
+        f"{cfg.get('epochs', '?')} epochs, {cfg.get('optimizer', 'adamw')} lr {cfg.get('lr', '?')}, batch "
+        f"{cfg.get('batch_size', '?')}, input {ckpt['preprocess']['input_size']} px, "
+        f"precision {env.get('amp_used', '?')}"
+    )
+    lines = [
+        f"# Model card: {run_dir.name}",
+        "",
+        description,
+        "",
+        "## Data",
+        f"- dataset: `{cfg.get('data', '?')}` ({cfg.get('format', 'auto')} layout), {len(classes)} classes",
+        f"- images per split: {split_counts} (the exact split is in `split.csv`)",
+        "",
+        "## Model and training",
+        f"- method `{ckpt['method']}`, backbone `{backbone}`, options {json.dumps(ckpt['model_kwargs'])}",
+        f"- recipe: {recipe}",
+        f"- training time: {train_s / 60:.1f} min over {len(rows)} epoch(s) on {env.get('cpu_model', '?')} "
+        f"({env.get('cores', '?')} cores)",
+        "",
+        f"## Results ({split} split, {result['n']:,} images)",
+        "| top-1 | top-5 | mean per-class |",
+        "|---|---|---|",
+        f"| {top1:.2f}% | {top5:.2f}% | {mean:.2f}% |",
+        "",
+        f"Measured with {result.get('engine', 'torch')} ({result.get('amp_used', 'fp32')}) on "
+        f"{machine.get('cpu_model', '?')}, flags {', '.join(machine.get('cpu_flags', [])) or '?'}; "
+        f"`eval_{split}.json` has every number.",
+        "",
+        "### Most confused pairs",
+        "| true | predicted as | times |",
+        "|---|---|---|",
+        *(f"| {_pretty(classes[t])} | {_pretty(classes[p])} | {n} |" for t, p, n in pairs),
+        "",
+        "## Known limits",
+        f"- weakest classes: {', '.join(f'{_pretty(c)} ({100 * a:.0f}%)' for c, a in per_class) or 'none measured'}",
+        f"- classes with fewer than {FEW_IMAGES} training images: {', '.join(_pretty(c) for c in few) or 'none'}",
+        "- it only knows these classes: any photo is assigned to one of them, so check the probability before "
+        "trusting an answer on images from elsewhere",
+        "",
+        "## How to run it",
+        "```bash",
+        f"finegrain predict {run_dir} photo.jpg          # top-5 classes",
+        f"finegrain serve {run_dir}                      # REST API + web page on http://127.0.0.1:8000/",
+        f"finegrain export {run_dir} --int8               # ONNX file(s) for ONNX Runtime; this card goes inside",
+        "```",
+        "",
+    ]
+    return "\n".join(lines), short
+
+
+def write_model_card(ckpt: dict, result: dict, out_dir: Path) -> Path:
+    text, short = model_card(ckpt, result, out_dir)
+    (out_dir / SHORT_CARD_FILE).write_text(json.dumps(short, indent=2))
+    path = out_dir / CARD_FILE
+    path.write_text(text)
+    return path
