@@ -28,6 +28,7 @@ from finegrain.data import ImageDataset
 from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
 from finegrain.engine.train import fit
+from finegrain.env import machine_info
 from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.quantize import calibration_samples, quantize_onnx
 
@@ -79,6 +80,13 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model (0: prune only)")
     p.add_argument("--test-images", type=int, default=0, help="limit the test images (0: all)")
     p.add_argument("--runs", type=int, default=100, help="batch-1 timing repetitions")
+    p.add_argument(
+        "--int8-targets",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "vnni", "portable"],
+        help="int8 files to measure: for VNNI CPUs, portable (7-bit weights), or this CPU's (auto)",
+    )
     p.add_argument("--out", default="benchmarks/results/deploy.json")
     args = p.parse_args()
 
@@ -92,11 +100,12 @@ def main() -> None:
 
     def onnx_rows(label: str, source: str) -> list[dict]:
         fp32 = export_onnx(source, work / f"{label}.onnx")
-        int8 = quantize_onnx(fp32["path"], calib)
-        return [
-            measure(f"{label} ONNX fp32", OnnxRunner(fp32["path"]), images, labels, fp32["megabytes"], args.runs),
-            measure(f"{label} ONNX int8", OnnxRunner(int8["path"]), images, labels, int8["megabytes"], args.runs),
-        ]
+        rows = [measure(f"{label} ONNX fp32", OnnxRunner(fp32["path"]), images, labels, fp32["megabytes"], args.runs)]
+        for target in args.int8_targets:
+            int8 = quantize_onnx(fp32["path"], calib, work / f"{label}.{target}.int8.onnx", target=target)
+            name = f"{label} ONNX int8 ({int8['int8_target']})"
+            rows.append(measure(name, OnnxRunner(int8["path"]), images, labels, int8["megabytes"], args.runs))
+        return rows
 
     size_mb = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values()) / 2**20
     rows = [measure("PyTorch eager fp32", torch_fn(build_model(ckpt)), images, labels, size_mb, args.runs)]
@@ -124,6 +133,7 @@ def main() -> None:
         values += [r["throughput_ratio"], r["latency_ratio"]]
         print(f"{r['variant']:24s} " + " ".join(f"{v:7.2f}" for v in values))
     meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(args.checkpoint), "qat": args.qat,
+            "machine": machine_info(), "int8_targets": args.int8_targets,
             "test_images": len(test),
             "finetune_epochs": args.finetune_epochs, "torch_threads": torch.get_num_threads()}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})

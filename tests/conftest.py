@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import socket
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,3 +204,56 @@ def make_part_cub(root: Path, per_class: int = 40, seed: int = 0, size: int = 12
     (root / "parts" / "parts.txt").write_text("1 head\n")
     (root / "parts" / "part_locs.txt").write_text("\n".join(locs) + "\n")
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command: list, env: dict | None = None, cwd: Path | None = None):
+    """A real server process (``command`` ends with `serve MODEL [options]`; the port is added) on a free loopback
+    port; yields its base URL once /v1/health answers, and stops it afterwards."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([*map(str, command), "--port", str(port), "--log-level", "warning"], env=env,
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if server.poll() is not None:
+                    pytest.fail(f"server exited: {server.stderr.read()}")
+                time.sleep(0.2)
+        else:
+            pytest.fail("server did not answer /v1/health within a minute")
+        yield base
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def fit_killed_in_epoch(monkeypatch, epoch: int, config: TrainConfig) -> None:
+    """Run ``fit(config)`` and stop it (KeyboardInterrupt) when epoch ``epoch`` (0-based) begins, after the
+    previous epoch's checkpoint was written: a kill between epochs."""
+    import finegrain.engine.train as train_module
+
+    real_epoch = train_module.train_one_epoch
+
+    def killed(*args, **kwargs):
+        if args[8] == epoch:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_module.fit(config)
+    finally:
+        monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)

@@ -29,4 +29,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert not moved, "rank 0 saved weights that are not the ones it trained"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # written once (rank 0), not once per rank
-    assert rows[0]["val_top1"] * 6 == pytest.approx(round(rows[0]["val_top1"] * 6))  # all 6 val images counted
+    split = (tmp_path / "run" / "split.csv").read_text().splitlines()
+    n_val = sum(line.endswith(",val") for line in split)
+    assert n_val == 4 and rows[0]["val_top1"] * n_val == pytest.approx(
+        round(rows[0]["val_top1"] * n_val)
+    )  # all counted

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-import finegrain.engine.train as train_module
 from finegrain.engine.train import fit
 from finegrain.models import list_models
+
+from .conftest import fit_killed_in_epoch
 
 #: small settings per method; every registered method must appear (a new method gets its resume test here)
 METHOD_KWARGS = {
@@ -32,17 +33,7 @@ def test_killed_and_resumed_run_ends_with_identical_weights(method, cub, tiny_co
         )  # fmt: skip
 
     straight = fit(config("straight"))
-    real_epoch = train_module.train_one_epoch
-
-    def killed_in_epoch_2(*args, **kwargs):
-        if args[8] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config("killed"))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    fit_killed_in_epoch(monkeypatch, 1, config("killed"))
     resumed = fit(None, resume=tmp_path / "killed")
     assert [r["epoch"] for r in resumed.history] == [2]
     a, b = straight.model.state_dict(), resumed.model.state_dict()

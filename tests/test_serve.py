@@ -1,7 +1,6 @@
 import asyncio
 import base64
 import io
-import subprocess
 import sys
 import time
 
@@ -16,7 +15,7 @@ from finegrain.export import export_onnx
 from finegrain.serve.app import ServeSettings, create_app
 from finegrain.serve.batcher import MicroBatcher
 
-from .conftest import make_checkpoint, synthetic_image
+from .conftest import make_checkpoint, running_server, synthetic_image
 
 CLASSES = ["a", "b", "c"]
 
@@ -149,19 +148,7 @@ def test_real_server_under_concurrent_load_has_no_errors(checkpoint, tmp_path):
     """A real `finegrain serve` process on 127.0.0.1: 400 requests from 8 concurrent clients, zero errors,
     and the micro-batcher really batched (mean batch > 1)."""
     onnx = export_onnx(checkpoint, tmp_path / "m.onnx")["path"]
-    port = 8000 + (hash(str(tmp_path)) % 1000)
-    cmd = [sys.executable, "-m", "finegrain", "serve", onnx, "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not start: {server.stderr.read() if server.poll() is not None else ''}")
+    with running_server([sys.executable, "-m", "finegrain", "serve", onnx]) as base:
         data = jpeg()
 
         async def load():
@@ -180,6 +167,3 @@ def test_real_server_under_concurrent_load_has_no_errors(checkpoint, tmp_path):
         statuses, batches = asyncio.run(load())
         assert len(statuses) == 400 and set(statuses) == {200}
         assert sum(batches) / len(batches) > 1.0
-    finally:
-        server.terminate()
-        server.wait(10)

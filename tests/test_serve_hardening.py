@@ -2,7 +2,6 @@
 readiness and metrics, and a schemathesis run against the app's own OpenAPI schema."""
 
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from finegrain.serve.app import ServeSettings, create_app
 
-from .conftest import make_checkpoint
+from .conftest import make_checkpoint, running_server
 from .test_serve import jpeg, upload
 
 
@@ -84,20 +83,9 @@ def test_overload_answers_503_with_retry_after_at_once(checkpoint):
 def test_slow_clients_are_cut_off_and_normal_ones_served(checkpoint, tmp_path):
     """A real `finegrain serve`: connections that never finish their headers or stop sending their body are
     closed after the timeouts, and meanwhile a normal client is answered."""
-    port = 8300 + (hash(str(tmp_path)) % 500)
-    cmd = [sys.executable, "-m", "finegrain", "serve", str(checkpoint), "--port", str(port), "--log-level",
-           "warning", "--header-timeout", "1", "--body-timeout", "1"]  # fmt: skip
-    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not start: {server.stderr.read() if server.poll() is not None else ''}")
+    options = ["--header-timeout", "1", "--body-timeout", "1"]
+    with running_server([sys.executable, "-m", "finegrain", "serve", checkpoint, *options]) as base:
+        port = int(base.rsplit(":", 1)[1])
         slow = []
         for i in range(20):
             s = socket.create_connection(("127.0.0.1", port))
@@ -122,9 +110,6 @@ def test_slow_clients_are_cut_off_and_normal_ones_served(checkpoint, tmp_path):
         bodies = answers[0::2]
         assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in bodies), bodies[:2]
         assert httpx.get(f"{base}/v1/ready").status_code == 200
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 _SCHEMA_CKPT = make_checkpoint(Path(tempfile.mkdtemp()) / "m.pt")

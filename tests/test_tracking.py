@@ -3,21 +3,20 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from finegrain.cli import main
 from finegrain.engine.train import fit
 from finegrain.export import export_onnx, read_onnx_metadata
 
-from .conftest import make_checkpoint
+from .conftest import make_checkpoint, running_server, synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,30 +105,12 @@ def test_wheel_installs_and_runs_without_the_source_tree(tmp_path):
     version = subprocess.run([finegrain, "--version"], check=True, capture_output=True, text=True, env=env).stdout
     assert version.strip().startswith("finegrain ")
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    import numpy as np
-
-    from .conftest import synthetic_image
 
     synthetic_image(0, np.random.default_rng(0)).save(tmp_path / "x.jpg")
     out = subprocess.run([finegrain, "predict", ckpt, tmp_path / "x.jpg", "--json"], check=True, capture_output=True,
                          text=True, env=env, cwd=tmp_path).stdout  # fmt: skip
     assert len(json.loads(out)[0]["top"]) == 3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([finegrain, "serve", ckpt, "--port", str(port), "--log-level", "warning"], env=env,
-                              cwd=tmp_path, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        for _ in range(300):
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.HTTPError:
-                if server.poll() is not None:
-                    pytest.fail(server.stderr.read())
-                time.sleep(0.2)
+    with running_server([finegrain, "serve", ckpt], env=env, cwd=tmp_path) as base:
+        page = httpx.get(f"{base}/", timeout=5)
         assert page.status_code == 200 and '<input id="file"' in page.text
-        assert httpx.get(f"http://127.0.0.1:{port}/static-offline-docs/swagger-ui-bundle.js").status_code == 200
-    finally:
-        server.terminate()
-        server.wait(10)
+        assert httpx.get(f"{base}/static-offline-docs/swagger-ui-bundle.js").status_code == 200

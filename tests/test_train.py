@@ -11,7 +11,7 @@ from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.predict import Predictor
 
-from .conftest import make_imagefolder
+from .conftest import fit_killed_in_epoch, make_imagefolder
 
 
 def test_frozen_head_learns_the_task(cub, tiny_config):
@@ -52,17 +52,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
 def test_resume_continues_exactly(cub, tiny_config, tmp_path, monkeypatch):
     straight = fit(tiny_config(cub, epochs=4, run_dir=str(tmp_path / "a")))
 
-    real_epoch = train_module.train_one_epoch
-
-    def killed_in_epoch_3(*args, **kwargs):
-        if args[8] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_config(cub, epochs=4, run_dir=str(tmp_path / "b")))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    fit_killed_in_epoch(monkeypatch, 2, tiny_config(cub, epochs=4, run_dir=str(tmp_path / "b")))
     resumed = fit(None, resume=tmp_path / "b")
     assert [r["epoch"] for r in resumed.history] == [3, 4]
     for (k, a), b in zip(
