@@ -55,3 +55,23 @@ def test_page_shows_species_and_overlay(cub10_checkpoint, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; .ci/run does)")
+def test_report_shows_the_learning_curves(cub, tiny_config, tmp_path):
+    """The HTML report of a run, opened in Chromium: the learning curves picture is there and has loaded."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from finegrain.cli import main
+    from finegrain.engine.train import fit
+
+    run = fit(tiny_config(cub, epochs=2)).run_dir
+    assert main(["evaluate", str(run), "--workers", "0", "--report"]) == 0
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto((run / "report_test.html").as_uri())
+        width = page.evaluate("document.getElementById('curves').naturalWidth")
+        heading = page.locator("h2", has_text="Learning curves").count()
+        browser.close()
+    assert width > 400 and heading == 1

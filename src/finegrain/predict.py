@@ -60,7 +60,7 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
     dev = resolve_device(device)
     if dev.type != "cpu":
         return {"engine": "torch", "why": f"{dev.type} device"}
-    ckpt_path = Path(ckpt["path"])
+    ckpt_path = Path(ckpt["path"]).resolve()  # the memo names files that must be found from any folder
     record = ckpt_path.with_name(ckpt_path.name + ".engine.json")
     key = {"cpu_model": cpu_model(), "cores": physical_cores(), "checkpoint_mtime_ns": ckpt_path.stat().st_mtime_ns,
            "amp": resolve_amp(amp, dev), "batch": batch}  # fmt: skip
