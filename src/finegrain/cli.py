@@ -433,7 +433,8 @@ def _env(args: argparse.Namespace) -> int:
         return 0
     flags = ", ".join(info["cpu_flags"]) or "none of " + "/".join(("avx2", "avx512f", "avx512_bf16", "vnni"))
     gpus = ", ".join(info["cuda_devices"]) or "none"
-    print(f"CPU            {info['cpu_model']} ({info['cores']} cores, {info['machine']})")
+    detail = ", ".join(x for x in (info["cpu_family_model"], f"{info['cores']} cores", info["machine"]) if x)
+    print(f"CPU            {info['cpu_model']} ({detail})")
     print(f"CPU flags      {flags}")
     print(f"CUDA devices   {gpus}")
     print(f"libraries      torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}, "

@@ -46,6 +46,24 @@ def cpu_model() -> str:
 
 
 @functools.cache
+def cpu_family_model() -> str | None:
+    """``family F model M`` (x86 ``/proc/cpuinfo``): virtual machines often report a bare "AMD EPYC" as the
+    model name, and the family/model pair is what tells a Zen 3 from a Zen 4."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in found:
+                    found[key.strip()] = value.strip()
+                if len(found) == 2:
+                    break
+    except OSError:
+        return None
+    return f"family {found['cpu family']} model {found['model']}" if len(found) == 2 else None
+
+
+@functools.cache
 def cpu_flags() -> tuple[str, ...]:
     """The flags of :data:`CPU_FLAGS` this CPU has."""
     found: set[str] = set()
@@ -178,6 +196,7 @@ def machine_info() -> dict:
     )
     return {
         "cpu_model": cpu_model(),
+        "cpu_family_model": cpu_family_model(),
         "machine": platform.machine(),
         "cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
