@@ -150,3 +150,12 @@ def test_onnx_evaluation_gives_eager_top1_and_auto_measures_once(cub, tiny_confi
     memo = run / "best.pt.engine.json"
     assert json.loads(memo.read_text())["engine"] == choice["engine"]
     assert choose_engine(run / "best.pt", amp="none", batch=8) == json.loads(memo.read_text())  # not re-measured
+
+
+def test_auto_engine_keeps_pytorch_for_a_model_onnx_cannot_express(tmp_path, cub, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "cbcnn", reduce_dim=16, sketch_dim=256, pooling="tensor_sketch")
+    choice = choose_engine(ckpt)
+    assert choice["engine"] == "torch" and "no ONNX form" in choice["why"]
+    image = sorted(cub.rglob("*.jpg"))[0]
+    assert main(["predict", str(ckpt), str(image), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 3

@@ -71,10 +71,12 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
                 return saved
         except (OSError, json.JSONDecodeError):
             pass  # measured again below
+    model = build_model(ckpt).eval().to(memory_format=torch.channels_last)
+    if getattr(model, "export_blocker", None):
+        return {"engine": "torch", "why": f"this model has no ONNX form ({model.export_blocker.split('.')[0]})"}
     onnx_path = ckpt_path.with_suffix(".onnx")
     if not onnx_path.is_file() or onnx_path.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns:
         export_onnx(ckpt_path, onnx_path)
-    model = build_model(ckpt).eval().to(memory_format=torch.channels_last)
     runner = OnnxRunner(onnx_path)
     size = ckpt["preprocess"]["input_size"]
     x = torch.randn(batch, 3, size, size)
