@@ -26,27 +26,16 @@ from rich.table import Table
 
 from finegrain.data import load_dataset
 from finegrain.engine.checkpoint import model_record, save_atomic
-from finegrain.env import configure_threads, machine_info, resolve_amp
+from finegrain.env import configure_threads, machine_info, precision_name
 from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.quantize import evenly_spaced, quantize_onnx
 from finegrain.models import create_model
-from finegrain.predict import choose_engine
+from finegrain.predict import choose_engine, images_per_second
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_json  # noqa: E402
 
 CUB100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cub100"
-
-
-def images_per_second(fn, batch: int, seconds: float) -> float:
-    """Best of repeated timed calls after one warm-up, each call processing ``batch`` images."""
-    fn()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 2:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return batch / min(times)
 
 
 def main() -> None:
@@ -63,9 +52,9 @@ def main() -> None:
 
     def features(dtype):
         @torch.inference_mode()
-        def run():
+        def run(x):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                model.backbone_features(x32)
+                model.backbone_features(x)
 
         return run
 
@@ -74,9 +63,9 @@ def main() -> None:
         net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
-        def run():
+        def run(x):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                loss = torch.nn.functional.cross_entropy(net(x16).float(), y16)
+                loss = torch.nn.functional.cross_entropy(net(x).float(), y16)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -85,14 +74,17 @@ def main() -> None:
 
     rows = []
 
+    def timed(fn, x: torch.Tensor) -> float:
+        return images_per_second(fn, x, repeats=2, seconds=args.seconds)
+
     def add(task: str, variant: str, speed: float) -> None:
         rows.append({"task": task, "variant": variant, "img_s": round(speed, 2)})
         print(f"{task:20s} {variant:22s} {speed:8.1f} img/s", flush=True)
 
     for dtype in ("fp32", "bf16"):
-        add("feature extraction", f"eager {dtype}", images_per_second(features(dtype), 32, args.seconds))
+        add("feature extraction", f"eager {dtype}", timed(features(dtype), x32))
     for dtype in ("fp32", "bf16"):
-        add("fine-tuning", f"eager {dtype}", images_per_second(finetune(dtype), 16, args.seconds))
+        add("fine-tuning", f"eager {dtype}", timed(finetune(dtype), x16))
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "lite0.pt"
@@ -103,21 +95,24 @@ def main() -> None:
         x = x32.contiguous()
         for variant, runner in (("onnxruntime fp32", OnnxRunner(fp32)), (f"onnxruntime int8 ({int8['int8_target']})",
                                                                           OnnxRunner(int8["path"]))):  # fmt: skip
-            add("inference", variant, images_per_second(lambda r=runner: r(x), 32, args.seconds))
+            add("inference", variant, timed(runner, x))
 
-        @torch.inference_mode()
         def eager_inference(dtype):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                model(x32)
+            @torch.inference_mode()
+            def run(x):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    model(x)
+
+            return run
 
         for dtype in ("fp32", "bf16"):
-            add("inference", f"eager {dtype}", images_per_second(lambda d=dtype: eager_inference(d), 32, args.seconds))
+            add("inference", f"eager {dtype}", timed(eager_inference(dtype), x32))
         engine = choose_engine(ckpt, amp="auto")
 
     speed = {(r["task"], r["variant"]): r["img_s"] for r in rows}
     for r in rows:
         r["x_eager_fp32"] = round(r["img_s"] / speed[(r["task"], "eager fp32")], 2)
-    amp = "bf16" if resolve_amp("auto", cpu) == "bf16" else "fp32"
+    amp = precision_name("auto", cpu)
     eager_auto = f"eager {amp}"
     inference_auto = "onnxruntime fp32" if engine["engine"] == "onnx" else eager_auto
     checks = []

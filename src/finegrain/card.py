@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from finegrain.export.onnx import MODEL_CARD_FILE
 from finegrain.report import confused_pairs
 
 FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
-CARD_FILE, SHORT_CARD_FILE = "MODEL_CARD.md", "model_card.json"
+CARD_FILE = "MODEL_CARD.md"
 
 
-def _read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
+def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     return [r[0] for r in rows[1:]], np.array([[int(v) for v in r[1:]] for r in rows[1:]])
@@ -35,7 +36,7 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
     """(markdown, short summary) for a checkpoint evaluated on ``result['split']``."""
     run_dir = Path(ckpt["path"]).parent
     cfg, split = ckpt.get("config", {}), result["split"]
-    classes, confmat = _read_confusion(out_dir / f"confusion_{split}.csv")
+    classes, confmat = read_confusion(out_dir / f"confusion_{split}.csv")
     counts: dict[str, Counter] = {}
     if (run_dir / "split.csv").is_file():
         with (run_dir / "split.csv").open(newline="") as f:
@@ -122,7 +123,7 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
 
 def write_model_card(ckpt: dict, result: dict, out_dir: Path) -> Path:
     text, short = model_card(ckpt, result, out_dir)
-    (out_dir / SHORT_CARD_FILE).write_text(json.dumps(short, indent=2))
+    (out_dir / MODEL_CARD_FILE).write_text(json.dumps(short, indent=2))
     path = out_dir / CARD_FILE
     path.write_text(text)
     return path

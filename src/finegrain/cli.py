@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from finegrain import __version__
-from finegrain.config import TrainConfig
+from finegrain.config import TRACKERS, TrainConfig
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads
 from finegrain.errors import ConfigError, FinegrainError
 
@@ -97,9 +97,7 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         if f.name == "teachers":
             p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="CKPT")
         elif f.name == "log":
-            p.add_argument(
-                flag, nargs="+", choices=["tensorboard", "mlflow"], default=argparse.SUPPRESS, help=help_text
-            )
+            p.add_argument(flag, nargs="+", choices=TRACKERS, default=argparse.SUPPRESS, help=help_text)
         elif f.name == "stages":
             p.add_argument(flag, type=_yaml_list, default=argparse.SUPPRESS, help=help_text, metavar="YAML")
         elif f.name == "model_kwargs":
@@ -187,13 +185,13 @@ def _after_evaluation(result: dict, out: Path, split: str) -> None:
     """The model card beside the checkpoint, the confusion picture, and the trackers the run logs to."""
     import numpy as np
 
-    from finegrain.card import _read_confusion, write_model_card
+    from finegrain.card import CARD_FILE, read_confusion, write_model_card
     from finegrain.engine.checkpoint import load_checkpoint
     from finegrain.engine.tracking import RunTracker
     from finegrain.report import confusion_png
 
     ckpt = load_checkpoint(result["checkpoint"])
-    _, confmat = _read_confusion(out / f"confusion_{split}.csv")
+    _, confmat = read_confusion(out / f"confusion_{split}.csv")
     picture = out / f"confusion_{split}.png"
     picture.write_bytes(confusion_png(np.asarray(confmat)))
     print(f"model card: {write_model_card(ckpt, result, out)}")
@@ -202,7 +200,7 @@ def _after_evaluation(result: dict, out: Path, split: str) -> None:
         run_dir = Path(ckpt["path"]).parent
         tracker = RunTracker(run_dir, cfg["log"], cfg.get("tracking_uri"))
         curves = [run_dir / "curves.png"] if (run_dir / "curves.png").is_file() else []
-        tracker.final(result, split, [picture, *curves, out / "MODEL_CARD.md", Path(ckpt["path"])])
+        tracker.final(result, split, [picture, *curves, out / CARD_FILE, Path(ckpt["path"])])
         tracker.close()
 
 

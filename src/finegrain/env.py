@@ -129,6 +129,11 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
+def precision_name(amp: str, device: torch.device) -> str:
+    """What ``amp`` computes in on ``device``, as records say it: ``bf16`` or ``fp32``."""
+    return "bf16" if resolve_amp(amp, device) == "bf16" else "fp32"
+
+
 @functools.cache
 def _warn_emulated_bf16(device_type: str) -> None:
     warnings.warn(
@@ -160,11 +165,12 @@ def default_workers() -> int:
 
 
 def configure_threads(threads: int | None = None) -> dict:
-    """Intra-op threads = physical cores (or ``threads``), inter-op = 1; returns what is in force.
+    """Intra-op threads = physical cores (or ``threads``), shared among the processes ``torchrun`` starts on this
+    machine (``LOCAL_WORLD_SIZE``); inter-op = 1; returns what is in force.
 
     ``OMP_NUM_THREADS`` set by the user wins, as in PyTorch itself."""
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
-        threads = physical_cores()
+        threads = max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads is not None:
         torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already set, or parallel work already started in this process
@@ -218,7 +224,7 @@ def describe(device: torch.device | None = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info()
     info["device"] = str(device)
-    info["amp_auto"] = "bf16" if resolve_amp("auto", device) == "bf16" else "fp32"
+    info["amp_auto"] = precision_name("auto", device)
     info["int8_target_auto"] = resolve_int8_target("auto")
     info["default_workers"] = default_workers()
     return info

@@ -35,10 +35,14 @@ def list_images(target: str | Path) -> list[Path]:
     raise DataError(f"'{target}' does not exist: pass an image file or a folder of images")
 
 
-def _images_per_second(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int = 3) -> float:
-    fn(x)  # warm-up (ONNX Runtime's first run allocates; PyTorch picks its kernels)
-    times = []
-    for _ in range(repeats):
+def images_per_second(
+    fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 3, seconds: float = 0
+) -> float:
+    """``len(x)`` over the best of at least ``repeats`` timed calls ``fn(x)`` (and for at least ``seconds``), after
+    one warm-up call (ONNX Runtime's first run allocates; PyTorch picks its kernels)."""
+    fn(x)
+    times, begin = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - begin < seconds:
         start = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - start)
@@ -88,7 +92,7 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
 
     with torch.inference_mode():
         fp32_diff = float((model(x[:2]) - runner(x[:2])).abs().max())
-    torch_speed, onnx_speed = _images_per_second(eager, x), _images_per_second(runner, x)
+    torch_speed, onnx_speed = images_per_second(eager, x), images_per_second(runner, x)
     engine = "onnx" if onnx_speed > torch_speed and fp32_diff < 1e-3 else "torch"
     result = {
         "engine": engine, "torch_img_s": torch_speed, "onnx_img_s": onnx_speed, "max_abs_diff": fp32_diff,

@@ -36,22 +36,23 @@ def _describe(head: bytes) -> str:
 def load_tensors(path: str | Path, what: str = "checkpoint", fix: str = "pass a file that finegrain wrote") -> object:
     """``torch.load(path, weights_only=True)`` on the CPU; any failure is a :class:`CheckpointError`."""
     path = Path(path)
+    fix = fix[0].upper() + fix[1:] + "."
     try:
         with path.open("rb") as f:
             head = f.read(64)
     except OSError as e:
         raise CheckpointError(f"cannot read {what} '{path}': {e.strerror}") from e
     if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOLS)):
-        raise CheckpointError(f"cannot use {what} '{path}': {_describe(head)}. {fix[0].upper() + fix[1:]}.")
+        raise CheckpointError(f"cannot use {what} '{path}': {_describe(head)}. {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused {what} '{path}': it holds Python objects other than tensors and plain values, and loading "
-            f"them could run arbitrary code, so finegrain does not. {fix[0].upper() + fix[1:]}."
+            f"them could run arbitrary code, so finegrain does not. {fix}"
         ) from e
     except Exception as e:  # noqa: BLE001 - truncated zips, bad records ... have no common base
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"cannot read {what} '{path}': the file is damaged or incomplete ({reason}). {fix[0].upper() + fix[1:]}."
+            f"cannot read {what} '{path}': the file is damaged or incomplete ({reason}). {fix}"
         ) from e

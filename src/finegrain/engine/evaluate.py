@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from finegrain.engine.distributed import all_reduce_sum
-from finegrain.env import machine_info, resolve_amp
+from finegrain.env import machine_info, precision_name, resolve_amp
 from finegrain.errors import DataError
 
 
@@ -152,7 +152,7 @@ def evaluate_checkpoint(
     predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
     result = {**metrics, "checkpoint": ckpt["path"], "data": str(data)}
     result["engine"] = "onnxruntime" if runner else "torch"
-    result["amp_used"] = "fp32" if runner or resolve_amp(amp, dev) == "none" else "bf16"
+    result["amp_used"] = precision_name("none" if runner else amp, dev)
     result["machine"] = machine_info()
     result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
     (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))

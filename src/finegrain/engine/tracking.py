@@ -15,9 +15,9 @@ import json
 import os
 from pathlib import Path
 
+from finegrain.config import TRACKERS
 from finegrain.errors import ConfigError
 
-TRACKERS = ("tensorboard", "mlflow")
 TRACKING_FILE = "tracking.json"  # which MLflow run a run directory logs to, so `evaluate` adds to the same run
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from finegrain.engine.checkpoint import build_model, load_checkpoint, load_weigh
 from finegrain.engine.evaluate import autocast, evaluate, to_device
 from finegrain.engine.features import extract_features
 from finegrain.engine.tracking import RunTracker, write_curves
-from finegrain.env import configure_threads, machine_info, physical_cores, resolve_amp, resolve_int8_target
+from finegrain.env import configure_threads, machine_info, precision_name, resolve_amp, resolve_int8_target
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.models import create_model
@@ -441,17 +440,14 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     info = fgdist.init_distributed(device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing this machine's cores
-    threads = configure_threads(
-        max(1, physical_cores() // local_procs) if "OMP_NUM_THREADS" not in os.environ else None
-    )
+    threads = configure_threads()
     seed_everything(cfg.seed + info.rank)
     run_dir = _prepare_run_dir(cfg, info)
     saved_cfg = cfg  # what config.yaml and the checkpoints record: "auto" stays "auto" on the next machine
     cfg = replace(cfg, amp="none" if cfg.qat else resolve_amp(cfg.amp, device))
     if info.is_main:
         environment = {**machine_info(), "device": str(device), "amp_requested": saved_cfg.amp,
-                       "amp_used": "bf16" if cfg.amp == "bf16" else "fp32", "threads": threads,
+                       "amp_used": precision_name(cfg.amp, device), "threads": threads,
                        "dataloader_workers": cfg.workers, "world_size": info.world_size}  # fmt: skip
         (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
         _log(info, f"precision {environment['amp_used']} (--amp {saved_cfg.amp}), {threads['intra_op_threads']} "

@@ -26,6 +26,7 @@ from finegrain.errors import CheckpointError, ConfigError
 
 DEFAULT_OPSET = 17  # well covered by onnxruntime's CPU kernels
 METADATA_KEY = "finegrain"
+MODEL_CARD_FILE = "model_card.json"  # the short model card `finegrain evaluate` writes beside a checkpoint
 
 
 class _PaddedConv(torch.autograd.Function):
@@ -117,7 +118,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         "finegrain_version": __version__,
         "source": str(ckpt["path"]),
     }
-    card = Path(ckpt["path"]).with_name("model_card.json")  # written by `finegrain evaluate`
+    card = Path(ckpt["path"]).with_name(MODEL_CARD_FILE)
     if card.is_file():
         try:
             meta["model_card"] = json.loads(card.read_text())
@@ -217,7 +218,7 @@ class OnnxRunner:
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             raise CheckpointError(f"ONNX Runtime cannot load '{path}': {str(e).splitlines()[0]}") from e
         self.input_name = self._check_graph(Path(path))
-        _warn_if_int8_target_missing(self.meta, Path(path))
+        _warn_if_int8_needs_vnni(self.meta, Path(path))
 
     def _check_graph(self, path: Path) -> str:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -242,7 +243,7 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.contiguous().numpy()})[0])
 
 
-def _warn_if_int8_target_missing(meta: dict, path: Path) -> None:
+def _warn_if_int8_needs_vnni(meta: dict, path: Path) -> None:
     """An int8 file made for VNNI CPUs (every int8 file before targets existed was) on a CPU without VNNI."""
     if "quantization" not in meta or has_vnni():
         return

@@ -40,6 +40,7 @@ from finegrain.data.loading import decode_image
 from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 from finegrain.explain import explain
 from finegrain.explain.render import png_bytes
+from finegrain.export.onnx import MODEL_CARD_FILE
 from finegrain.predict import Predictor
 from finegrain.serve.batcher import MicroBatcher
 
@@ -86,7 +87,7 @@ def model_id(path: str | Path) -> str:
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-RELEASE_ABOVE_PIXELS = 4_000_000
+LARGE_IMAGE_PIXELS = 4_000_000  # above it: a decode lane of its own, and the heap trimmed afterwards
 
 
 def _pixels(source: bytes | Image.Image) -> int:
@@ -145,7 +146,7 @@ def _description(predictor: Predictor) -> str | None:
     """What the model is for, from its model card (inside an ONNX file, or beside a checkpoint)."""
     if isinstance(getattr(predictor.model, "meta", None), dict):
         return predictor.model.meta.get("model_card", {}).get("description")
-    card = Path(predictor.info["path"]).with_name("model_card.json")
+    card = Path(predictor.info["path"]).with_name(MODEL_CARD_FILE)
     try:
         return json.loads(card.read_text()).get("description") if card.is_file() else None
     except (OSError, json.JSONDecodeError):
@@ -215,7 +216,7 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         """Images above 4 megapixels decode and resize on a lane of their own, so they queue behind each other
         and not in front of ordinary photos (measured: two clients uploading 36-megapixel photos cut the
         ordinary traffic from 157 to 34 requests/s, p99 71 -> 518 ms, when they shared the two threads)."""
-        return "large" if _pixels(img_or_data) > RELEASE_ABOVE_PIXELS else "preprocess"
+        return "large" if _pixels(img_or_data) > LARGE_IMAGE_PIXELS else "preprocess"
 
     max_body = int(settings.max_body_mb * 2**20)
 
@@ -271,21 +272,22 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         latency.labels(route).observe(time.perf_counter() - start)
         return response
 
-    def decode_and_release(data: bytes) -> Image.Image:
+    def decode(data: bytes, large: bool) -> Image.Image:
         try:
             return decode_upload(data, settings.max_pixels)
         finally:
-            if len(data) > 1_000_000:
-                release_memory()
+            if large:
+                release_memory()  # the decoder's buffers, and the whole image when it failed
 
     async def read_image(file: UploadFile) -> Image.Image:
         data = await file.read()
         await file.close()
-        return await cpu(decode_and_release, data, lane=lane_for(data))
+        lane = lane_for(data)
+        return await cpu(decode, data, lane == "large", lane=lane)
 
     def preprocess(img: Image.Image) -> torch.Tensor:
         x = predictor.transform(img)
-        if img.width * img.height > RELEASE_ABOVE_PIXELS:
+        if lane_for(img) == "large":
             img.close()
             release_memory()
         return x
