@@ -20,8 +20,8 @@ from pathlib import Path
 from _results import write_json
 
 from finegrain.config import TrainConfig
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
+from finegrain.report.evaluation import evaluate_checkpoint
 
 VARIANTS = {
     "baseline": {},
@@ -38,7 +38,7 @@ VARIANTS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=TrainConfig().data)
+    p.add_argument("--data", default=TrainConfig().dataset.data)
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "sr"], choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=3)
@@ -61,7 +61,7 @@ def main() -> None:
             extra = dict(VARIANTS[name])
             if name == "sr":
                 extra["sr_model"] = args.sr_model
-            cfg = TrainConfig(
+            cfg = TrainConfig().replace(
                 data=args.data, seed=seed, epochs=args.epochs, lr=args.lr, cache_features=False,
                 run_dir=str(run_dir), **extra,
             )  # fmt: skip

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
-from finegrain.engine.checkpoint import build_model, load_checkpoint
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
+from finegrain.report.evaluation import evaluate_checkpoint
 
 METHODS = {
     "baseline": ("baseline", {}),
@@ -64,26 +64,26 @@ def main() -> None:
         method, kwargs = METHODS[name]
         trials = []
         for lr in args.lrs:
-            cfg = TrainConfig(
+            cfg = TrainConfig().replace(
                 data=args.data, method=method, model_kwargs=kwargs, epochs=args.epochs, lr=lr,
                 input_size=args.input_size, workers=args.workers, run_dir=str(work / f"{name}-lr{lr:g}"),
             )  # fmt: skip
             if args.cache_dir:
-                cfg.cache_dir = args.cache_dir
-            metrics = Path(cfg.run_dir) / "metrics.jsonl"
+                cfg = cfg.replace(cache_dir=args.cache_dir)
+            metrics = Path(cfg.run.run_dir) / "metrics.jsonl"
             history = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
             seconds = None  # unknown for a reused run
-            if len(history) < cfg.epochs:
+            if len(history) < cfg.optim.epochs:
                 start = time.perf_counter()
                 history = fit(cfg).history
                 seconds = time.perf_counter() - start
             best_val = max(r["val_top1"] for r in history)
             head = sum(r["epoch_seconds"] for r in history)  # the feature cache may be warm or cold
             trials.append({"lr": lr, "val_top1": best_val, "train_seconds": seconds, "head_seconds": head,
-                           "run_dir": cfg.run_dir})  # fmt: skip
+                           "run_dir": cfg.run.run_dir})  # fmt: skip
         chosen = max(trials, key=lambda t: t["val_top1"])
         test = evaluate_checkpoint(Path(chosen["run_dir"]) / "best.pt", workers=args.workers)
-        model = build_model(load_checkpoint(Path(chosen["run_dir"]) / "best.pt"))
+        model = Checkpoint.load(Path(chosen["run_dir"]) / "best.pt").build_model()
         rows.append(
             {
                 "method": name,

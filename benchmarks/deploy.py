@@ -22,15 +22,13 @@ from pathlib import Path
 import torch
 from _results import write_json
 
-from finegrain.compress.prune import prune_checkpoint
-from finegrain.config import TrainConfig
+from finegrain.checkpoint import Checkpoint
+from finegrain.compress.recipes import prune_and_finetune
 from finegrain.data import ImageDataset
-from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
-from finegrain.engine.train import fit
+from finegrain.data.transforms import eval_transform
 from finegrain.env import machine_info
 from finegrain.export import OnnxRunner, export_onnx
-from finegrain.export.quantize import calibration_samples, quantize_onnx
+from finegrain.export.quantize import quantize_onnx
 
 
 def timed(fn, x: torch.Tensor, runs: int) -> list[float]:
@@ -91,12 +89,11 @@ def main() -> None:
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fg-deploy-"))
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt["config"]
-    test = checkpoint_dataset(ckpt).split("test")[: args.test_images or None]
-    dataset = ImageDataset(test, eval_transform(Preprocess.from_dict(ckpt["preprocess"])))
+    ckpt = Checkpoint.load(args.checkpoint)
+    test = ckpt.dataset().split("test")[: args.test_images or None]
+    dataset = ImageDataset(test, eval_transform(ckpt.preprocess))
     images, labels = map(torch.cat, zip(*torch.utils.data.DataLoader(dataset, batch_size=64), strict=True))
-    calib = calibration_samples(ckpt["path"], count=256)
+    calib = ckpt.calibration_samples(256)
 
     def onnx_rows(label: str, source: str) -> list[dict]:
         fp32 = export_onnx(source, work / f"{label}.onnx")
@@ -107,20 +104,17 @@ def main() -> None:
             rows.append(measure(name, OnnxRunner(int8["path"]), images, labels, int8["megabytes"], args.runs))
         return rows
 
-    size_mb = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values()) / 2**20
-    rows = [measure("PyTorch eager fp32", torch_fn(build_model(ckpt)), images, labels, size_mb, args.runs)]
-    nchw = torch_fn(build_model(ckpt), channels_last=False)
+    size_mb = sum(t.numel() * t.element_size() for t in ckpt.state_dict.values()) / 2**20
+    rows = [measure("PyTorch eager fp32", torch_fn(ckpt.build_model()), images, labels, size_mb, args.runs)]
+    nchw = torch_fn(ckpt.build_model(), channels_last=False)
     rows.append(measure("PyTorch eager fp32 NCHW", nchw, images, labels, size_mb, args.runs))
-    rows += onnx_rows("full", ckpt["path"])
+    rows += onnx_rows("full", ckpt.path)
     if args.qat:
         rows += onnx_rows("QAT", args.qat)
     for ratio in args.ratios:
-        pruned = prune_checkpoint(ckpt["path"], ratio, work / f"pruned{ratio}.pt")["path"]
-        if args.finetune_epochs:
-            overrides = {"init_from": pruned, "freeze_backbone": False, "lr": 1e-4, "epochs": args.finetune_epochs}
-            tuned = TrainConfig.from_dict({**cfg, **overrides, "run_dir": str(work / f"ft{ratio}")})
-            pruned = str(fit(tuned).run_dir / "best.pt")
-        rows += onnx_rows(f"pruned {round(100 * ratio)}%", pruned)
+        r = prune_and_finetune(ckpt.path, ratio, args.finetune_epochs, out=work / f"pruned{ratio}.pt",
+                               run_dir=work / f"ft{ratio}")  # fmt: skip
+        rows += onnx_rows(f"pruned {round(100 * ratio)}%", r.get("finetuned", r["path"]))
 
     base = rows[0]
     for r in rows:

@@ -18,14 +18,14 @@ from pathlib import Path
 from _results import write_json
 
 from finegrain.config import TrainConfig
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
+from finegrain.report.evaluation import evaluate_checkpoint
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, nargs="+")
-    p.add_argument("--data", default=TrainConfig().data)
+    p.add_argument("--data", default=TrainConfig().dataset.data)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--kd-alpha", type=float, default=0.5)
@@ -40,7 +40,7 @@ def main() -> None:
     for seed in args.seeds:
         for name, teachers in (("student alone", []), ("student + teacher", args.teacher)):
             run_dir = Path(args.work_dir) / f"{'kd' if teachers else 'plain'}_seed{seed}"
-            cfg = TrainConfig(
+            cfg = TrainConfig().replace(
                 data=args.data, seed=seed, teachers=list(teachers), kd_temperature=args.kd_temperature,
                 kd_alpha=args.kd_alpha, run_dir=str(run_dir),
             )  # fmt: skip

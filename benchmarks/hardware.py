@@ -24,11 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data import load_dataset
-from finegrain.engine.checkpoint import model_record, save_atomic
+from finegrain.data.calibration import evenly_spaced
 from finegrain.env import configure_threads, machine_info, precision_name
 from finegrain.export import OnnxRunner, export_onnx
-from finegrain.export.quantize import evenly_spaced, quantize_onnx
+from finegrain.export.quantize import quantize_onnx
 from finegrain.models import create_model
 from finegrain.predict import choose_engine, images_per_second
 
@@ -88,7 +89,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "lite0.pt"
-        save_atomic(model_record(model, [f"c{i}" for i in range(100)]), ckpt)
+        Checkpoint.from_model(model, [f"c{i}" for i in range(100)]).save(ckpt)
         fp32 = export_onnx(ckpt, Path(tmp) / "lite0.onnx")["path"]
         calib = evenly_spaced(load_dataset(CUB100, val_fraction=0.0).split("train"), 32)
         int8 = quantize_onnx(fp32, calib, Path(tmp) / "lite0.int8.onnx", target="auto")

@@ -42,8 +42,9 @@ def main() -> None:
         scores = []
         for seed in args.seeds:
             # The seed changes the validation split (carved with it), the head initialisation and data order.
-            cfg = TrainConfig(data=args.data, run_dir=str(work / f"{len(rows)}-{seed}"), **overrides)
-            cfg.seed = seed
+            cfg = TrainConfig().replace(
+                data=args.data, run_dir=str(work / f"{len(rows)}-{seed}"), seed=seed, **overrides
+            )
             start = time.perf_counter()
             result = fit(cfg)
             scores.append((result.history[-1]["val_top1"], time.perf_counter() - start))

@@ -24,18 +24,18 @@ from _results import write_json
 from _timing import latency_ms
 from PIL import Image
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data.loading import open_image
-from finegrain.engine.checkpoint import checkpoint_dataset, load_checkpoint
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.explain import explain
 from finegrain.predict import Predictor
+from finegrain.report.evaluation import evaluate_checkpoint
 
 
 def picture(run: Path, out: Path, count: int = 6) -> None:
     predictor = Predictor.load(run / "best.pt")
-    test = checkpoint_dataset(load_checkpoint(run / "best.pt")).split("test")
+    test = Checkpoint.load(run / "best.pt").dataset().split("test")
     chosen = test[:: max(1, len(test) // count)][:count]
     images = [open_image(s.path) for s in chosen]
     tiles = [e.overlay(img, predictor) for e, img in zip(explain(predictor, images), images, strict=True)]
@@ -50,7 +50,7 @@ def picture(run: Path, out: Path, count: int = 6) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=TrainConfig().data)
+    p.add_argument("--data", default=TrainConfig().dataset.data)
     p.add_argument("--baseline-run", help="a trained default baseline run to reuse (else one is trained)")
     p.add_argument("--epochs", type=int, default=6, help="RA-CNN epochs")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -71,7 +71,7 @@ def main() -> None:
     if args.baseline_run:
         runs["baseline"], baseline_seconds = Path(args.baseline_run), None
     else:
-        runs["baseline"] = fit(TrainConfig(data=args.data, run_dir=str(work / "baseline"))).run_dir
+        runs["baseline"] = fit(TrainConfig().replace(data=args.data, run_dir=str(work / "baseline"))).run_dir
         baseline_seconds = time.perf_counter() - start
     init = str(runs["baseline"] / "best.pt") if args.init_from_baseline or args.fine_tune else None
     tuned = {"freeze_backbone": False} if args.fine_tune else {}
@@ -82,7 +82,7 @@ def main() -> None:
         jobs = {"baseline fine-tuned": {}, **jobs}
     for name, job in jobs.items():
         start = time.perf_counter()
-        cfg = TrainConfig(
+        cfg = TrainConfig().replace(
             data=args.data, epochs=args.epochs, lr=args.lr, run_dir=str(work / name.replace(" ", "_")),
             init_from=init, cache_features=False, input_size=args.input_size, **tuned, **job,
         )  # fmt: skip

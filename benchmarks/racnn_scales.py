@@ -14,17 +14,17 @@ import time
 import torch
 from _results import write_json
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data import ImageDataset
-from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
+from finegrain.data.transforms import eval_transform
 
 
 @torch.inference_mode()
 def scale_accuracy(run: str, split: str) -> dict:
-    ckpt = load_checkpoint(run)
-    model = build_model(ckpt).eval()
-    transform = eval_transform(Preprocess.from_dict(ckpt["preprocess"]))
-    dataset = ImageDataset(checkpoint_dataset(ckpt).split(split), transform)
+    ckpt = Checkpoint.load(run)
+    model = ckpt.build_model().eval()
+    transform = eval_transform(ckpt.preprocess)
+    dataset = ImageDataset(ckpt.dataset().split(split), transform)
     correct, n = torch.zeros(model.scales + 1), 0
     for x, y in torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=2):
         logits, _ = model.forward_scales(x)

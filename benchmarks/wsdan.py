@@ -22,13 +22,13 @@ from _results import write_json
 from _timing import latency_ms
 from PIL import Image, ImageDraw
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data.loading import open_image
-from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.explain.render import overlay
 from finegrain.predict import Predictor
+from finegrain.report.evaluation import evaluate_checkpoint
 
 
 def _norm(a: torch.Tensor, size) -> np.ndarray:
@@ -41,10 +41,10 @@ def _norm(a: torch.Tensor, size) -> np.ndarray:
 def picture(ckpt: Path, out: Path, count: int = 4, maps: int = 3) -> None:
     """One row per test photo: the mean attention map with the test-time crop box, then the ``maps`` attention
     maps with the most mass on that photo."""
-    record = load_checkpoint(ckpt)
-    model = build_model(record).eval()
+    record = Checkpoint.load(ckpt)
+    model = record.build_model().eval()
     predictor = Predictor.load(ckpt)
-    test = checkpoint_dataset(record).split("test")
+    test = record.dataset().split("test")
     rows = []
     for s in test[:: max(1, len(test) // count)][:count]:
         img = open_image(s.path)
@@ -70,7 +70,7 @@ def picture(ckpt: Path, out: Path, count: int = 4, maps: int = 3) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=TrainConfig().data)
+    p.add_argument("--data", default=TrainConfig().dataset.data)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -99,8 +99,10 @@ def main() -> None:
                 run_dir = reused  # the same budget, already trained by benchmarks/ablation.py
             else:
                 kwargs = {"num_maps": args.num_maps} if method == "wsdan" else {}
-                cfg = TrainConfig(data=args.data, method=method, model_kwargs=kwargs, seed=seed, epochs=args.epochs,
-                                  lr=args.lr, cache_features=False, run_dir=str(run_dir))  # fmt: skip
+                cfg = TrainConfig().replace(
+                    data=args.data, method=method, model_kwargs=kwargs, seed=seed, epochs=args.epochs, lr=args.lr,
+                    cache_features=False, run_dir=str(run_dir),
+                )  # fmt: skip
                 start = time.perf_counter()
                 fit(cfg)
                 seconds = time.perf_counter() - start

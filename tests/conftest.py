@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
-from finegrain.engine.checkpoint import model_record, save_atomic
 from finegrain.models import create_model
 
 CUB100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cub100"
@@ -107,7 +107,7 @@ def tiny_config(tmp_path: Path):
             val_fraction=0.2,
         )
         base.update(overrides)
-        return TrainConfig(**base).validate()
+        return TrainConfig().replace(**base)
 
     return make
 
@@ -127,7 +127,7 @@ def make_checkpoint(path: Path, method: str = "baseline", classes=("a", "b", "c"
     torch.manual_seed(0)
     model = create_model(method, num_classes=len(classes), pretrained=False, **kwargs).eval()
     model.preprocess = replace(model.preprocess, input_size=64)
-    save_atomic(model_record(model, list(classes)), path)
+    Checkpoint.from_model(model, list(classes)).save(path)
     return path
 
 
@@ -147,7 +147,7 @@ def cub10_checkpoint(tmp_path_factory) -> Path:
         for s in index.samples:
             if s.label % 10 == 0:
                 writer.writerow([str(s.path), index.classes[s.label], s.split])
-    cfg = TrainConfig(
+    cfg = TrainConfig().replace(
         data=str(root / "cub10.csv"), input_size=224, epochs=15, batch_size=8, workers=0, amp="auto",
         val_fraction=0.0, cache_dir=str(root / "cache"), run_dir=str(root / "run"),
     )  # fmt: skip
@@ -247,7 +247,7 @@ def fit_killed_in_epoch(monkeypatch, epoch: int, config: TrainConfig) -> None:
     real_epoch = train_module.train_one_epoch
 
     def killed(*args, **kwargs):
-        if args[8] == epoch:  # the epoch argument
+        if args[7] == epoch:  # the epoch argument
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 

@@ -9,7 +9,7 @@ from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
 
 data, out = sys.argv[1], sys.argv[2]
-cfg = TrainConfig(
+cfg = TrainConfig().replace(
     data=data, input_size=64, epochs=2, batch_size=4, workers=0, amp="none", freeze_backbone=False,
     cache_dir=os.path.join(out, "cache"), run_dir=os.path.join(out, "run"), val_fraction=0.25, lr=1e-3,
 )  # fmt: skip

@@ -5,7 +5,8 @@ from torchvision.transforms import v2  # noqa: F401 - torchvision is what train_
 from finegrain.config import TrainConfig
 from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch, jigsaw
 from finegrain.data.transforms import Preprocess, train_transform
-from finegrain.engine.train import add_mixstyle, fit
+from finegrain.engine.addons.style import MixStyleAddOn
+from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.models import create_model
 
@@ -67,7 +68,7 @@ def test_mixstyle_hooks_act_in_training_only():
     x = torch.randn(4, 3, 64, 64)
     model.eval()
     ref = model(x)
-    add_mixstyle(model, p=1.0)
+    MixStyleAddOn.add_to(model, p=1.0)
     assert torch.equal(model.eval()(x), ref)
     model.train()
     model.head[0].p = 0.0  # no dropout: any difference is MixStyle's
@@ -76,8 +77,8 @@ def test_mixstyle_hooks_act_in_training_only():
 
 def test_image_augmentations_need_image_training():
     with pytest.raises(ConfigError, match="no-cache-features"):
-        TrainConfig(random_erasing=0.5).validate()
-    TrainConfig(random_erasing=0.5, cache_features=False).validate()
+        TrainConfig().replace(random_erasing=0.5).validate()
+    TrainConfig().replace(random_erasing=0.5, cache_features=False).validate()
 
 
 def test_training_with_every_style_augmentation_learns(imagefolder, tiny_config):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.data.loading import decode_image
-from finegrain.engine.checkpoint import load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.errors import CheckpointError, DataError
 from finegrain.export import export_onnx, read_onnx_metadata
@@ -148,7 +148,7 @@ def test_unusable_checkpoints_say_what_they_are_and_never_advise_unsafe_loading(
     run.mkdir()
     (run / "best.pt").write_bytes(content)
     with pytest.raises(CheckpointError, match=words) as e:
-        load_checkpoint(run)
+        Checkpoint.load(run)
     assert "weights_only" not in str(e.value) and "best.pt" in str(e.value)
     code, err = run_cli(["predict", run, run / "best.pt"], capsys)
     assert code == 2 and words in err and "weights_only" not in err
@@ -158,7 +158,7 @@ def test_unusable_checkpoints_say_what_they_are_and_never_advise_unsafe_loading(
 def test_zero_byte_last_pt_points_to_best_pt(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="best.pt beside it"):
-        load_checkpoint(tmp_path / "last.pt")
+        Checkpoint.load(tmp_path / "last.pt")
 
 
 # --- ONNX files ---------------------------------------------------------------------------------------------

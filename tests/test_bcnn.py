@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.checkpoint import Checkpoint
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.models import create_model
@@ -92,8 +92,8 @@ def test_trains_on_cached_maps_and_reloads_identically(cub, tiny_config, method)
     cfg = tiny_config(cub, method=method, epochs=12, lr=3e-3, model_kwargs={"reduce_dim": 32, "sketch_dim": 1024})
     result = fit(cfg)
     assert result.history[-1]["val_top1"] >= 0.75  # chance 0.25
-    ckpt = load_checkpoint(result.run_dir / "last.pt")
-    rebuilt = build_model(ckpt).to(memory_format=torch.channels_last)  # the trained model's layout
+    ckpt = Checkpoint.load(result.run_dir / "last.pt")
+    rebuilt = ckpt.build_model().to(memory_format=torch.channels_last)  # the trained model's layout
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt(x), result.model.eval()(x), atol=0, rtol=0)

@@ -28,6 +28,12 @@ class PooledLinear(nn.Module):
     def forward(self, x):
         return self.head(self.backbone(x).mean((2, 3)))
 
+    def explain_layer(self):  # the method contract's defaults (finegrain.models.base): the last spatial map
+        return None
+
+    def activation_map(self, output):
+        return output
+
 
 def bright_square(top: int, left: int, size: int = 32, side: int = 8) -> torch.Tensor:
     x = torch.zeros(1, 3, size, size)

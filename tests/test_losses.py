@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.data import load_dataset
-from finegrain.engine.checkpoint import load_checkpoint, save_atomic
 from finegrain.engine.train import fit
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.losses import CenterLoss, distillation_loss
@@ -57,10 +57,10 @@ def test_distillation_student_follows_its_teacher_not_the_labels(tmp_path, image
     """A teacher that systematically answers the *next* class: a student taught by it alone (kd_alpha=1) must
     learn the teacher's mapping, which proves the soft labels, not the true ones, drive its training."""
     teacher = fit(tiny_config(imagefolder, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
-    ckpt = load_checkpoint(teacher / "best.pt")
+    ckpt = Checkpoint.load(teacher / "best.pt")
     for key in ("head.1.weight", "head.1.bias"):
-        ckpt["state_dict"][key] = ckpt["state_dict"][key].roll(1, dims=0)  # logit of c+1 <- evidence of c
-    save_atomic(ckpt, tmp_path / "shifted.pt")
+        ckpt.state_dict[key] = ckpt.state_dict[key].roll(1, dims=0)  # logit of c+1 <- evidence of c
+    ckpt.save(tmp_path / "shifted.pt")
     student = fit(
         tiny_config(
             imagefolder, epochs=5, lr=3e-3, teachers=[str(tmp_path / "shifted.pt")], kd_alpha=1.0,
@@ -100,7 +100,7 @@ def test_center_loss_option_trains_and_its_centres_survive_resume(tmp_path, imag
     cfg = tiny_config(imagefolder, epochs=3, lr=1e-3, center_loss=0.5, freeze_backbone=False)
     result = fit(cfg)
     assert result.history[-1]["val_top1"] >= 0.75
-    centres = load_checkpoint(result.run_dir / "last.pt")["resume"]["center"]["centers"]
+    centres = Checkpoint.load(result.run_dir / "last.pt").resume["addons"]["center"]["centers"]
     assert centres.shape[0] == 4 and torch.allclose(centres.norm(dim=1), torch.ones(4), atol=0.2)  # unit features
     again = fit(tiny_config(imagefolder, epochs=4, run_dir=str(tmp_path / "again")), resume=result.run_dir)
     assert len(again.history) == 1  # one more epoch, from the saved state (centres included)

@@ -7,18 +7,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, load_dataset
 from finegrain.data.datasets import Sample
 from finegrain.data.parts import check_part_groups, part_boxes
-from finegrain.engine.checkpoint import build_model, load_checkpoint
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError, DataError
 from finegrain.models import create_model
 from finegrain.models.parts import centre_heatmap, localisation_loss
 from finegrain.models.regions import box_iou, crop_resize, threshold_boxes
 from finegrain.models.wsdan import attention_crop, attention_drop, bilinear_attention_pool
+from finegrain.report.evaluation import evaluate_checkpoint
 
 from .conftest import make_checkpoint, make_part_cub
 
@@ -140,7 +140,7 @@ def test_localisation_loss_prefers_the_truth_and_ignores_absent_parts():
 )
 def test_save_reload_gives_identical_outputs_and_boxes(tmp_path, method, kwargs):
     ckpt = make_checkpoint(tmp_path / "m.pt", method, **kwargs)
-    a, b = build_model(load_checkpoint(ckpt)).eval(), build_model(load_checkpoint(ckpt)).eval()
+    a, b = Checkpoint.load(ckpt).build_model().eval(), Checkpoint.load(ckpt).build_model().eval()
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(a(x), b(x))
     for ba, bb in zip(a.attention_boxes(x), b.attention_boxes(x), strict=True):
@@ -168,7 +168,7 @@ def pattern_cub(tmp_path_factory):
 
 def _train_and_test(data, method: str, tmp_path, **model_kwargs) -> dict:
     """The shared budget: frozen ImageNet lite0 at 160 px (a 5 x 5 feature grid), 10 epochs at lr 3e-3."""
-    cfg = TrainConfig(
+    cfg = TrainConfig().replace(
         data=str(data), method=method, model_kwargs=model_kwargs, input_size=160, epochs=10, batch_size=16, lr=3e-3,
         workers=0, amp="none", cache_features=False, val_fraction=0.0, run_dir=str(tmp_path / method),
         cache_dir=str(tmp_path / "cache"),

@@ -1,12 +1,11 @@
 import pytest
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.compress.prune import prune_checkpoint
-from finegrain.data.transforms import Preprocess
-from finegrain.engine.checkpoint import build_model, checkpoint_dataset, load_checkpoint
+from finegrain.data.calibration import calibration_loader
 from finegrain.engine.train import fit
 from finegrain.export import export_onnx
-from finegrain.export.quantize import calibration_loader
 
 from .conftest import make_checkpoint
 
@@ -15,8 +14,8 @@ def test_pruned_checkpoint_is_smaller_reloads_and_exports(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt", "bcnn", reduce_dim=16, layers=[3, "final"])
     r = prune_checkpoint(ckpt, 0.5, importance="magnitude")  # no dataset behind this checkpoint
     assert r["params_after"] < 0.75 * r["params_before"]
-    pruned = load_checkpoint(r["path"])  # weights_only load: the structure is plain numbers
-    model = build_model(pruned)
+    pruned = Checkpoint.load(r["path"])  # weights_only load: the structure is plain numbers
+    model = pruned.build_model()
     assert sum(p.numel() for p in model.parameters()) == r["params_after"]
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
@@ -32,7 +31,7 @@ def test_taylor_pruning_then_fine_tuning_learns(cub, tiny_config):
         tiny_config(cub, epochs=2, init_from=r["path"], freeze_backbone=False, lr=1e-4, run_dir=r["path"] + ".ft")
     )
     assert tuned.history[-1]["val_top1"] >= 0.75
-    reloaded = build_model(load_checkpoint(tuned.run_dir / "last.pt"))
+    reloaded = Checkpoint.load(tuned.run_dir / "last.pt").build_model()
     assert sum(p.numel() for p in reloaded.parameters()) == r["params_after"]
 
 
@@ -41,13 +40,13 @@ def test_activation_pruning_keeps_a_real_model_working_before_fine_tuning(cub10_
     """30% of lite0's expansion channels removed from a model trained on 10 cub100 species: ranked by their
     share of the block output, with their mean contribution folded back, the model still classifies (measured
     2026-11-27 on cub100: weight magnitude without that fold left 1% top-1, i.e. chance)."""
-    test = checkpoint_dataset(load_checkpoint(cub10_checkpoint)).split("test")[::3]
-    pre = Preprocess.from_dict(load_checkpoint(cub10_checkpoint)["preprocess"])
+    test = Checkpoint.load(cub10_checkpoint).dataset().split("test")[::3]
+    pre = Checkpoint.load(cub10_checkpoint).preprocess
     x, y = (torch.cat(t) for t in zip(*calibration_loader(test, pre, 32), strict=True))
 
     def accuracy(path) -> float:
         with torch.inference_mode():
-            return (build_model(load_checkpoint(path)).eval()(x).argmax(1) == y).float().mean().item()
+            return (Checkpoint.load(path).build_model().eval()(x).argmax(1) == y).float().mean().item()
 
     base = accuracy(cub10_checkpoint)
     pruned = prune_checkpoint(cub10_checkpoint, 0.3, tmp_path / "p.pt")

@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
-from finegrain.compress.qat import QMAX_WEIGHT, QATConv2d, _fake_quant_weight, calibrate, prepare_qat, qat_layers
 from finegrain.config import TrainConfig
-from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
+from finegrain.models.fake_quant import QMAX_WEIGHT, QATConv2d, _fake_quant_weight, calibrate, prepare_qat, qat_layers
 from finegrain.predict import Predictor
 
 from .conftest import make_checkpoint
@@ -45,7 +45,7 @@ def test_conv_followed_by_batchnorm_rounds_the_folded_weight():
 
 
 def test_prepare_keeps_checkpoint_names_calibrates_and_trains(tmp_path):
-    model = build_model(load_checkpoint(make_checkpoint(tmp_path / "m.pt"))).eval()
+    model = Checkpoint.load(make_checkpoint(tmp_path / "m.pt")).build_model().eval()
     keys = list(model.state_dict())
     x = torch.randn(6, 3, 64, 64)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_prepare_keeps_checkpoint_names_calibrates_and_trains(tmp_path):
 def test_qat_config_is_checked(overrides, words):
     base = {"qat": True, "freeze_backbone": False, "amp": "none"}
     with pytest.raises(ConfigError, match=words):
-        TrainConfig(**{**base, **overrides}).validate()
+        TrainConfig().replace(**{**base, **overrides})
 
 
 def test_cli_qat_fine_tunes_and_writes_an_int8_model(tmp_path, imagefolder, tiny_config):
@@ -80,8 +80,8 @@ def test_cli_qat_fine_tunes_and_writes_an_int8_model(tmp_path, imagefolder, tiny
     args = ["qat", str(run), "--epochs", "1", "--run-dir", str(out), "--calib-images", "16", "--batch-size", "8"]
     assert main(args) == 0
     assert (out / "best.pt").is_file() and (out / "best.int8.onnx").is_file()
-    ckpt = load_checkpoint(out / "best.pt")
-    assert ckpt["config"]["qat"] and ckpt["method"] == "baseline"
+    ckpt = Checkpoint.load(out / "best.pt")
+    assert ckpt.train_config().quantization.qat and ckpt.method == "baseline"
     test = [p for p in sorted(imagefolder.rglob("*.jpg"))]
     probs = Predictor.load(out / "best.int8.onnx").probabilities_for(test)
     labels = torch.tensor([int(p.parent.name.split("_")[1]) for p in test])

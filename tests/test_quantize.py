@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data import load_dataset
 from finegrain.export import export_onnx
-from finegrain.export.quantize import calibration_samples, quantize_onnx
+from finegrain.export.quantize import quantize_onnx
 from finegrain.predict import Predictor
 
 
@@ -12,7 +13,7 @@ def test_int8_agrees_with_fp32_on_real_cub_images(tmp_path, cub10_checkpoint):
     """A head trained on 10 cub100 species; int8 vs fp32 top-1 on their real test photos."""
     ckpt = cub10_checkpoint
     fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
-    calib = calibration_samples(ckpt, count=64)
+    calib = Checkpoint.load(ckpt).calibration_samples(64)
     assert len(calib) == 64 and all(s.split == "train" for s in calib)
     int8 = quantize_onnx(fp32, calib)
     test = [s.path for s in load_dataset(ckpt.parent.parent / "cub10.csv", val_fraction=0.0).split("test")][:128]

@@ -2,17 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, load_dataset
 from finegrain.data.parts import part_boxes
-from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import build_model, load_checkpoint
-from finegrain.engine.evaluate import evaluate_checkpoint
+from finegrain.data.transforms import eval_transform
 from finegrain.engine.train import fit
 from finegrain.losses import pairwise_ranking_loss
 from finegrain.models import create_model
 from finegrain.models.racnn import peak_boxes, zoom
 from finegrain.models.regions import box_intersection, box_iou
+from finegrain.report.evaluation import evaluate_checkpoint
 
 from .conftest import make_checkpoint, make_part_cub
 
@@ -68,7 +68,7 @@ def test_alternating_steps_route_gradients():
 
 def test_save_reload_gives_identical_logits_and_boxes(tmp_path):
     ckpt = make_checkpoint(tmp_path / "r.pt", "racnn", scales=3)
-    a, b = build_model(load_checkpoint(ckpt)).eval(), build_model(load_checkpoint(ckpt)).eval()
+    a, b = Checkpoint.load(ckpt).build_model().eval(), Checkpoint.load(ckpt).build_model().eval()
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(a(x), b(x))
     for ba, bb in zip(a.attention_boxes(x), b.attention_boxes(x), strict=True):
@@ -96,7 +96,7 @@ def test_init_from_a_baseline_gives_every_scale_its_classifier(tmp_path, imagefo
         run_dir=str(tmp_path / "racnn"), lr=1e-9,  # (almost) no learning: the start is what is compared
     )  # fmt: skip
     model = fit(cfg).model.eval()
-    baseline = build_model(load_checkpoint(base / "best.pt"))
+    baseline = Checkpoint.load(base / "best.pt").build_model()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model.forward_scales(x)[0][0], baseline(x), atol=1e-4)
@@ -115,18 +115,18 @@ def test_attended_boxes_find_the_small_patch_that_decides_the_class(tmp_path):
     squares of the other colours lie elsewhere. After training (lite0 fine-tuned, as in the paper), the first
     zoom must cover the disc's region far more often than random boxes of the same sizes do."""
     data = make_part_cub(tmp_path / "cub")
-    cfg = TrainConfig(
+    cfg = TrainConfig().replace(
         data=str(data), method="racnn", model_kwargs={"apn_start": 15}, freeze_backbone=False, input_size=160,
         epochs=8, batch_size=16, lr=1e-3, workers=0, amp="none", cache_features=False, val_fraction=0.0,
         run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     run = fit(cfg.validate()).run_dir
     assert evaluate_checkpoint(run / "last.pt", workers=0)["top1"] > 0.9
-    ckpt = load_checkpoint(run / "last.pt")
+    ckpt = Checkpoint.load(run / "last.pt")
     index = load_dataset(data)
     test = index.split("test")
-    dataset = ImageDataset(test, eval_transform(Preprocess.from_dict(ckpt["preprocess"])))
-    boxes = build_model(ckpt).eval().attention_boxes(torch.stack([dataset[i][0] for i in range(len(test))]))[0]
+    dataset = ImageDataset(test, eval_transform(ckpt.preprocess))
+    boxes = ckpt.build_model().eval().attention_boxes(torch.stack([dataset[i][0] for i in range(len(test))]))[0]
     # the disc's annotated region (keypoint box, padded), in [0, 1] image coordinates
     patch = torch.stack([part_boxes(s, index.part_names, {"head": ["head"]}, (128, 128))[0][0] / 128 for s in test])
     side = boxes[:, 2:] - boxes[:, :2]

@@ -2,9 +2,9 @@ import re
 
 import numpy as np
 
-from finegrain.engine.evaluate import evaluate_checkpoint
 from finegrain.engine.train import fit
-from finegrain.report import confused_pairs
+from finegrain.report.evaluation import evaluate_checkpoint
+from finegrain.report.html import confused_pairs
 
 
 def test_confused_pairs_are_the_largest_off_diagonal_counts():

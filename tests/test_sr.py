@@ -83,9 +83,9 @@ def test_sr_transforms_keep_training_size_and_enlarge_only_small_images():
 
 def test_sr_options_are_checked_and_a_classifier_is_not_an_sr_model(tmp_path):
     with pytest.raises(ConfigError, match="sr-model"):
-        TrainConfig(sr_aug=0.5).validate()
+        TrainConfig().replace(sr_aug=0.5).validate()
     with pytest.raises(ConfigError, match="no-cache-features"):
-        TrainConfig(sr_aug=0.5, sr_model="x.pt").validate()
+        TrainConfig().replace(sr_aug=0.5, sr_model="x.pt").validate()
     with pytest.raises(CheckpointError, match="not a super-resolution model"):
         load_sr(make_checkpoint(tmp_path / "c.pt"))
 

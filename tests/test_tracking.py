@@ -59,7 +59,7 @@ def test_mlflow_run_holds_params_metrics_evaluation_and_artifacts(cub, tiny_conf
     record = json.loads((run / "tracking.json").read_text())
     client = MlflowClient(tracking_uri=uri)
     data = client.get_run(record["mlflow_run_id"]).data
-    assert data.params["lr"] == str(tiny_config(cub).lr)
+    assert data.params["lr"] == str(tiny_config(cub).optim.lr)
     history = [(m.step, m.value) for m in client.get_metric_history(record["mlflow_run_id"], "val_top1")]
     assert sorted(history) == [(r["epoch"], pytest.approx(r["val_top1"])) for r in metrics(run)]
     assert data.metrics["test_top1"] == pytest.approx(json.loads((run / "eval_test.json").read_text())["top1"])

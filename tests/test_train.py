@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.engine import train as train_module
-from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.predict import Predictor
@@ -31,9 +31,9 @@ def test_full_finetuning_learns_the_task(tmp_path, tiny_config):
 
 def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
     result = fit(tiny_config(cub, epochs=2))
-    ckpt = load_checkpoint(result.run_dir / "last.pt")
-    assert ckpt["classes"] == load_dataset(cub).classes
-    assert ckpt["preprocess"]["input_size"] == 64 and ckpt["method"] == "baseline"
+    ckpt = Checkpoint.load(result.run_dir / "last.pt")
+    assert ckpt.classes == load_dataset(cub).classes
+    assert ckpt.preprocess.input_size == 64 and ckpt.method == "baseline"
     predictor = Predictor.from_checkpoint(result.run_dir / "last.pt", device="cpu")
     paths = sorted(cub.rglob("*.jpg"))[:6]
     probs = torch.tensor([[t["prob"] for t in r["top"]] for r in predictor.predict_files(paths, k=4)])
@@ -44,7 +44,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
     with torch.inference_mode():
         expected = model(x).softmax(-1).topk(4).values
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
-    rebuilt = build_model(ckpt)
+    rebuilt = ckpt.build_model()
     for k, v in rebuilt.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k].cpu(), atol=0, rtol=0)
 
@@ -116,24 +116,25 @@ def test_progressive_stages_switch_at_their_epochs_and_resume_mid_stage(cub, tin
     seen = []
     real_epoch = train_module.train_one_epoch
 
-    def spy(task, *args, **kwargs):
+    def spy(ctx, task, *args, **kwargs):
         model = task.trainable
         with torch.random.fork_rng():  # reading a sample must not change the training's random stream
             side = task.train_set[0][0].shape[-1]
-        seen.append((model.preprocess.input_size, task.jigsaw, model.augment, side))
-        return real_epoch(task, *args, **kwargs)
+        (progressive,) = [a for a in ctx.addons if a.name == "progressive"]
+        seen.append((model.preprocess.input_size, progressive.jigsaw, model.augment, side))
+        return real_epoch(ctx, task, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", spy)
     straight = fit(make("a"))
     assert seen == [(48, 2, False, 48), (64, 1, True, 64), (64, 1, True, 64)]  # epochs = 1 + 2, not 99
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["stage"]) for r in rows] == [(1, 1), (2, 2), (3, 2)]
-    assert load_checkpoint(tmp_path / "a" / "last.pt")["preprocess"]["input_size"] == 64
+    assert Checkpoint.load(tmp_path / "a" / "last.pt").preprocess.input_size == 64
 
-    def killed_in_epoch_3(task, *args, **kwargs):
+    def killed_in_epoch_3(*args, **kwargs):
         if args[7] == 2:  # the epoch argument: stop in the middle of stage 2
             raise KeyboardInterrupt
-        return real_epoch(task, *args, **kwargs)
+        return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

@@ -1,3 +1,5 @@
+"""``python -m finegrain``: the command line (``finegrain.cli``)."""
+
 import sys
 
 from finegrain.cli import main

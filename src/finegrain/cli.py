@@ -6,78 +6,31 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
 from finegrain import __version__
-from finegrain.config import TRACKERS, TrainConfig
-from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads
+from finegrain.compress.recipes import prune_and_finetune, qat_finetune
+from finegrain.config import TrainConfig
+from finegrain.data import load_dataset
+from finegrain.data.check import check_dataset
+from finegrain.data.loading import open_image
+from finegrain.engine.sr import load_sr, train_sr
+from finegrain.engine.train import fit
+from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads, describe
 from finegrain.errors import ConfigError, FinegrainError
-
-TRAIN_HELP = {
-    "data": "dataset folder (CUB layout or ImageFolder) or CSV manifest",
-    "format": "dataset layout: auto, cub, imagefolder, manifest",
-    "val_fraction": "fraction of each class's training images held out for validation (model selection)",
-    "test_fraction": "fraction of each class held out as test when the dataset has no test split",
-    "skip_bad": "skip unreadable images (and report them) instead of stopping",
-    "method": "FGVC method (see `finegrain models`)",
-    "backbone": "timm backbone name",
-    "pretrained": "start from ImageNet weights (offline for tf_efficientnet_lite0/1/2)",
-    "weights": "local backbone weights file (.pth/.safetensors) instead of downloading",
-    "init_from": "start from the weights of a finegrain checkpoint (same method, backbone and classes)",
-    "model_kwargs": "method options as KEY=VALUE (YAML values), e.g. layers=[3,final] reduce_dim=128 pooling=rm",
-    "drop_rate": "dropout before the classifier",
-    "freeze_backbone": "train only the head (fast: features are computed once and cached)",
-    "freeze_bn_stats": "keep BatchNorm running statistics fixed when fine-tuning (small CPU batches make them noisy)",
-    "input_size": "input resolution (default: the backbone's)",
-    "crop_pct": "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)",
-    "epochs": "training epochs",
-    "batch_size": "batch size per process",
-    "optimizer": "adamw or sgd",
-    "lr": "peak learning rate",
-    "weight_decay": "weight decay (not applied to biases and norms)",
-    "momentum": "SGD momentum",
-    "warmup_epochs": "linear warm-up length in epochs",
-    "min_lr": "final learning rate of the cosine schedule",
-    "label_smoothing": "label smoothing of the cross-entropy",
-    "clip_grad": "clip the gradient norm to this value (0 or none: off)",
-    "ema": "keep an exponential moving average of the weights and evaluate/save it",
-    "ema_decay": "EMA decay per step",
-    "scale_min": "smallest area fraction of the random-resized crop",
-    "color_jitter": "brightness/contrast/saturation jitter strength",
-    "random_erasing": "probability of erasing a random rectangle of each training image",
-    "erasing_max_area": "largest erased fraction of the image",
-    "erasing_fill": "erased pixels: random noise or mean (the dataset's mean colour)",
-    "fourier_mix": "probability of mixing low-frequency Fourier amplitude with another training image (style)",
-    "fourier_beta": "half-size of the mixed low-frequency band, as a fraction of the image side",
-    "mixstyle": "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2",
-    "sr_aug": "probability of reducing a training image by the SR model's scale and restoring it with that model",
-    "sr_model": "super-resolution checkpoint (finegrain sr train) used by --sr-aug",
-    "stages": "progressive training as a YAML list, e.g. '[{epochs: 2, input_size: 160, jigsaw: 4}, {epochs: 3}]'; "
-    "each stage may set input_size, jigsaw (n x n shuffled patches) and model (method settings)",
-    "cache_features": "with a frozen backbone, cache pooled features and train the head on them",
-    "feature_flip": "also cache mirrored images' features (flip augmentation for the head)",
-    "center_loss": "weight of the center loss on the features the classifier reads (0: off)",
-    "center_beta": "rate at which class centres follow their features",
-    "teachers": "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`)",
-    "kd_temperature": "distillation temperature T",
-    "kd_alpha": "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the true labels)",
-    "qat": "quantization-aware training: simulate the int8 model (see `finegrain qat`)",
-    "calib_images": "training images that calibrate int8 activation ranges",
-    "int8_target": "int8 rounding for: vnni (CPUs with VNNI/AMX), portable (any x86 CPU: 7-bit weights), auto: "
-    "this machine's (see `finegrain env`)",
-    "amp": "precision: auto (bf16 where it is native: CUDA, AVX-512 BF16 or AMX CPUs; else fp32), bf16, none (fp32)",
-    "channels_last": "channels-last memory format (faster convolutions on CPU)",
-    "workers": "DataLoader worker processes",
-    "device": "auto, cpu, cuda",
-    "log": "also log to TensorBoard (RUN_DIR/tensorboard) and/or MLflow: --log tensorboard mlflow "
-    "(pip install 'finegrain[tracking]'); curves.png is always written",
-    "tracking_uri": "MLflow tracking URI (default: a file store in mlruns/ beside the run directory)",
-    "seed": "random seed (splits, initialisation, data order)",
-    "run_dir": "output folder (default runs/<method>-<time>)",
-    "cache_dir": "feature cache folder (env FINEGRAIN_CACHE)",
-}
-
+from finegrain.explain import explain
+from finegrain.export import OnnxRunner, export_onnx
+from finegrain.export.quantize import export_checkpoint
+from finegrain.models import list_models
+from finegrain.models.sr import sr_upscale
+from finegrain.predict import Predictor, choose_engine, list_images
+from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
+from finegrain.serve.app import ServeSettings, create_app
+from finegrain.serve.server import run
 
 ENGINES = ("auto", "torch", "onnx")
 ENGINE_HELP = (
@@ -87,82 +40,44 @@ ENGINE_HELP = (
 
 
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
+    """One flag per ``TrainConfig`` option, its help and parsing from the option's own field (no second copy)."""
+    for group, f in TrainConfig.options():
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{TRAIN_HELP[f.name]} (default: {default})"
-        if f.name == "teachers":
-            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text, metavar="CKPT")
-        elif f.name == "log":
-            p.add_argument(flag, nargs="+", choices=TRACKERS, default=argparse.SUPPRESS, help=help_text)
-        elif f.name == "stages":
-            p.add_argument(flag, type=_yaml_list, default=argparse.SUPPRESS, help=help_text, metavar="YAML")
-        elif f.name == "model_kwargs":
-            p.add_argument(
-                flag, nargs="*", type=_key_value, default=argparse.SUPPRESS, help=help_text, metavar="KEY=VALUE"
-            )
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(type(default).__name__, str)
-            if f.name in ("input_size",):
-                kind = int
-            if f.name == "clip_grad":
-                kind = _optional_float
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+        default = TrainConfig.option_default(f)
+        kw = dict(f.metadata["cli"])
+        kw["help"] = f"{f.metadata['help']} (default: {default}; group {group})"
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kw and not kw.get("nargs"):
+            kw["type"] = type(default) if isinstance(default, int | float) else str
+        if "action" not in kw and "metavar" not in kw and "choices" not in kw:
+            kw["metavar"] = f.name.upper()
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    return key.replace("-", "_"), yaml.safe_load(value)
-
-
-def _yaml_list(text: str) -> list:
-    import yaml
-
-    value = yaml.safe_load(text)
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{epochs: 2}}, {{epochs: 3}}]', got '{text}'")
-    return value
-
-
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "0", "off") else float(text)
+def _help(name: str) -> str:
+    return next(f.metadata["help"] for _, f in TrainConfig.options() if f.name == name)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from finegrain.engine.train import fit
-
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    names = {f.name for _, f in TrainConfig.options()}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
     if "model_kwargs" in overrides:
         overrides["model_kwargs"] = dict(overrides["model_kwargs"])
     if args.resume:
-        cfg = TrainConfig(**{"epochs": overrides["epochs"]}) if "epochs" in overrides else None
+        cfg = TrainConfig().replace(epochs=overrides["epochs"]) if "epochs" in overrides else None
         run_dir = fit(cfg, resume=args.resume).run_dir
     else:
-        base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
-        cfg = TrainConfig.from_dict({**base, **overrides})
-        run_dir = fit(cfg).run_dir
+        base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+        run_dir = fit(base.replace(**overrides)).run_dir
     print(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from finegrain.engine.evaluate import evaluate_checkpoint
-
-    runner = None
     model = _model_for_engine(args.checkpoint, args.engine, args.device)
-    if Path(model).suffix == ".onnx":
-        from finegrain.export import OnnxRunner
-
-        runner = OnnxRunner(model)
+    runner = OnnxRunner(model) if Path(model).suffix == ".onnx" else None
     r = evaluate_checkpoint(
         args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, workers=args.workers,
         amp=args.amp, device=args.device, skip_bad=args.skip_bad, out_dir=args.out, report=args.report, runner=runner,
@@ -177,37 +92,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"written: {out / f'eval_{args.split}.json'}")
     if args.report:
         print(f"report: {r['report']}")
-    _after_evaluation(r, out, args.split)
+    print(f"model card: {after_evaluation(r, out, args.split)}")
     return 0
-
-
-def _after_evaluation(result: dict, out: Path, split: str) -> None:
-    """The model card beside the checkpoint, the confusion picture, and the trackers the run logs to."""
-    import numpy as np
-
-    from finegrain.card import CARD_FILE, read_confusion, write_model_card
-    from finegrain.engine.checkpoint import load_checkpoint
-    from finegrain.engine.tracking import RunTracker
-    from finegrain.report import confusion_png
-
-    ckpt = load_checkpoint(result["checkpoint"])
-    _, confmat = read_confusion(out / f"confusion_{split}.csv")
-    picture = out / f"confusion_{split}.png"
-    picture.write_bytes(confusion_png(np.asarray(confmat)))
-    print(f"model card: {write_model_card(ckpt, result, out)}")
-    cfg = ckpt.get("config", {})
-    if cfg.get("log"):
-        run_dir = Path(ckpt["path"]).parent
-        tracker = RunTracker(run_dir, cfg["log"], cfg.get("tracking_uri"))
-        curves = [run_dir / "curves.png"] if (run_dir / "curves.png").is_file() else []
-        tracker.final(result, split, [picture, *curves, out / CARD_FILE, Path(ckpt["path"])])
-        tracker.close()
 
 
 def _model_for_engine(model: str, engine: str, device: str) -> str:
     """The file to run: an .onnx file runs in ONNX Runtime; a checkpoint in PyTorch, or in ONNX Runtime (exported
     next to it) with --engine onnx, or with --engine auto where ONNX Runtime measured faster on this machine."""
-    from finegrain.predict import choose_engine
 
     if Path(model).suffix == ".onnx":
         if engine == "torch":
@@ -216,8 +107,6 @@ def _model_for_engine(model: str, engine: str, device: str) -> str:
     if engine == "torch":
         return model
     if engine == "onnx":
-        from finegrain.export import export_onnx
-
         return export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
     choice = choose_engine(model, device)
     print(f"engine: {choice['engine']} ({choice['why']})", file=sys.stderr)
@@ -225,7 +114,6 @@ def _model_for_engine(model: str, engine: str, device: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from finegrain.predict import Predictor, list_images
 
     model = _model_for_engine(args.model, args.engine, args.device)
     predictor = Predictor.load(model, device=args.device, threads=args.threads, graph_opt=args.graph_opt)
@@ -242,9 +130,6 @@ def _predict(args: argparse.Namespace) -> int:
         for r in results:
             writer.writerows([r["path"], i + 1, t["class"], f"{t['prob']:.6f}"] for i, t in enumerate(r["top"]))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
         table = Table("image", "rank", "class", "probability")
         for r in results:
             for i, t in enumerate(r["top"]):
@@ -268,13 +153,9 @@ def _png_destination(target: str, file: Path, out_dir: str) -> Path:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from finegrain.data.loading import open_image
-    from finegrain.explain import explain
-    from finegrain.predict import Predictor, list_images
 
     predictor = Predictor.load(args.model, device=args.device)
     files = list_images(args.target)
-    from tqdm import tqdm
 
     for i in tqdm(range(0, len(files), args.batch_size), desc="explain", disable=len(files) <= args.batch_size):
         chunk = files[i : i + args.batch_size]
@@ -287,9 +168,6 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from finegrain.serve.app import ServeSettings, create_app
-    from finegrain.serve.server import run
-
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
         max_pixels=args.max_pixels, threads=args.threads, device=args.device, max_inflight=args.max_inflight,
@@ -303,8 +181,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from finegrain.data import load_dataset
-    from finegrain.data.check import check_dataset
 
     index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed)
     report = check_dataset(index)
@@ -333,21 +209,12 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=None, calib_images: int = 256,
-                int8_target: str = "auto", min_agreement: float | None = None):  # fmt: skip
+                int8_target: str = "auto", min_agreement: float | None = None) -> None:  # fmt: skip
     """Export, report the check against PyTorch, and optionally write the int8 copy: `export` and `qat`."""
-    from finegrain.export import export_onnx
-
-    r = export_onnx(checkpoint, out, opset=opset)
+    r, q = export_checkpoint(checkpoint, out, opset, int8, data, calib_images, int8_target, min_agreement)
     print(f"wrote {r['path']} ({r['megabytes']:.1f} MB, opset {r['opset']}); "
           f"max |ONNX Runtime - PyTorch| logit difference {r['max_abs_diff']:.2e}")  # fmt: skip
-    if int8:
-        from finegrain.export.quantize import MIN_AGREEMENT, evenly_spaced, held_out, quantize_onnx, training_samples
-
-        train = training_samples(checkpoint, data)
-        calib = evenly_spaced(train, calib_images)
-        check = held_out(train, calib, 256)
-        q = quantize_onnx(r["path"], calib, target=int8_target, check=check,
-                          min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement)  # fmt: skip
+    if q is not None:
         agree = f"; top-1 agrees with fp32 on {q['agreement']:.1%} of {q['agreement_images']} held-out training " \
             "images" if "agreement" in q else ""  # fmt: skip
         print(f"wrote {q['path']} ({q['megabytes']:.1f} MB, int8 for {q['int8_target']} CPUs, calibrated on "
@@ -361,43 +228,25 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from finegrain.compress.prune import prune_checkpoint
-
-    r = prune_checkpoint(args.checkpoint, args.ratio, args.out, importance=args.importance)
+    r = prune_and_finetune(args.checkpoint, args.ratio, args.epochs, args.lr, args.importance, args.out, args.run_dir)
     print(f"pruned {100 * args.ratio:.0f}% of the expansion channels: {r['params_before']:,} -> "
           f"{r['params_after']:,} parameters; wrote {r['path']}")  # fmt: skip
-    if args.epochs > 0:
-        from finegrain.engine.train import fit
-
-        cfg = TrainConfig.from_dict({**r["config"], "init_from": r["path"], "freeze_backbone": False,
-                                     "epochs": args.epochs, "lr": args.lr, "run_dir": args.run_dir})  # fmt: skip
-        print(f"fine-tuned: {fit(cfg).run_dir / 'best.pt'}")
+    if "finetuned" in r:
+        print(f"fine-tuned: {r['finetuned']}")
     else:
         print(f"fine-tune it: finegrain train --init-from {r['path']} --no-freeze-backbone --epochs 3 --lr 1e-4")
     return 0
 
 
 def _qat(args: argparse.Namespace) -> int:
-    from finegrain.engine.checkpoint import load_checkpoint
-    from finegrain.engine.train import fit
-
-    ckpt = load_checkpoint(args.checkpoint)
-    overrides = {
-        "init_from": ckpt["path"], "freeze_backbone": False, "qat": True, "amp": "none", "epochs": args.epochs,
-        "lr": args.lr, "warmup_epochs": 0.0, "calib_images": args.calib_images, "run_dir": args.run_dir,
-    }  # fmt: skip
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    overrides["int8_target"] = args.int8_target
-    run_dir = fit(TrainConfig.from_dict({**ckpt["config"], **overrides})).run_dir
-    print(f"QAT checkpoint {run_dir / 'best.pt'}")
-    _write_onnx(run_dir / "best.pt", int8=True, calib_images=args.calib_images, int8_target=args.int8_target)
+    best = qat_finetune(args.checkpoint, args.epochs, args.lr, args.batch_size, args.calib_images, args.int8_target,
+                        args.run_dir)  # fmt: skip
+    print(f"QAT checkpoint {best}")
+    _write_onnx(best, int8=True, calib_images=args.calib_images, int8_target=args.int8_target)
     return 0
 
 
 def _sr_train(args: argparse.Namespace) -> int:
-    from finegrain.engine.sr import train_sr
-
     m = train_sr(
         args.data, args.scale, args.steps, args.batch_size, args.patch, args.lr, args.max_images, args.eval_images,
         args.run_dir, args.seed, args.format,
@@ -408,10 +257,6 @@ def _sr_train(args: argparse.Namespace) -> int:
 
 
 def _sr_upscale(args: argparse.Namespace) -> int:
-    from finegrain.data.loading import open_image
-    from finegrain.engine.sr import load_sr
-    from finegrain.models.sr import sr_upscale
-    from finegrain.predict import list_images
 
     model = load_sr(args.model)
     for f in list_images(args.target):
@@ -423,7 +268,6 @@ def _sr_upscale(args: argparse.Namespace) -> int:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from finegrain.env import describe
 
     info = describe()
     if args.json:
@@ -448,14 +292,13 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from finegrain.models import list_models
 
     print("\n".join(list_models()))
     return 0
 
 
 def _add_int8_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8-target", default="auto", choices=INT8_TARGETS, help=TRAIN_HELP["int8_target"] + " (auto)")
+    p.add_argument("--int8-target", default="auto", choices=INT8_TARGETS, help=_help("int8_target") + " (auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default: test)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--workers", type=int, default=TrainConfig().workers, help="DataLoader workers")
-    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=TRAIN_HELP["amp"] + " (default: auto)")
+    p.add_argument("--workers", type=int, default=TrainConfig().speed.workers, help="DataLoader workers")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=_help("amp") + " (default: auto)")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")

@@ -1,10 +1,25 @@
-"""Training configuration: one flat dataclass; the CLI, YAML files and checkpoints all map onto it."""
+"""Training options: one home for each, grouped, each group validating itself.
+
+Every option is a dataclass field whose metadata carries its help text (and, where text needs parsing, its
+parser), so the command line (``finegrain train --lr ...``), YAML files and checkpoints are all generated
+from or read through these classes: nothing else lists the options. Option names are unique across groups,
+so a flat mapping (``{"lr": 1e-3}``, the command line's and older checkpoints' shape) and the grouped one
+(``{"optim": {"lr": 1e-3}}``, what ``to_dict`` writes) both load.
+
+Groups: ``dataset``, ``model``, ``optim``, ``augment``, ``features`` (the frozen-feature cache), ``speed``,
+``run``, and one per training add-on (``engine/addons``): ``averaging`` (EMA), ``style`` (Fourier mix,
+MixStyle), ``sr``, ``progressive`` (stages, jigsaw), ``center``, ``distill``, ``quantization`` (QAT).
+"""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,139 +38,192 @@ def default_cache_dir() -> str:
     return os.environ.get("FINEGRAIN_CACHE", str(Path.home() / ".cache" / "finegrain"))
 
 
-@dataclass
-class TrainConfig:
-    # data
-    data: str = DEFAULT_DATA
-    format: str = "auto"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    skip_bad: bool = False
-    # model
-    method: str = "baseline"
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: bool = True
-    weights: str | None = None
-    init_from: str | None = None  # a finegrain checkpoint to start from (e.g. a trained head, then fine-tune)
-    drop_rate: float = 0.2
-    model_kwargs: dict = field(default_factory=dict)  # method options, e.g. {"pooling": "rm", "reduce_dim": 128}
-    freeze_backbone: bool = True
-    freeze_bn_stats: bool = True  # BatchNorm keeps its ImageNet running statistics while fine-tuning
-    input_size: int | None = None  # None: the backbone's own
-    crop_pct: float = 1.0
-    # optimisation
-    epochs: int = 30
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-6
-    label_smoothing: float = 0.1
-    clip_grad: float | None = 5.0
-    ema: bool = False
-    ema_decay: float = 0.999
-    # augmentation (full training) / feature views (frozen backbone)
-    scale_min: float = 0.35
-    color_jitter: float = 0.2
-    random_erasing: float = 0.0  # probability of erasing one rectangle per training image
-    erasing_max_area: float = 0.25  # largest erased fraction of the image (smallest: 0.02; aspect 0.3-3.3)
-    erasing_fill: str = "random"  # "random" noise or "mean" (0 after normalisation: the dataset mean colour)
-    fourier_mix: float = 0.0  # probability of taking another image's low-frequency amplitude (style)
-    fourier_beta: float = 0.1  # half-size of that low band, as a fraction of the image side
-    mixstyle: float = 0.0  # probability of mixing feature statistics between samples after stages 1 and 2
-    sr_aug: float = 0.0  # probability of reducing a training image by the SR model's scale and restoring it
-    sr_model: str | None = None  # a `finegrain sr train` checkpoint, for sr_aug
-    # progressive training: stages run one after another, each {epochs, input_size, jigsaw, model: {attr: value}};
-    # with stages, epochs is their sum
-    stages: list = field(default_factory=list)
-    cache_features: bool = True
-    feature_flip: bool = True  # cache mirrored views too: flip augmentation for the head
-    # center loss (Wen et al. 2016) on the features the classifier reads: weight and centre update rate
-    center_loss: float = 0.0
-    center_beta: float = 0.05
-    # knowledge distillation (finegrain distill): finegrain checkpoints whose averaged soft labels teach this run
-    teachers: list = field(default_factory=list)
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.5  # weight of the teacher's term; 1 - kd_alpha weighs cross-entropy with the labels
-    # quantization-aware training (finegrain qat): fake int8 rounding as ONNX Runtime will run the model
-    qat: bool = False
-    calib_images: int = 256  # training images that calibrate int8 activation ranges
-    int8_target: str = "auto"  # int8 rounding for: vnni CPUs, portable (any x86: 7-bit weights), auto: this CPU
-    # speed
-    amp: str = "auto"  # bf16 autocast where bf16 is native (finegrain.env), else fp32; or force "bf16" / "none"
-    channels_last: bool = True
-    workers: int = default_workers()
-    device: str = "auto"
-    # bookkeeping
-    log: list = field(default_factory=list)  # experiment trackers: "tensorboard" and/or "mlflow" (curves.png always)
-    tracking_uri: str | None = None  # MLflow tracking URI (default: a local file store beside the run directory)
-    seed: int = 0
-    run_dir: str | None = None
-    cache_dir: str = default_cache_dir()
+# How a command-line word becomes a value, for the options whose type is not a plain number or string.
 
-    def validate(self) -> TrainConfig:
-        checks = [
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def parse_yaml_list(text: str) -> list:
+    value = yaml.safe_load(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{epochs: 2}}, {{epochs: 3}}]', got '{text}'")
+    return value
+
+
+def parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "0", "off") else float(text)
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its help text; ``cli`` holds argparse settings (``type``, ``nargs``, ``choices``, ``metavar``)
+    for options whose default does not say how to read them."""
+    meta = {"help": help, "cli": cli}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+@dataclass
+class DataOptions:
+    data: str = option(DEFAULT_DATA, "dataset folder (CUB layout or ImageFolder) or CSV manifest")
+    format: str = option("auto", "dataset layout: auto, cub, imagefolder, manifest")
+    val_fraction: float = option(0.1, "fraction of each class's training images held out for validation")
+    test_fraction: float = option(0.2, "fraction of each class held out as test when the dataset has no test split")
+    skip_bad: bool = option(False, "skip unreadable images (and report them) instead of stopping")
+
+    def validate(self) -> None:
+        _require([
+            (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
+            (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"),
+        ])  # fmt: skip
+
+
+@dataclass
+class ModelOptions:
+    method: str = option("baseline", "FGVC method (see `finegrain models`)")
+    backbone: str = option(DEFAULT_BACKBONE, "timm backbone name (CNNs, and ViT-style token models for baseline)")
+    pretrained: bool = option(True, "start from ImageNet weights (offline for tf_efficientnet_lite0/1/2)")
+    weights: str | None = option(None, "local backbone weights file (.pth/.safetensors) instead of downloading")
+    init_from: str | None = option(None, "start from the weights of a finegrain checkpoint (same classes)")
+    drop_rate: float = option(0.2, "dropout before the classifier")
+    model_kwargs: dict = option(
+        {}, "method options as KEY=VALUE (YAML values), e.g. layers=[3,final] reduce_dim=128 pooling=rm",
+        type=parse_key_value, nargs="*", metavar="KEY=VALUE",
+    )  # fmt: skip
+    freeze_backbone: bool = option(True, "train only the head (fast: features are computed once and cached)")
+    freeze_bn_stats: bool = option(
+        True, "keep BatchNorm running statistics fixed when fine-tuning (small CPU batches make them noisy)"
+    )
+    input_size: int | None = option(None, "input resolution (default: the backbone's)", type=int)
+    crop_pct: float = option(1.0, "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)")
+
+    def validate(self) -> None:
+        _require([(0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]")])
+
+
+@dataclass
+class OptimOptions:
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(32, "batch size per process")
+    optimizer: str = option("adamw", "adamw or sgd", choices=("adamw", "sgd"))
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.05, "weight decay (not applied to biases and norms)")
+    momentum: float = option(0.9, "SGD momentum")
+    warmup_epochs: float = option(1.0, "linear warm-up length in epochs")
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    clip_grad: float | None = option(5.0, "clip the gradient norm to this value (0 or none: off)",
+                                     type=parse_optional_float)  # fmt: skip
+
+    def validate(self) -> None:
+        _require([
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got '{self.optimizer}'"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'"),
-            (
-                self.int8_target in INT8_TARGETS,
-                f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'",
-            ),
-            (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
-            (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"),
-            (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
-            (0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]"),
             (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
-            (not self.qat or not self.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
-            (not self.qat or self.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
-            (not self.qat or self.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
-            (self.calib_images >= 1, "calib-images must be >= 1"),
+        ])  # fmt: skip
+
+
+@dataclass
+class AugmentOptions:
+    """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead)."""
+
+    scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
+    color_jitter: float = option(0.2, "brightness/contrast/saturation jitter strength")
+    random_erasing: float = option(0.0, "probability of erasing a random rectangle of each training image")
+    erasing_max_area: float = option(0.25, "largest erased fraction of the image (smallest: 0.02)")
+    erasing_fill: str = option("random", "erased pixels: random noise or mean (the dataset's mean colour)",
+                               choices=("random", "mean"))  # fmt: skip
+
+    def validate(self) -> None:
+        _require([
+            (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
             (0 <= self.random_erasing <= 1, "random-erasing is a probability in [0, 1]"),
             (0.02 < self.erasing_max_area <= 1, "erasing-max-area must be in (0.02, 1]"),
-            (
-                self.erasing_fill in ("random", "mean"),
-                f"erasing-fill must be random or mean, got '{self.erasing_fill}'",
-            ),
-            (
-                0 <= self.fourier_mix <= 1 and 0 < self.fourier_beta < 0.5,
-                "fourier-mix in [0, 1], fourier-beta in (0, 0.5)",
-            ),
+            (self.erasing_fill in ("random", "mean"),
+             f"erasing-fill must be random or mean, got '{self.erasing_fill}'"),
+        ])  # fmt: skip
+
+
+@dataclass
+class FeatureOptions:
+    """The frozen-backbone fast path."""
+
+    cache_features: bool = option(True, "with a frozen backbone, cache pooled features and train the head on them")
+    feature_flip: bool = option(True, "also cache mirrored images' features (flip augmentation for the head)")
+    cache_dir: str = option(default_cache_dir(), "feature cache folder (env FINEGRAIN_CACHE)")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class AveragingOptions:
+    ema: bool = option(False, "keep an exponential moving average of the weights and evaluate/save it")
+    ema_decay: float = option(0.999, "EMA decay per step")
+
+    def validate(self) -> None:
+        _require([(0 < self.ema_decay < 1, "ema-decay must be in (0, 1)")])
+
+
+@dataclass
+class StyleOptions:
+    """Style augmentation add-ons: what a class looks like should not depend on the photo's colours and texture."""
+
+    fourier_mix: float = option(
+        0.0, "probability of mixing low-frequency Fourier amplitude with another training image (style)"
+    )
+    fourier_beta: float = option(0.1, "half-size of the mixed low-frequency band, as a fraction of the image side")
+    mixstyle: float = option(
+        0.0, "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2"
+    )
+
+    def validate(self) -> None:
+        _require([
+            (0 <= self.fourier_mix <= 1 and 0 < self.fourier_beta < 0.5,
+             "fourier-mix in [0, 1], fourier-beta in (0, 0.5)"),
             (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
+        ])  # fmt: skip
+
+
+@dataclass
+class SROptions:
+    sr_aug: float = option(
+        0.0, "probability of reducing a training image by the SR model's scale and restoring it with that model"
+    )
+    sr_model: str | None = option(None, "super-resolution checkpoint (finegrain sr train) used by --sr-aug")
+
+    def validate(self) -> None:
+        _require([
             (0 <= self.sr_aug <= 1, "sr-aug is a probability in [0, 1]"),
             (not self.sr_aug or self.sr_model, "sr-aug needs --sr-model (train one: finegrain sr train DATA)"),
-            (self.kd_temperature > 0, "kd-temperature must be > 0"),
-            (self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]"),
-            (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
-            (
-                isinstance(self.log, list) and set(self.log) <= set(TRACKERS),
-                f"log takes tensorboard and/or mlflow, got {self.log}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        self._validate_stages()
-        image_level = [n for n in ("random_erasing", "fourier_mix", "mixstyle", "sr_aug") if getattr(self, n) > 0]
-        if image_level and self.freeze_backbone and self.cache_features:
-            names = ", ".join("--" + n.replace("_", "-") for n in image_level)
-            raise ConfigError(
-                f"{names} augment training images, but a frozen backbone trains on cached features: "
-                "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
-            )
-        return self
+        ])  # fmt: skip
 
+
+@dataclass
+class ProgressiveOptions:
     STAGE_KEYS = ("epochs", "input_size", "jigsaw", "model")
 
-    def _validate_stages(self) -> None:
-        if not self.stages:
-            return
-        if self.freeze_backbone and self.cache_features:
-            raise ConfigError("stages change what the network sees: add --no-cache-features or --no-freeze-backbone")
+    stages: list = option(
+        [], "progressive training as a YAML list, e.g. '[{epochs: 2, input_size: 160, jigsaw: 4}, {epochs: 3}]'; "
+        "each stage may set input_size, jigsaw (n x n shuffled patches) and model (method settings); "
+        "with stages, epochs is their sum",
+        type=parse_yaml_list, metavar="YAML",
+    )  # fmt: skip
+
+    def validate(self) -> None:
         for i, stage in enumerate(self.stages, 1):
             if not isinstance(stage, dict):
                 raise ConfigError(f"stage {i} must be a mapping such as {{epochs: 2, input_size: 320}}, got {stage!r}")
@@ -164,14 +232,13 @@ class TrainConfig:
                 raise ConfigError(f"stage {i}: unknown key(s) {unknown}; known: {', '.join(self.STAGE_KEYS)}")
             if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
                 raise ConfigError(f"stage {i} needs epochs: a whole number >= 1")
-            if stage.get("input_size") is not None and (not isinstance(stage["input_size"], int) or
-                                                         stage["input_size"] < 32):  # fmt: skip
+            size = stage.get("input_size")
+            if size is not None and (not isinstance(size, int) or size < 32):
                 raise ConfigError(f"stage {i}: input_size must be a whole number >= 32")
             if not isinstance(stage.get("jigsaw", 1), int) or stage.get("jigsaw", 1) < 1:
                 raise ConfigError(f"stage {i}: jigsaw is the grid side n (n x n patches), a whole number >= 1")
             if not isinstance(stage.get("model", {}), dict):
-                raise ConfigError(f"stage {i}: model must map method attributes to values, e.g. {{augment: true}}")
-        self.epochs = sum(s["epochs"] for s in self.stages)
+                raise ConfigError(f"stage {i}: model must map method settings to values, e.g. {{augment: true}}")
 
     def stage_at(self, epoch: int) -> int | None:
         """Index of the stage that epoch ``epoch`` (0-based) belongs to; None without stages."""
@@ -184,16 +251,180 @@ class TrainConfig:
                 return i
         return len(self.stages) - 1
 
+
+@dataclass
+class CenterOptions:
+    """Center loss (Wen et al. 2016) on the features the classifier reads."""
+
+    center_loss: float = option(0.0, "weight of the center loss on the features the classifier reads (0: off)")
+    center_beta: float = option(0.05, "rate at which class centres follow their features")
+
+    def validate(self) -> None:
+        _require([(self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]")])
+
+
+@dataclass
+class DistillOptions:
+    """Knowledge distillation (``finegrain distill``): checkpoints whose averaged soft labels teach this run."""
+
+    teachers: list = option(
+        [], "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`)",
+        nargs="+", metavar="CKPT",
+    )  # fmt: skip
+    kd_temperature: float = option(4.0, "distillation temperature T")
+    kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels)")
+
+    def validate(self) -> None:
+        _require([
+            (self.kd_temperature > 0, "kd-temperature must be > 0"),
+            (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
+        ])  # fmt: skip
+
+
+@dataclass
+class QuantizationOptions:
+    """Quantization-aware training (``finegrain qat``): fake int8 rounding as ONNX Runtime will run the model."""
+
+    qat: bool = option(False, "quantization-aware training: simulate the int8 model (see `finegrain qat`)")
+    calib_images: int = option(256, "training images that calibrate int8 activation ranges")
+    int8_target: str = option(
+        "auto", "int8 rounding for: vnni (CPUs with VNNI/AMX), portable (any x86 CPU: 7-bit weights), auto: this "
+        "machine's (see `finegrain env`)", choices=INT8_TARGETS,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        _require([
+            (self.calib_images >= 1, "calib-images must be >= 1"),
+            (self.int8_target in INT8_TARGETS,
+             f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'"),
+        ])  # fmt: skip
+
+
+@dataclass
+class SpeedOptions:
+    amp: str = option(
+        "auto", "precision: auto (bf16 where it is native: CUDA, AVX-512 BF16 or AMX CPUs; else fp32), bf16, "
+        "none (fp32)", choices=AMP_CHOICES,
+    )  # fmt: skip
+    channels_last: bool = option(True, "channels-last memory format (faster convolutions on CPU)")
+    workers: int = option(default_workers(), "DataLoader worker processes")
+    device: str = option("auto", "auto, cpu, cuda")
+
+    def validate(self) -> None:
+        _require([(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")])
+
+
+@dataclass
+class RunOptions:
+    seed: int = option(0, "random seed (splits, initialisation, data order)")
+    run_dir: str | None = option(None, "output folder (default runs/<method>-<time>)")
+    log: list = option(
+        [], "also log to TensorBoard (RUN_DIR/tensorboard) and/or MLflow: --log tensorboard mlflow "
+        "(pip install 'finegrain[tracking]'); curves.png is always written", nargs="+", choices=TRACKERS,
+    )  # fmt: skip
+    tracking_uri: str | None = option(None, "MLflow tracking URI (default: a file store in mlruns/ beside the run)")
+
+    def validate(self) -> None:
+        _require([
+            (isinstance(self.log, list) and set(self.log) <= set(TRACKERS),
+             f"log takes tensorboard and/or mlflow, got {self.log}"),
+        ])  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    dataset: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+    features: FeatureOptions = field(default_factory=FeatureOptions)
+    averaging: AveragingOptions = field(default_factory=AveragingOptions)
+    style: StyleOptions = field(default_factory=StyleOptions)
+    sr: SROptions = field(default_factory=SROptions)
+    progressive: ProgressiveOptions = field(default_factory=ProgressiveOptions)
+    center: CenterOptions = field(default_factory=CenterOptions)
+    distill: DistillOptions = field(default_factory=DistillOptions)
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def validate(self) -> TrainConfig:
+        """Each group checks itself; the rules that join two groups are here."""
+        for group in self.groups():
+            group.validate()
+        frozen_cache = self.model.freeze_backbone and self.features.cache_features
+        q = self.quantization
+        _require([
+            (not q.qat or not self.model.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
+            (not q.qat or self.model.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
+            (not q.qat or self.speed.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
+            (not self.progressive.stages or not frozen_cache,
+             "stages change what the network sees: add --no-cache-features or --no-freeze-backbone"),
+        ])  # fmt: skip
+        image_level = {"random_erasing": self.augment.random_erasing, "fourier_mix": self.style.fourier_mix,
+                       "mixstyle": self.style.mixstyle, "sr_aug": self.sr.sr_aug}  # fmt: skip
+        used = [n for n, v in image_level.items() if v > 0]
+        if used and frozen_cache:
+            names = ", ".join("--" + n.replace("_", "-") for n in used)
+            raise ConfigError(
+                f"{names} augment training images, but a frozen backbone trains on cached features: "
+                "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
+            )
+        if self.progressive.stages:
+            self.optim.epochs = sum(s["epochs"] for s in self.progressive.stages)
+        return self
+
+    def groups(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @classmethod
+    def options(cls) -> Iterator[tuple[str, Field]]:
+        """(group name, field) of every option, in declaration order: what the command line is built from."""
+        for group in fields(cls):
+            for f in fields(group.default_factory):
+                yield group.name, f
+
+    @classmethod
+    def option_default(cls, f: Field) -> Any:
+        return f.default_factory() if f.default is MISSING else f.default
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Grouped: ``{"optim": {"lr": ...}, ...}`` (what config.yaml and checkpoints hold)."""
+        return {f.name: {o.name: copy.deepcopy(getattr(g, o.name)) for o in fields(g)}
+                for f, g in zip(fields(self), self.groups(), strict=True)}  # fmt: skip
+
+    def flat(self) -> dict:
+        """Every option by its own name (``{"lr": ...}``), as the command line names them."""
+        return {k: v for group in self.to_dict().values() for k, v in group.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        """Grouped, flat or mixed mappings; unknown names are refused with the known ones listed."""
+        home = {f.name: g for g, f in cls.options()}
+        groups = {f.name for f in fields(cls)}
+        values: dict[str, dict] = {g: {} for g in groups}
+        unknown = []
+        for key, value in d.items():
+            key = key.replace("-", "_")
+            if key in groups and isinstance(value, dict):
+                for k, v in value.items():
+                    k = k.replace("-", "_")
+                    if home.get(k) == key:
+                        values[key][k] = v
+                    else:
+                        unknown.append(f"{key}.{k}")
+            elif key in home:
+                values[home[key]][key] = value
+            else:
+                unknown.append(key)
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}")
-        return cls(**d).validate()
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Known: {', '.join(sorted(home))}")
+        group_class: dict[str, Callable] = {f.name: f.default_factory for f in fields(cls)}
+        try:
+            built = {g: group_class[g](**v) for g, v in values.items()}
+        except TypeError as e:  # e.g. a YAML list where a number belongs
+            raise ConfigError(f"bad config value: {e}") from e
+        return cls(**built).validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -203,4 +434,13 @@ class TrainConfig:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of option: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})
+        return cls.from_dict(data)
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """A validated copy with some options changed, by their own names (``cfg.replace(lr=1e-4, epochs=3)``)."""
+        grouped, home = self.to_dict(), {f.name: g for g, f in self.options()}
+        for key, value in flat.items():
+            if key not in home:
+                raise ConfigError(f"unknown option '{key}'. Known: {', '.join(sorted(home))}")
+            grouped[home[key]][key] = value
+        return TrainConfig.from_dict(grouped)

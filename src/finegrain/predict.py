@@ -11,13 +11,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision.transforms import v2
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data.loading import open_image
 from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import build_model, load_checkpoint
 from finegrain.engine.distributed import resolve_device
+from finegrain.engine.sr import load_sr
 from finegrain.env import cpu_model, physical_cores, resolve_amp
 from finegrain.errors import BadImageError, DataError
+from finegrain.export import OnnxRunner, export_onnx
+from finegrain.models.sr import SRUpscaleSmall
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -58,13 +62,11 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
     Measured on lite0 (2 cores): ONNX Runtime fp32 was ~4x eager on an AVX-512 Intel, 3.6x on an AVX2-only EPYC.
     CUDA devices always run PyTorch.
     """
-    from finegrain.export import OnnxRunner, export_onnx
-
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     dev = resolve_device(device)
     if dev.type != "cpu":
         return {"engine": "torch", "why": f"{dev.type} device"}
-    ckpt_path = Path(ckpt["path"]).resolve()  # the memo names files that must be found from any folder
+    ckpt_path = ckpt.path.resolve()  # the memo names files that must be found from any folder
     record = ckpt_path.with_name(ckpt_path.name + ".engine.json")
     key = {"cpu_model": cpu_model(), "cores": physical_cores(), "checkpoint_mtime_ns": ckpt_path.stat().st_mtime_ns,
            "amp": resolve_amp(amp, dev), "batch": batch}  # fmt: skip
@@ -75,14 +77,14 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
                 return saved
         except (OSError, json.JSONDecodeError):
             pass  # measured again below
-    model = build_model(ckpt).eval().to(memory_format=torch.channels_last)
-    if getattr(model, "export_blocker", None):
+    model = ckpt.build_model().to(memory_format=torch.channels_last)
+    if model.export_blocker:
         return {"engine": "torch", "why": f"this model has no ONNX form ({model.export_blocker.split('.')[0]})"}
     onnx_path = ckpt_path.with_suffix(".onnx")
     if not onnx_path.is_file() or onnx_path.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns:
         export_onnx(ckpt_path, onnx_path)
     runner = OnnxRunner(onnx_path)
-    size = ckpt["preprocess"]["input_size"]
+    size = ckpt.preprocess.input_size
     x = torch.randn(batch, 3, size, size)
 
     @torch.inference_mode()
@@ -131,17 +133,14 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt)
-        info = {"method": ckpt["method"], "model_kwargs": ckpt["model_kwargs"], "engine": "torch", "path": ckpt["path"]}
-        return cls(model, ckpt["classes"], Preprocess.from_dict(ckpt["preprocess"]), resolve_device(device), info)
+        ckpt = Checkpoint.load(path)
+        info = {"method": ckpt.method, "model_kwargs": ckpt.model_kwargs, "engine": "torch", "path": str(ckpt.path)}
+        return cls(ckpt.build_model(), ckpt.classes, ckpt.preprocess, resolve_device(device), info)
 
     @classmethod
     def from_onnx(
         cls, path: str | Path, threads: int | None = None, spinning: bool = True, graph_opt: str = "all"
     ) -> Predictor:
-        from finegrain.export.onnx import OnnxRunner
-
         runner = OnnxRunner(path, threads, spinning, graph_opt)
         meta = runner.meta
         info = {"method": meta["method"], "model_kwargs": meta["model_kwargs"], "engine": "onnxruntime"}
@@ -170,11 +169,6 @@ class Predictor:
     def upscale_small_inputs(self, sr_model: str | Path, min_side: int) -> Predictor:
         """Images whose shorter side is below ``min_side`` are enlarged by a ``finegrain sr train`` model before
         the usual preprocessing (instead of by the plain resize), restoring some of the detail they lack."""
-        from torchvision.transforms import v2
-
-        from finegrain.engine.sr import load_sr
-        from finegrain.models.sr import SRUpscaleSmall
-
         self.transform = v2.Compose([SRUpscaleSmall(load_sr(sr_model), min_side), eval_transform(self.preprocess)])
         self.info["super_resolution"] = {"model": str(sr_model), "below": min_side}
         return self

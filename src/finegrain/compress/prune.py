@@ -6,55 +6,20 @@ feature conv and the method's head keep their widths, so every method's head (B-
 fits, and residual connections need no surgery.
 
 A pruned model is recorded as plain numbers (each layer's channel counts, ``structure``) next to its weights,
-so checkpoints keep loading with ``weights_only=True``: :func:`apply_structure` reshapes a freshly built model.
+so checkpoints keep loading with ``weights_only=True``: ``finegrain.models.pruned`` reshapes a freshly built
+model from them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+from finegrain.checkpoint import Checkpoint
+from finegrain.data.calibration import calibration_loader
 from finegrain.errors import ConfigError
-
-
-def structure(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Channel counts of every conv, linear and norm layer."""
-    out: dict[str, dict[str, int]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
-        elif isinstance(m, nn.Linear):
-            out[name] = {"in_features": m.in_features, "out_features": m.out_features}
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out[name] = {"num_features": m.num_features}
-    return out
-
-
-def apply_structure(model: nn.Module, target: dict[str, dict[str, int]]) -> nn.Module:
-    """Resize layers of an unpruned model to ``target`` (weights are then loaded with ``load_state_dict``)."""
-    modules = dict(model.named_modules())
-    for name, attrs in target.items():
-        m = modules.get(name)
-        if m is None:
-            raise ConfigError(f"pruned structure names layer '{name}', which this model does not have")
-        for key, value in attrs.items():
-            setattr(m, key, value)
-        if isinstance(m, nn.Conv2d):
-            shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-            m.weight = nn.Parameter(torch.empty(shape))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(m.out_channels))
-        elif isinstance(m, nn.Linear):
-            m.weight = nn.Parameter(torch.empty(m.out_features, m.in_features))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(m.out_features))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            if m.weight is not None:
-                m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
-            if m.running_mean is not None:
-                m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
-    return model
 
 
 def _expansion_convs(model: nn.Module) -> list[nn.Module]:
@@ -186,37 +151,22 @@ def prune_channels(
     model.zero_grad(set_to_none=True)
     if stats:
         _compensate_means(model, stats, weights)
-    if getattr(model, "freeze_backbone", False):
+    if model.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
 def prune_checkpoint(ckpt_path, ratio: float, out_path=None, importance: str = "activation", calibration=None) -> dict:
     """Prune a checkpoint's model and save it (a predict-ready checkpoint, to be fine-tuned)."""
-    from pathlib import Path
-
-    from finegrain.engine.checkpoint import build_model, load_checkpoint, model_record, save_atomic
-
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt)
-    if calibration is None and (importance != "magnitude" or ckpt.get("config")):
-        calibration = _calibration_batches(ckpt_path)  # training images of the run: never its test split
+    ckpt = Checkpoint.load(ckpt_path)
+    model = ckpt.build_model()
+    if calibration is None and (importance != "magnitude" or ckpt.config):
+        # labelled training images of the checkpoint's run, never its test split
+        calibration = list(calibration_loader(ckpt.calibration_samples(64), ckpt.preprocess, batch_size=16))
     before = sum(p.numel() for p in model.parameters())
-    prune_channels(model, ratio, ckpt["preprocess"]["input_size"], importance, calibration)
+    prune_channels(model, ratio, ckpt.preprocess.input_size, importance, calibration)
     model.pruned = True
-    out = Path(out_path) if out_path else Path(ckpt["path"]).with_suffix(f".pruned{round(100 * ratio)}.pt")
-    record = model_record(model, ckpt["classes"])
-    record["config"] = ckpt.get("config", {})
-    save_atomic(record, out)
+    out = Path(out_path) if out_path else ckpt.path.with_suffix(f".pruned{round(100 * ratio)}.pt")
+    Checkpoint.from_model(model, ckpt.classes, config=ckpt.config).save(out)
     after = sum(p.numel() for p in model.parameters())
-    return {"path": str(out), "params_before": before, "params_after": after, "config": record["config"]}
-
-
-def _calibration_batches(ckpt_path, count: int = 64, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Labelled training images of the checkpoint's run, through the evaluation preprocessing."""
-    from finegrain.data.transforms import Preprocess
-    from finegrain.engine.checkpoint import load_checkpoint
-    from finegrain.export.quantize import calibration_loader, calibration_samples
-
-    pre = Preprocess.from_dict(load_checkpoint(ckpt_path)["preprocess"])
-    return list(calibration_loader(calibration_samples(ckpt_path, count=count), pre, batch_size))
+    return {"path": str(out), "params_before": before, "params_after": after, "config": ckpt.config}

@@ -17,9 +17,9 @@ import torch.nn as nn
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from finegrain.checkpoint import save_atomic
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import Preprocess, eval_transform
-from finegrain.engine.checkpoint import save_atomic
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.env import resolve_amp
 from finegrain.torchfile import load_tensors

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from finegrain.checkpoint import save_atomic
 from finegrain.data import load_dataset, open_image
-from finegrain.engine.checkpoint import load_checkpoint, save_atomic
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.models.sr import ESPCN, downscale, to_tensor
+from finegrain.torchfile import load_tensors
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,10 +121,15 @@ def train_sr(
 def load_sr(path: str | Path) -> ESPCN:
     """A model trained by ``finegrain sr train`` (a file, or its run directory)."""
     path = Path(path)
-    ckpt = load_checkpoint(path / "sr.pt" if path.is_dir() else path)
-    if ckpt["method"] != "sr":
-        raise CheckpointError(f"'{ckpt['path']}' is a '{ckpt['method']}' classifier, not a super-resolution "
-                              "model: train one with 'finegrain sr train DATA'")  # fmt: skip
+    path = path / "sr.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"super-resolution model '{path}' does not exist: train one with "
+                              "'finegrain sr train DATA'")  # fmt: skip
+    ckpt = load_tensors(path, "super-resolution model", "pass the sr.pt that `finegrain sr train` wrote")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != "sr":
+        kind = f"a '{ckpt['method']}' classifier" if isinstance(ckpt, dict) and "method" in ckpt else "something else"
+        raise CheckpointError(f"'{path}' is {kind}, not a super-resolution model: train one with "
+                              "'finegrain sr train DATA'")  # fmt: skip
     model = ESPCN(ckpt["scale"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

@@ -39,9 +39,8 @@ def explain(predictor: Predictor, images: Sequence[Image.Image], k: int = 5) -> 
         x = x.to(predictor.device, memory_format=torch.channels_last)
         cams, logits = grad_cam(predictor.model, x)
         method = "grad-cam"
-        if hasattr(predictor.model, "attention_boxes"):
-            per_scale = predictor.model.attention_boxes(x)
-            boxes = [[b[i].tolist() for b in per_scale] for i in range(len(images))]
+        per_region = predictor.model.attention_boxes(x)
+        boxes = [[b[i].tolist() for b in per_region] for i in range(len(images))]
     else:
         cams, logits = occlusion(predictor.model, x)
         method = "occlusion"

@@ -1,7 +1,8 @@
 """Where the model looked: Grad-CAM for PyTorch models, occlusion sensitivity for ONNX Runtime models.
 
-Grad-CAM (Selvaraju et al. 2017) weights the backbone's last spatial activation by the spatially averaged
-gradient of the class score, so it works for every method without method-specific code. ONNX Runtime gives no
+Grad-CAM (Selvaraju et al. 2017) weights an activation by the spatially averaged gradient of the class score:
+by default the backbone's last spatial activation, so it works for every CNN method without method-specific
+code; a method may name another layer (``FGVCModel.explain_layer``), as token backbones do. ONNX Runtime gives no
 gradients, so exported models are explained by occlusion: how much the class probability drops when each
 cell of a grid is replaced by the mean colour.
 """
@@ -44,7 +45,12 @@ def grad_cam(
     ``target`` picks the class per image (default: the predicted class).
     """
     model.eval()
-    found, handles = _last_spatial_activation(model.backbone)
+    layer = model.explain_layer()
+    if layer is None:
+        found, handles = _last_spatial_activation(model.backbone)
+    else:  # the method names its layer (e.g. a ViT's final norm: tokens, laid out on the patch grid below)
+        found = {}
+        handles = [layer.register_forward_hook(lambda _m, _i, output: found.setdefault("map", output))]
     try:
         with torch.enable_grad():
             x = x.detach().clone().requires_grad_(True)  # a frozen backbone still passes gradient to its maps
@@ -58,8 +64,9 @@ def grad_cam(
     finally:
         for h in handles:
             h.remove()
-    weights = grads.float().mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activation.detach().float()).sum(1, keepdim=True))
+    grads, activation = model.activation_map(grads.float()), model.activation_map(activation.detach().float())
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return normalise(cam), logits.detach()
 

@@ -20,7 +20,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same_arg
 
 from finegrain import __version__
-from finegrain.engine.checkpoint import build_model, load_checkpoint
+from finegrain.checkpoint import Checkpoint
 from finegrain.env import cpu_model, has_vnni
 from finegrain.errors import CheckpointError, ConfigError
 
@@ -92,13 +92,13 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     import onnx
     import onnxruntime as ort
 
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt).eval()
-    if getattr(model, "export_blocker", None):
-        raise ConfigError(f"cannot export method '{ckpt['method']}' as configured: {model.export_blocker}")
-    out = Path(out_path) if out_path else Path(ckpt["path"]).with_suffix(".onnx")
+    ckpt = Checkpoint.load(ckpt_path)
+    model = ckpt.build_model()
+    if model.export_blocker:
+        raise ConfigError(f"cannot export method '{ckpt.method}' as configured: {model.export_blocker}")
+    out = Path(out_path) if out_path else ckpt.path.with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    size = ckpt["preprocess"]["input_size"]
+    size = ckpt.preprocess.input_size
     static_same_padding(model, size)
     x = torch.randn(2, 3, size, size)
     raw = out.with_name(f".{out.name}.raw")  # the exporter's output, before the metadata goes in
@@ -111,14 +111,14 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         )  # fmt: skip
     proto = onnx.load(str(raw))
     meta = {
-        "classes": ckpt["classes"],
-        "preprocess": ckpt["preprocess"],
-        "method": ckpt["method"],
-        "model_kwargs": ckpt["model_kwargs"],
+        "classes": ckpt.classes,
+        "preprocess": ckpt.preprocess.to_dict(),
+        "method": ckpt.method,
+        "model_kwargs": ckpt.model_kwargs,
         "finegrain_version": __version__,
-        "source": str(ckpt["path"]),
+        "source": str(ckpt.path),
     }
-    card = Path(ckpt["path"]).with_name(MODEL_CARD_FILE)
+    card = ckpt.path.with_name(MODEL_CARD_FILE)
     if card.is_file():
         try:
             meta["model_card"] = json.loads(card.read_text())

@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from finegrain.data import ImageDataset, Sample
-from finegrain.data.transforms import Preprocess, eval_transform
+from finegrain.checkpoint import Checkpoint
+from finegrain.data import Sample
+from finegrain.data.calibration import calibration_loader, evenly_spaced, held_out
+from finegrain.data.transforms import Preprocess
 from finegrain.env import cpu_model, resolve_int8_target
 from finegrain.errors import ExportError
-from finegrain.export.onnx import read_onnx_metadata, save_with_metadata
+from finegrain.export.onnx import OnnxRunner, export_onnx, read_onnx_metadata, save_with_metadata
 
 
 class _ImageReader:
@@ -32,39 +33,6 @@ class _ImageReader:
         return None if batch is None else {"image": batch[0].numpy()}
 
 
-def calibration_loader(samples: Sequence[Sample], pre: Preprocess, batch_size: int = 16):
-    """(images, labels) batches of ``samples`` through the evaluation preprocessing."""
-    return torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(pre)), batch_size=batch_size)
-
-
-def training_samples(ckpt_path: str | Path, data: str | None = None) -> list[Sample]:
-    """The training split of the checkpoint's dataset (never the run's validation or test images)."""
-    from finegrain.engine.checkpoint import checkpoint_dataset, load_checkpoint
-    from finegrain.errors import DataError
-
-    train = checkpoint_dataset(load_checkpoint(ckpt_path), data).split("train")
-    if not train:
-        raise DataError("the checkpoint's dataset has no training images for int8 calibration")
-    return train
-
-
-def calibration_samples(ckpt_path: str | Path, data: str | None = None, count: int = 256) -> list[Sample]:
-    """``count`` training images of the checkpoint's dataset, evenly spread over the (class-sorted) split."""
-    return evenly_spaced(training_samples(ckpt_path, data), count)
-
-
-def evenly_spaced(samples: Sequence[Sample], count: int) -> list[Sample]:
-    """``count`` samples spread evenly over the (class-sorted) list: every class is represented."""
-    step = max(1, len(samples) // count)
-    return list(samples[::step][:count])
-
-
-def held_out(samples: Sequence[Sample], used: Sequence[Sample], count: int) -> list[Sample]:
-    """``count`` of ``samples`` that are not in ``used``, evenly spread: images int8 was not calibrated on."""
-    seen = {s.path for s in used}
-    return evenly_spaced([s for s in samples if s.path not in seen], count)
-
-
 #: the least top-1 agreement of int8 with fp32 that export accepts (on held-out training images). The default
 #: cub100 model's int8 agreed on 100% of 256 such images (AMD EPYC Zen 4, 2026-11-28); the saturated int8 file on
 #: an AVX2-only EPYC, which lost 4.2 pt top-1, agreed with fp32 on 89% of test photos.
@@ -73,8 +41,6 @@ MIN_AGREEMENT = 0.95
 
 def int8_agreement(fp32_path: str | Path, int8_path: str | Path, samples: Sequence[Sample]) -> float:
     """Share of ``samples`` on which the int8 file's top-1 class equals the fp32 file's, in ONNX Runtime."""
-    from finegrain.export.onnx import OnnxRunner
-
     fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
     same = total = 0
     for x, _ in calibration_loader(samples, Preprocess.from_dict(fp32.meta["preprocess"]), batch_size=32):
@@ -133,3 +99,31 @@ def quantize_onnx(
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(candidate, out)
     return {"path": str(out), "megabytes": out.stat().st_size / 2**20, **result}
+
+
+def int8_copy(
+    ckpt_path: str | Path,
+    fp32_path: str | Path,
+    data: str | None = None,
+    calib_images: int = 256,
+    target: str = "auto",
+    min_agreement: float = MIN_AGREEMENT,
+    check_images: int = 256,
+) -> dict:
+    """The int8 copy of a checkpoint's fp32 ONNX file: calibrated on training images of its run, checked on
+    ``check_images`` other training images (what ``finegrain export --int8`` and ``finegrain qat`` write)."""
+    train = Checkpoint.load(ckpt_path).training_samples(data)
+    calib = evenly_spaced(train, calib_images)
+    return quantize_onnx(fp32_path, calib, target=target, check=held_out(train, calib, check_images),
+                         min_agreement=min_agreement)  # fmt: skip
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, opset: int = 17, int8: bool = False,
+                     data: str | None = None, calib_images: int = 256, int8_target: str = "auto",
+                     min_agreement: float | None = None) -> tuple[dict, dict | None]:  # fmt: skip
+    """The fp32 ONNX file (checked against PyTorch) and, with ``int8``, its checked int8 copy."""
+    fp32 = export_onnx(checkpoint, out, opset=opset)
+    if not int8:
+        return fp32, None
+    kw = {} if min_agreement is None else {"min_agreement": min_agreement}
+    return fp32, int8_copy(checkpoint, fp32["path"], data, calib_images, int8_target, **kw)

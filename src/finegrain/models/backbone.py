@@ -139,6 +139,11 @@ def create_backbone(
     return model
 
 
+def is_token_backbone(model: nn.Module) -> bool:
+    """A transformer that gives (B, N, C) tokens (timm's ViT family), not (B, C, H, W) maps."""
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
 def backbone_preprocess(model: nn.Module) -> Preprocess:
     """Input size, normalisation and interpolation from the timm model's pretrained config."""
     cfg = model.pretrained_cfg

@@ -11,6 +11,8 @@ from finegrain.models.registry import register_model
 
 class Baseline(FGVCModel):
     feature_spec = "pooled"
+    cacheable = True
+    needs_spatial_maps = False  # the backbone's own pooling: CNNs and token models (ViT) alike
 
     def __init__(self, num_classes: int, drop_rate: float = 0.2, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -68,6 +68,8 @@ class BilinearHead(nn.Module):
 
 
 class BCNN(FGVCModel):
+    cacheable = True  # the bilinear descriptor's inputs depend on the image only
+
     def __init__(
         self,
         num_classes: int,

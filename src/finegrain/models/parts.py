@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finegrain.data.parts import CUB_PART_GROUPS
+from finegrain.data.parts import CUB_PART_GROUPS, check_part_groups
 from finegrain.errors import ConfigError
 from finegrain.models.base import FGVCModel
 from finegrain.models.regions import crop_resize
@@ -94,7 +94,6 @@ def localisation_loss(
 
 class Parts(FGVCModel):
     feature_spec = "parts"
-    cacheable = False  # part crops depend on the localiser
 
     def __init__(
         self,
@@ -120,6 +119,11 @@ class Parts(FGVCModel):
             self.part_encoders = self.backbone_copies(num_parts)
         self.localiser = PartLocaliser(c, num_parts)
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c * (num_parts + 1), num_classes))
+
+    def extra_targets(self, part_names: list[str], data: str) -> dict:
+        """Each training image brings the boxes of its annotated parts (checked against the dataset's names)."""
+        check_part_groups(self.part_groups, part_names, data)
+        return {"part_groups": self.part_groups, "part_names": part_names, "part_pad": self.part_pad}
 
     def _encode_parts(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B, P, 4) boxes -> (B, P * C) pooled features of the enlarged crops."""

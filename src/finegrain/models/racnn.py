@@ -113,7 +113,6 @@ def _steps_default(state: dict, prefix: str, *_args) -> None:
 
 class RACNN(FGVCModel):
     feature_spec = "racnn"
-    cacheable = False  # what later scales see depends on the APN: no frozen-feature cache
     has_unused_parameters = True  # alternating steps leave either the APNs or the classifiers without gradient
 
     def __init__(
@@ -146,8 +145,7 @@ class RACNN(FGVCModel):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._register_load_state_dict_pre_hook(_steps_default)
         self.share_backbone = share_backbone
-        if not share_backbone:
-            self.extra_backbones = self.backbone_copies(scales - 1)
+        self.extra_backbones = nn.ModuleList() if share_backbone else self.backbone_copies(scales - 1)
         c = self.backbone.num_features
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c, num_classes)) for _ in range(scales)
@@ -155,15 +153,18 @@ class RACNN(FGVCModel):
         self.head = self.heads[0]  # FGVCModel's "head": the first scale's classifier
         self.apns = nn.ModuleList(APN(c, apn_hidden, min_half, max_half) for _ in range(scales - 1))
 
-    def init_from_baseline(self, state_dict: dict) -> None:
+    def adapt_weights(self, method: str, state_dict: dict) -> bool:
         """Start from a trained ``baseline`` of the same backbone and classes (``--init-from``): its backbone
         for every scale and its classifier for every scale's classifier, so RA-CNN begins where the baseline
         ends and the zooms only have to add to it."""
+        if method != "baseline":
+            return False
         backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        for net in [self.backbone, *getattr(self, "extra_backbones", [])]:
+        for net in [self.backbone, *self.extra_backbones]:
             net.load_state_dict(backbone, strict=True)
         for head in self.heads:
             head.load_state_dict({k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")})
+        return True
 
     def _backbone(self, s: int) -> nn.Module:
         return self.backbone if s == 0 or self.share_backbone else self.extra_backbones[s - 1]
@@ -177,7 +178,7 @@ class RACNN(FGVCModel):
         """
         size = self.scale_size or x.shape[-1]
         view = x if size == x.shape[-1] else self._reduce(x, size)
-        fixed = [m for m in (self.backbone, self.heads, getattr(self, "extra_backbones", None)) if m is not None]
+        fixed = [self.backbone, self.heads, self.extra_backbones]
         with _without_grad(fixed if apn_step else []):
             logits, regions = [], []
             for s in range(self.scales):

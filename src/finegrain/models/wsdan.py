@@ -54,7 +54,7 @@ def attention_drop(x: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor | fl
 
 class WSDAN(FGVCModel):
     feature_spec = "wsdan"
-    cacheable = False  # the crop and drop views are new images every step
+    STAGE_SETTINGS = ("augment",)  # progressive training may start without the crop/drop views
 
     def __init__(
         self,

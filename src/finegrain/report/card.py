@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
 from finegrain.export.onnx import MODEL_CARD_FILE
-from finegrain.report import confused_pairs
+from finegrain.report.html import confused_pairs
 
 FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
 CARD_FILE = "MODEL_CARD.md"
@@ -32,10 +34,10 @@ def _pretty(name: str) -> str:
     return name.split(".", 1)[1].replace("_", " ") if name[:3].isdigit() and "." in name else name.replace("_", " ")
 
 
-def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
+def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict]:
     """(markdown, short summary) for a checkpoint evaluated on ``result['split']``."""
-    run_dir = Path(ckpt["path"]).parent
-    cfg, split = ckpt.get("config", {}), result["split"]
+    run_dir = ckpt.run_dir
+    cfg, split = ckpt.train_config() or TrainConfig(), result["split"]
     classes, confmat = read_confusion(out_dir / f"confusion_{split}.csv")
     counts: dict[str, Counter] = {}
     if (run_dir / "split.csv").is_file():
@@ -46,7 +48,7 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
         run_dir / "metrics.jsonl").is_file() else []  # fmt: skip
     train_s = sum(r.get("epoch_seconds", 0) for r in rows)
     env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
-    backbone = ckpt["model_kwargs"].get("backbone", "tf_efficientnet_lite0")
+    backbone = ckpt.model_kwargs.get("backbone", cfg.model.backbone)
     machine = result.get("machine", {})
     top1, top5, mean = 100 * result["top1"], 100 * result["top5"], 100 * result["mean_class_acc"]
     few = sorted(c for c in classes if counts.get("train", Counter()).get(c, 0) < FEW_IMAGES) if counts else []
@@ -54,13 +56,13 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
     pairs = confused_pairs(confmat, 5)
     description = (
         f"Tells apart {len(classes)} fine-grained classes ({', '.join(_pretty(c) for c in classes[:4])}"
-        f"{', ...' if len(classes) > 4 else ''}) in photos, with {ckpt['method']} on {backbone}."
+        f"{', ...' if len(classes) > 4 else ''}) in photos, with {ckpt.method} on {backbone}."
     )
     short = {
         "description": description,
-        "data": cfg.get("data"),
+        "data": cfg.dataset.data,
         "classes": len(classes),
-        "method": ckpt["method"],
+        "method": ckpt.method,
         "backbone": backbone,
         f"{split}_top1": round(top1, 2),
         f"{split}_mean_class_acc": round(mean, 2),
@@ -68,11 +70,10 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
         "measured_on": machine.get("cpu_model"),
     }
     split_counts = ", ".join(f"{sp} {sum(c.values()):,}" for sp, c in sorted(counts.items())) or "not recorded"
-    frozen = cfg.get("freeze_backbone", True)
+    o, frozen = cfg.optim, cfg.model.freeze_backbone
     recipe = (
         f"{'frozen backbone, linear head on cached features' if frozen else 'whole network fine-tuned'}; "
-        f"{cfg.get('epochs', '?')} epochs, {cfg.get('optimizer', 'adamw')} lr {cfg.get('lr', '?')}, batch "
-        f"{cfg.get('batch_size', '?')}, input {ckpt['preprocess']['input_size']} px, "
+        f"{o.epochs} epochs, {o.optimizer} lr {o.lr}, batch {o.batch_size}, input {ckpt.preprocess.input_size} px, "
         f"precision {env.get('amp_used', '?')}"
     )
     lines = [
@@ -81,11 +82,11 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
         description,
         "",
         "## Data",
-        f"- dataset: `{cfg.get('data', '?')}` ({cfg.get('format', 'auto')} layout), {len(classes)} classes",
+        f"- dataset: `{cfg.dataset.data}` ({cfg.dataset.format} layout), {len(classes)} classes",
         f"- images per split: {split_counts} (the exact split is in `split.csv`)",
         "",
         "## Model and training",
-        f"- method `{ckpt['method']}`, backbone `{backbone}`, options {json.dumps(ckpt['model_kwargs'])}",
+        f"- method `{ckpt.method}`, backbone `{backbone}`, options {json.dumps(ckpt.model_kwargs)}",
         f"- recipe: {recipe}",
         f"- training time: {train_s / 60:.1f} min over {len(rows)} epoch(s) on {env.get('cpu_model', '?')} "
         f"({env.get('cores', '?')} cores)",
@@ -121,7 +122,7 @@ def model_card(ckpt: dict, result: dict, out_dir: Path) -> tuple[str, dict]:
     return "\n".join(lines), short
 
 
-def write_model_card(ckpt: dict, result: dict, out_dir: Path) -> Path:
+def write_model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> Path:
     text, short = model_card(ckpt, result, out_dir)
     (out_dir / MODEL_CARD_FILE).write_text(json.dumps(short, indent=2))
     path = out_dir / CARD_FILE

@@ -1,0 +1,29 @@
+"""Training add-ons: optional pieces of training, each a small module with the same few hooks (``base.AddOn``).
+
+``ADDONS`` is the registry and the hook order: a run uses those its config turns on. Adding one is a new file
+here, its options as a group in ``finegrain.config``, and a line below.
+"""
+
+from __future__ import annotations
+
+from finegrain.config import TrainConfig
+from finegrain.engine.addons.base import AddOn
+from finegrain.engine.addons.center import CenterLossAddOn
+from finegrain.engine.addons.distill import DistillAddOn
+from finegrain.engine.addons.progressive import ProgressiveAddOn
+from finegrain.engine.addons.qat import QATAddOn
+from finegrain.engine.addons.sr_aug import SRAugAddOn
+from finegrain.engine.addons.style import FourierMixAddOn, MixStyleAddOn
+
+#: in hook order: the model changes first (QAT, MixStyle), image transforms before batch transforms, distillation
+#: (which replaces cross-entropy) before center loss (which adds to whatever the loss is)
+ADDONS: tuple[type[AddOn], ...] = (
+    QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn, ProgressiveAddOn, DistillAddOn, CenterLossAddOn,
+)  # fmt: skip
+
+
+def build_addons(cfg: TrainConfig) -> list[AddOn]:
+    return [addon(cfg) for addon in ADDONS if addon.wanted(cfg)]
+
+
+__all__ = ["ADDONS", "AddOn", "build_addons"]

@@ -1,0 +1,70 @@
+"""The add-on contract: a few hooks, each doing nothing unless an add-on overrides it.
+
+The training loop calls them in this order: ``prepare`` (the model may change: QAT, MixStyle; teachers are
+loaded) -> ``train_transform`` (image path) or ``cached_columns`` (cached-feature path) while the task is built
+-> ``attach`` (the built task) -> per epoch ``epoch_start`` / ``epoch_info`` -> per batch ``batch`` then
+``criterion``; ``state_dict`` / ``load_state_dict`` carry an add-on's state through ``last.pt`` so ``--resume``
+is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+
+from finegrain.config import TrainConfig
+from finegrain.data import Sample
+from finegrain.engine.context import Context
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AddOn:
+    name: ClassVar[str]
+
+    @classmethod
+    def wanted(cls, cfg: TrainConfig) -> bool:
+        """Whether ``cfg`` turns this add-on on."""
+        raise NotImplementedError
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, ctx: Context) -> None:
+        """Before the task is built: change the model, load what the add-on needs."""
+
+    def train_transform(self, transform: Callable) -> Callable:
+        """The training images' transform (image path only)."""
+        return transform
+
+    def cached_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool]) -> list[torch.Tensor]:
+        """Per-sample tensors stored beside cached features (one row per sample and view), given to ``criterion``
+        as ``batch[2:]``."""
+        return []
+
+    def attach(self, ctx: Context, task) -> None:
+        """After the task (``finegrain.engine.task.Task``) is built."""
+
+    def epoch_start(self, ctx: Context, task, epoch: int) -> bool:
+        """At the start of epoch ``epoch`` (0-based); True when the task's datasets were replaced."""
+        return False
+
+    def epoch_info(self, epoch: int) -> dict:
+        """Entries for the epoch's metrics row."""
+        return {}
+
+    def batch(self, x: torch.Tensor, images: bool) -> torch.Tensor:
+        """A training batch, before the forward pass."""
+        return x
+
+    def criterion(self, base: Criterion, x: torch.Tensor, batch: Sequence, images: bool) -> Criterion:
+        """The loss on logits for this batch (``x`` as the model saw it)."""
+        return base
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""

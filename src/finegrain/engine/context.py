@@ -1,0 +1,30 @@
+"""What one training run holds while it is set up and trained: passed to the task builders and the add-ons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from finegrain.config import TrainConfig
+from finegrain.data import DatasetIndex
+from finegrain.engine.distributed import DistInfo
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    device: torch.device
+    info: DistInfo
+    run_dir: Path
+    index: DatasetIndex
+    model: nn.Module
+    amp: str  # the precision this run computes in ("bf16" or "none"), resolved from cfg.speed.amp
+    addons: list = field(default_factory=list)  # finegrain.engine.addons.AddOn, in hook order
+
+    def log(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)

@@ -1,0 +1,149 @@
+"""Setting a run up: its folder, the machine it records, the data it trains on, the model it starts from,
+the optimiser, and the random state that ``--resume`` restores."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
+from finegrain.data import DatasetIndex, find_bad_images, load_dataset, save_split
+from finegrain.engine.distributed import DistInfo
+from finegrain.env import machine_info, precision_name
+from finegrain.errors import CheckpointError, ConfigError, DataError
+from finegrain.models import create_model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+
+
+def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+    name = [cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if info.enabled:
+        dist.broadcast_object_list(name, src=0)  # every rank must agree on the folder
+    run_dir = Path(name[0])
+    if info.is_main:
+        try:  # find out now, not at the first checkpoint an epoch later
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"run directory '{run_dir}' is not writable ({e.strerror}): pass --run-dir to a folder you can write"
+            ) from e
+    return run_dir
+
+
+def write_environment(run_dir: Path, cfg: TrainConfig, amp: str, device, threads: dict, info: DistInfo) -> dict:
+    """``environment.json``: the machine, and the precision and threads this run chose on it."""
+    environment = {**machine_info(), "device": str(device), "amp_requested": cfg.speed.amp,
+                   "amp_used": precision_name(amp, device), "threads": threads,
+                   "dataloader_workers": cfg.speed.workers, "world_size": info.world_size}  # fmt: skip
+    (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
+    return environment
+
+
+def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo) -> DatasetIndex:
+    """The dataset and its split (the saved split when resuming); rank 0 records split and config."""
+    d = cfg.dataset
+    split_file = run_dir / "split.csv"
+    index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
+                         split_file=split_file if resumed else None)  # fmt: skip
+    if not index.split("train"):
+        raise DataError(f"'{d.data}' has no training images after the split")
+    if info.is_main:
+        save_split(index, split_file)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if d.skip_bad:
+        index = drop_bad(index, run_dir, info)
+    return index
+
+
+def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex:
+    """--skip-bad: decode everything once, drop what fails, and say how many and which."""
+    bad = find_bad_images([s for s in index.samples if s.split != "test"], progress=info.is_main)
+    if bad:
+        dropped = {s.path for s, _ in bad}
+        index.samples = [s for s in index.samples if s.path not in dropped]
+        if info.is_main:
+            (run_dir / "skipped.txt").write_text("".join(f"{s.path}\t{why}\n" for s, why in bad))
+            tqdm.write(f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
+    return index
+
+
+def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+    """The method built as ``cfg`` says; with ``--init-from``, started from that checkpoint's weights (the same
+    method's, or another method's where this one can adapt them)."""
+    m = cfg.model
+    model = create_model(
+        m.method, num_classes=len(classes), backbone=m.backbone, pretrained=m.pretrained, weights=m.weights,
+        drop_rate=m.drop_rate, freeze_backbone=m.freeze_backbone, **m.model_kwargs,
+    )  # fmt: skip
+    if m.init_from:
+        ckpt = Checkpoint.load(m.init_from)
+        same = ckpt.method == m.method
+        if ckpt.classes != classes or not (same or model.adapt_weights(ckpt.method, ckpt.state_dict)):
+            raise CheckpointError(
+                f"--init-from {m.init_from}: its method/classes ({ckpt.method}, {len(ckpt.classes)} classes) "
+                f"differ from this run's ({m.method}, {len(classes)} classes)"
+            )
+        if same:
+            ckpt.load_into(model)
+    if m.input_size is not None or m.crop_pct != model.preprocess.crop_pct:
+        size = m.input_size or model.preprocess.input_size
+        model.preprocess = replace(model.preprocess, input_size=size, crop_pct=m.crop_pct)
+    return model
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and norms
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def freeze_bn_stats(module: nn.Module) -> None:
+    """BatchNorm layers normalise with their running statistics (affine weights still train).
+
+    Measured on cub100 with lite0: switching BN to batch statistics at batch 32 raises the loss of a trained
+    linear probe from 0.14 to 2.39 before any step, so fine-tuning would start by undoing the probe.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

@@ -1,0 +1,106 @@
+"""What a training run optimises (``Task``), built two ways, and the training step.
+
+- The image task trains the whole model (or a frozen backbone's head on fresh views) on augmented images.
+- The feature task trains only the head on the frozen backbone's cached features of fixed views (plain and
+  mirrored): rank 0 computes (or reads from the cache) once, the other ranks read the cache.
+
+``step`` is one optimisation step's forward and loss: add-ons transform the batch and shape the criterion,
+the method turns its training output into a loss (``FGVCModel.compute_loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, TensorDataset
+
+from finegrain.data import ImageDataset
+from finegrain.data.transforms import eval_transform, train_transform
+from finegrain.engine import distributed as fgdist
+from finegrain.engine.context import Context
+from finegrain.engine.evaluate import autocast, to_device
+from finegrain.engine.features import extract_features
+
+
+@dataclass
+class Task:
+    trainable: nn.Module  # the whole model (images) or its head (cached features)
+    train_set: Dataset
+    val_set: Dataset | None
+    workers: int
+    images: bool
+
+
+def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
+    """Training (augmented, with the method's extra targets) and validation image datasets at the model's
+    current preprocessing."""
+    cfg, model = ctx.cfg, ctx.model
+    a = cfg.augment
+    tf = train_transform(
+        model.preprocess, scale=(a.scale_min, 1.0), color_jitter=a.color_jitter, erasing=a.random_erasing,
+        erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
+    )  # fmt: skip
+    for addon in ctx.addons:
+        tf = addon.train_transform(tf)
+    val = ctx.index.split("val")
+    val_set = ImageDataset(val, eval_transform(model.preprocess)) if val else None
+    extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
+    return ImageDataset(ctx.index.split("train"), tf, **extra), val_set
+
+
+def image_task(ctx: Context) -> Task:
+    train_set, val_set = image_datasets(ctx)
+    return Task(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers, images=True)
+
+
+def feature_task(ctx: Context) -> Task:
+    """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
+    cfg, model, index = ctx.cfg, ctx.model, ctx.index
+    labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
+    kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
+              cache_dir=cfg.features.cache_dir)  # fmt: skip
+
+    def features(split: str, flip: bool) -> torch.Tensor:
+        return extract_features(model, index.split(split), model.preprocess, ctx.device, flip=flip, desc=split, **kw)
+
+    views = [False, True] if cfg.features.feature_flip else [False]
+    for rank_turn in (True, False):  # rank 0 fills the cache first; the others then read it
+        if ctx.info.is_main == rank_turn:
+            train_x = torch.cat([features("train", f) for f in views])
+            val_x = features("val", False) if len(labels["val"]) else None
+        fgdist.barrier()
+    columns = [c for addon in ctx.addons for c in addon.cached_columns(ctx, index.split("train"), views)]
+    train_set = TensorDataset(train_x, labels["train"].repeat(len(views)), *columns)
+    val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
+    return Task(model.head, train_set, val_set, workers=0, images=False)
+
+
+def build_task(ctx: Context) -> Task:
+    """The cached-feature task where the method allows it and the backbone is frozen; else the image task."""
+    cfg = ctx.cfg
+    cached = cfg.model.freeze_backbone and cfg.features.cache_features and ctx.model.cacheable
+    task = feature_task(ctx) if cached else image_task(ctx)
+    for addon in ctx.addons:
+        addon.attach(ctx, task)
+    ctx.log(f"training {'the head on cached features' if cached else 'on images'}; run dir {ctx.run_dir}")
+    return task
+
+
+def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one batch and return (loss, logits): add-ons transform the batch and shape the criterion; the
+    method turns what its training forward returns into the loss."""
+    x = to_device(batch[0], ctx.device, task.images and ctx.cfg.speed.channels_last)
+    y = batch[1].to(ctx.device)
+    for addon in ctx.addons:
+        x = addon.batch(x, task.images)
+    criterion = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.optim.label_smoothing)
+    for addon in ctx.addons:
+        criterion = addon.criterion(criterion, x, batch, task.images)
+    targets = batch[2] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
+    with autocast(ctx.device, ctx.amp if task.images else "none"):
+        kw = {} if targets is None else {"targets": {k: v.to(ctx.device) for k, v in targets.items()}}
+        out = module(x, **kw)
+    return ctx.model.compute_loss(out, y, criterion)  # (the head alone gives logits: the default loss)

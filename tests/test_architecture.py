@@ -1,0 +1,87 @@
+"""The house's layers, computed from the source: imports only look down, and finegrain modules are imported at
+the top of a file (an import inside a function hides a dependency, and cycles hide behind them)."""
+
+import ast
+from pathlib import Path
+
+import finegrain.config
+from finegrain.config import TrainConfig
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "finegrain"
+
+#: bottom to top; a unit may import units in its own layer or below, never above
+LAYERS = [
+    ["errors"],
+    ["env", "torchfile", "losses"],
+    ["config"],
+    ["data"],
+    ["models"],
+    ["__init__"],  # the package root re-exports create_model
+    ["checkpoint"],
+    ["engine"],
+    ["export"],
+    ["compress"],
+    ["predict"],
+    ["explain"],
+    ["report"],
+    ["serve"],
+    ["cli", "__main__"],
+]
+MAX_FUNCTION_LEVEL_IMPORTS = 0
+
+
+def _unit(path: Path) -> str:
+    """The subpackage a file belongs to, or the root module's name."""
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports() -> list[tuple[str, str, bool, str]]:
+    """(importing unit, imported unit, at module level?, where) for every finegrain import."""
+    found = []
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "finegrain":
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "finegrain"]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                target = parts[1] if len(parts) > 1 else "__init__"
+                if parts == ["finegrain"] or target not in {u for layer in LAYERS for u in layer}:
+                    target = "__init__"
+                found.append((_unit(path), target, id(node) in top, f"{path.relative_to(SRC)}:{node.lineno}"))
+    return found
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(p) for p in SRC.rglob("*.py")}
+    assert units == {u for layer in LAYERS for u in layer}
+
+
+def test_imports_only_look_down():
+    level = {u: i for i, layer in enumerate(LAYERS) for u in layer}
+    upward = [f"{where}: {src} imports {dst}" for src, dst, _, where in _imports() if level[dst] > level[src]]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_function_level_imports_of_finegrain_modules():
+    inner = [where for _, _, at_top, where in _imports() if not at_top]
+    assert len(inner) <= MAX_FUNCTION_LEVEL_IMPORTS, inner
+
+
+def test_option_names_are_unique_and_documented():
+    names = [f.name for _, f in TrainConfig.options()]
+    groups = {g for g, _ in TrainConfig.options()}
+    assert len(names) == len(set(names)) and not groups & set(names) - {"dataset"}
+    assert all(f.metadata["help"] for _, f in TrainConfig.options())
+    assert finegrain.config.__doc__
+
+
+def test_every_module_says_what_it_owns():
+    missing = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, f"modules without a docstring: {missing}"
