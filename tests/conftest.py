@@ -105,6 +105,7 @@ def tiny_config(tmp_path: Path):
             cache_dir=str(tmp_path / "cache"),
             run_dir=str(tmp_path / "run"),
             val_fraction=0.2,
+            head="sgd",  # epochs: what most tests exercise (test_probe.py covers the probe and auto)
         )
         base.update(overrides)
         return TrainConfig().replace(**base)

@@ -18,8 +18,10 @@ from finegrain.config import TrainConfig
 from finegrain.data import load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.data.loading import open_image
+from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.sr import load_sr, train_sr
 from finegrain.engine.train import fit
+from finegrain.engine.tune import tune
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads, describe
 from finegrain.errors import ConfigError, FinegrainError
 from finegrain.explain import explain
@@ -60,18 +62,36 @@ def _help(name: str) -> str:
     return next(f.metadata["help"] for _, f in TrainConfig.options() if f.name == name)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _overrides(args: argparse.Namespace) -> dict:
+    """The training options given on the command line, by name."""
     names = {f.name for _, f in TrainConfig.options()}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if "model_kwargs" in overrides:
         overrides["model_kwargs"] = dict(overrides["model_kwargs"])
+    return overrides
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """--config, then the command line's options on top."""
+    return (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).replace(**_overrides(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.resume:
-        cfg = TrainConfig().replace(epochs=overrides["epochs"]) if "epochs" in overrides else None
-        run_dir = fit(cfg, resume=args.resume).run_dir
+        epochs = _overrides(args).get("epochs")
+        run_dir = fit(TrainConfig().replace(epochs=epochs) if epochs else None, resume=args.resume).run_dir
     else:
-        base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-        run_dir = fit(base.replace(**overrides)).run_dir
+        cfg = _config(args)
+        run_dir = (train_within_budget(cfg) if cfg.recipe.budget else fit(cfg)).run_dir
     print(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    base = _config(args)
+    r = tune(base, args.study_dir, args.budget, args.trials, seed=base.run.seed)
+    print(f"best: trial {r['trial']} ({r['kind']}), validation top-1 {100 * r['val_top1']:.2f}% after {r['trials']} "
+          f"trial(s); train it: finegrain train --config {r['best_yaml']}")  # fmt: skip
     return 0
 
 
@@ -323,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     _add_train_options(p, skip=("teachers",))
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "tune", help="hyperparameter search within a time budget (Optuna; resumable)",
+        description="Search training options on the validation split: cheap trials of the head on cached features "
+        "first, then pruned fine-tuning trials while the budget allows. Writes STUDY_DIR/best.yaml (train it with "
+        "`finegrain train --config best.yaml`), trials.csv, search.png and study.db (run again to resume).",
+    )  # fmt: skip
+    p.add_argument("--budget", type=float, required=True, help="minutes for the whole search")
+    p.add_argument("--trials", type=int, default=50, help="trials in all, resumed ones included (50)")
+    p.add_argument("--study-dir", default="runs/tune", help="(default: runs/tune)")
+    p.add_argument("--config", help="YAML file of base options (command-line options override it)")
+    _add_train_options(p, skip=("budget", "time_limit", "finetune_lr", "run_dir"))
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("evaluate", help="top-1/top-5/per-class accuracy and confusion matrix")
     p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")

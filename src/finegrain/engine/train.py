@@ -9,9 +9,9 @@ stages) is an add-on (``finegrain.engine.addons``); what is method-specific is t
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,9 @@ from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
+from finegrain.engine.epochs import epoch_checkpoint, restore, save_epoch
 from finegrain.engine.evaluate import evaluate
+from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
 from finegrain.engine.setup import (
     freeze_bn_stats,
     load_run_data,
@@ -37,11 +39,10 @@ from finegrain.engine.setup import (
     prepare_run_dir,
     rng_state,
     seed_everything,
-    set_rng_state,
     write_environment,
 )  # fmt: skip
 from finegrain.engine.task import Task, build_task, step
-from finegrain.engine.tracking import RunTracker, write_curves
+from finegrain.engine.tracking import RunTracker
 from finegrain.env import configure_threads, resolve_amp
 from finegrain.errors import CheckpointError
 
@@ -114,8 +115,11 @@ def _resumed_config(cfg: TrainConfig | None, resume: str | Path) -> tuple[TrainC
     return saved, state
 
 
-def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> FitResult:
-    """Train as ``cfg`` says, or continue the run in ``resume`` from its ``last.pt``."""
+def fit(
+    cfg: TrainConfig | None = None, resume: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None
+) -> FitResult:
+    """Train as ``cfg`` says, or continue the run in ``resume`` from its ``last.pt``. ``on_epoch`` sees each
+    epoch's metrics row once it is saved (a hyperparameter search prunes a trial by raising from it)."""
     last = None
     if resume is not None:
         cfg, last = _resumed_config(cfg, resume)
@@ -128,6 +132,10 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     seed_everything(cfg.run.seed + info.rank)
     run_dir = prepare_run_dir(cfg, info)
     index = load_run_data(cfg, run_dir, last is not None, info)
+    if last is not None and last.resume is None:  # a probe run: nothing was left to do
+        if info.is_main:
+            tqdm.write(f"{run_dir} is complete (its head was solved by the probe): nothing to resume")
+        return FitResult(run_dir, last.build_model().to(device), [])
     model = model_from_config(cfg, index.classes).to(device)
     ctx = Context(cfg, device, info, run_dir, index, model, resolve_amp(cfg.speed.amp, device), build_addons(cfg))
     for addon in ctx.addons:
@@ -141,6 +149,18 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     if cfg.speed.channels_last:
         model.to(memory_format=torch.channels_last)
     task = build_task(ctx)
+    tracker = RunTracker(run_dir, cfg.run.log, cfg.run.tracking_uri) if info.is_main else None
+    if tracker is not None:
+        tracker.params(cfg.flat())  # by option name, as the command line names them
+    probe = probe_candidate(ctx, task)
+    if probe is not None and cfg.features.head == "probe":  # the head is solved, not trained: no epochs
+        row = run_probe(ctx, task, *probe)
+        if info.is_main:
+            save_epoch(ctx, task, probe[0].head, 0, row, None, True, tracker, probe[0])
+            write_recipe(ctx, row, None)
+            tracker.close()
+        fgdist.barrier()
+        return FitResult(run_dir, probe[0], [row])
     seed_everything(cfg.run.seed + info.rank)  # the same training whether or not the feature cache was warm
 
     start_epoch = last.epoch + 1 if last is not None else 0
@@ -157,14 +177,16 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
     ema = ModelEmaV3(task.trainable, decay=cfg.averaging.ema_decay) if cfg.averaging.ema else None
     best = -math.inf
     if last is not None:
-        best = _restore(last.resume, task, optimizer, ema, ctx)
+        best = restore(last.resume, task, optimizer, ema, ctx)
         ctx.log(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
 
-    tracker = RunTracker(run_dir, cfg.run.log, cfg.run.tracking_uri) if info.is_main else None
-    if tracker is not None:
-        tracker.params(cfg.flat())  # by option name, as the command line names them
     history = []
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, o.epochs):
+        if history and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
+            ctx.log(f"--time-limit {cfg.recipe.time_limit:g} min: no time for epoch {epoch + 1}; best.pt has the best "
+                    "validated epoch")  # fmt: skip
+            break
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(task, cfg, info)
         sampler.set_epoch(epoch)
@@ -179,48 +201,33 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> Fit
             row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
         score = row.get("val_top1", row["train_acc"])
         if info.is_main:
-            record = _checkpoint(ctx, task, eval_module, epoch, row)
-            record.resume = {
+            resume_state = {
                 "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons},
             }  # fmt: skip
-            record.save(run_dir / "last.pt")
-            if score >= best:
-                record.resume = None
-                record.save(run_dir / "best.pt")
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            write_curves(run_dir)
-            tracker.epoch(row)
-            val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
-            tqdm.write(f"epoch {epoch + 1}/{o.epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}"
-                       f"{val} ({row['epoch_seconds']:.1f}s, {row['samples_per_s']:.1f}/s)")  # fmt: skip
+            save_epoch(ctx, task, eval_module, epoch, row, resume_state, score >= best, tracker)
         best = max(best, score)
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    if probe is not None and task.val_set is not None:  # --head auto: the probe too, and the better on validation
+        row = run_probe(ctx, task, *probe)
+        if row["val_top1"] > best:
+            model = probe[0]
+            if info.is_main:
+                epoch_checkpoint(ctx, task, model.head, row, model).save(run_dir / "best.pt")
+        if info.is_main:
+            write_recipe(ctx, row, best)
     if tracker is not None:
         tracker.close()
     fgdist.barrier()
     return FitResult(run_dir, model, history)
 
 
-def _restore(state: dict, task: Task, optimizer, ema, ctx: Context) -> float:
-    """Everything ``last.pt`` saved for resume; returns the best validation score so far."""
-    task.trainable.load_state_dict(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of the step: nothing to load
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    for addon in ctx.addons:
-        if state.get("addons", {}).get(addon.name) is not None:
-            addon.load_state_dict(state["addons"][addon.name])
-    set_rng_state(state["rng"])
-    return state["best"]
-
-
-def _checkpoint(ctx: Context, task: Task, eval_module: nn.Module, epoch: int, row: dict) -> Checkpoint:
-    """A predict-ready checkpoint; with EMA, the averaged weights are the ones to predict with."""
-    trained = {k: v.clone() for k, v in task.trainable.state_dict().items()}
-    task.trainable.load_state_dict(eval_module.state_dict())
-    record = Checkpoint.from_model(ctx.model, ctx.index.classes, config=ctx.cfg.to_dict(), epoch=epoch, metrics=row)
-    task.trainable.load_state_dict(trained)
-    return record
+def _out_of_time(cfg: TrainConfig, loop_start: float, epoch_seconds: float) -> bool:
+    """Would another epoch (as long as the last) end past ``--time-limit``? Every rank gets the same answer."""
+    if cfg.recipe.time_limit is None:
+        return False
+    late = torch.tensor(float(time.perf_counter() - loop_start + epoch_seconds > 60 * cfg.recipe.time_limit))
+    return fgdist.all_reduce_sum(late).item() > 0

@@ -8,6 +8,7 @@ models asks a model ``hasattr``:
   be computed once and the head trained on them. A method whose views depend on trained parts (zooms, crops,
   attention) leaves it False and is trained on images.
 - ``feature_spec``: names what ``backbone_features`` computes, so feature caches of different methods never mix.
+- ``probe_head``: the linear layer a logistic-regression probe may fit directly (default: none).
 - ``compute_loss``: the training loss from the training forward's output (default: cross-entropy on logits).
 - ``extra_targets``: annotations a training image must bring (e.g. part boxes), as ``ImageDataset`` options.
 - ``attention_boxes``: regions the method looked at, drawn by explain (default: none).
@@ -102,6 +103,11 @@ class FGVCModel(nn.Module):
     def extra_targets(self, part_names: list[str], data: str) -> dict:
         """``ImageDataset`` options for annotations each training image must bring (none by default)."""
         return {}
+
+    def probe_head(self) -> nn.Linear | None:
+        """The linear layer the probe (``finegrain.engine.probe``) may fit in closed form on L2-normalised
+        ``backbone_features``, after switching the head to normalise its input; None: the head trains by gradient."""
+        return None
 
     def adapt_weights(self, method: str, state_dict: dict[str, torch.Tensor]) -> bool:
         """Start from the weights of a checkpoint of another ``method``; False: this method cannot."""

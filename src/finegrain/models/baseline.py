@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from finegrain.models.base import FGVCModel
 from finegrain.models.registry import register_model
+
+
+class LinearHead(nn.Sequential):
+    """Dropout, then a linear classifier; with ``l2`` the features are L2-normalised first (the probe's input)."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.2, l2: bool = False) -> None:
+        super().__init__(nn.Dropout(drop_rate), nn.Linear(in_features, num_classes))
+        self.l2 = l2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.normalize(x, dim=1) if self.l2 else x)
 
 
 class Baseline(FGVCModel):
@@ -14,12 +26,17 @@ class Baseline(FGVCModel):
     cacheable = True
     needs_spatial_maps = False  # the backbone's own pooling: CNNs and token models (ViT) alike
 
-    def __init__(self, num_classes: int, drop_rate: float = 0.2, **kwargs) -> None:
+    def __init__(self, num_classes: int, drop_rate: float = 0.2, feature_norm: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.backbone.num_features, num_classes))
+        self.head = LinearHead(self.backbone.num_features, num_classes, drop_rate, l2=feature_norm)
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def probe_head(self) -> nn.Linear:
+        self.head.l2 = True
+        self.model_kwargs["feature_norm"] = True  # so the checkpoint rebuilds the same head
+        return self.head[1]
 
 
 @register_model("baseline")

@@ -1,0 +1,120 @@
+"""The budgeted recipe (``finegrain train --budget MINUTES``): what the data needs, decided on its validation split
+within a time budget on this machine.
+
+1. The head on cached frozen features (``--head auto``: the probe and the epochs' head, the better on validation).
+   Cheap on any CPU, and the start of everything else.
+2. This machine's fine-tuning speed, measured (a few training steps at the run's input size and precision), gives
+   the epochs of whole-network fine-tuning (from the head, BatchNorm statistics frozen) that fit in what is left
+   of the budget; ``--time-limit`` stops it in time if epochs turn out slower.
+3. The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
+   ``RUN_DIR/recipe.json`` records every stage's validation numbers and time, and why the one kept was kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
+from finegrain.engine import distributed as fgdist
+from finegrain.engine.evaluate import autocast
+from finegrain.engine.setup import freeze_bn_stats
+from finegrain.engine.train import FitResult, fit
+from finegrain.env import resolve_amp
+from finegrain.errors import ConfigError
+
+#: the files of the kept stage that make RUN_DIR a run directory of its own
+STAGE_FILES = ("best.pt", "last.pt", "split.csv", "config.yaml", "environment.json", "metrics.jsonl", "curves.png",
+               "probe.json")  # fmt: skip
+EVAL_COST = 0.35  # validation images cost about a third of a training image (forward only, no augmentation)
+
+
+def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3) -> float:
+    """Training images/s of whole-network fine-tuning on this machine, at the run's batch, input size and
+    precision (one step to warm up, then ``steps`` timed)."""
+    model = model.to(device).train()
+    if cfg.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    freeze_bn_stats(model)
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    size, batch = model.preprocess.input_size, cfg.optim.batch_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    if cfg.speed.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,))
+    start = 0.0
+    for i in range(steps + 1):
+        if i == 1:
+            start = time.perf_counter()
+        with autocast(device, resolve_amp(cfg.speed.amp, device)):
+            out = model(x)
+        loss, _ = model.compute_loss(out, y.to(device), nn.functional.cross_entropy)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def train_within_budget(cfg: TrainConfig) -> FitResult:
+    """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--budget decides from one process's timing: run it without torchrun (or set --epochs)")
+    budget_s = 60 * cfg.recipe.budget
+    start = time.perf_counter()
+    run_dir = Path(cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stages: dict[str, dict] = {}
+
+    head = fit(cfg.replace(run_dir=str(run_dir / "head"), freeze_backbone=True, cache_features=True, budget=None))
+    head_best = Checkpoint.load(head.run_dir / "best.pt")
+    stages["head"] = {"val_top1": (head_best.metrics or {}).get("val_top1"), "seconds": time.perf_counter() - start,
+                      "run_dir": str(head.run_dir)}  # fmt: skip
+    if stages["head"]["val_top1"] is None:
+        raise ConfigError("--budget chooses on the validation split: set --val-fraction above 0 (e.g. 0.1)")
+
+    device = fgdist.resolve_device(cfg.speed.device)
+    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device)
+    index = head_best.dataset()
+    n_train, n_val = len(index.split("train")), len(index.split("val"))
+    epoch_s = (n_train + EVAL_COST * n_val) / speed
+    left = budget_s - (time.perf_counter() - start)
+    epochs = math.floor(left / epoch_s)
+    decision = {"finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
+                "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0)}  # fmt: skip
+    if epochs >= 1:
+        tqdm.write(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
+                   f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
+        ft_start = time.perf_counter()
+        ft = fit(cfg.replace(
+            run_dir=str(run_dir / "finetune"), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
+            lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
+            crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
+            time_limit=left / 60,
+        ))  # fmt: skip
+        stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
+                              "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
+                              "run_dir": str(ft.run_dir)}  # fmt: skip
+    ranked = [(s["val_top1"], name) for name, s in stages.items() if s["val_top1"] is not None]
+    kept = max(ranked, key=lambda t: (t[0], t[1] == "head"))[1]  # on ties the head: as good, and cheaper
+    if len(ranked) > 1:
+        why = f"the higher validation top-1 ({', '.join(f'{n} {v:.4f}' for v, n in ranked)}; the head on ties)"
+    else:
+        why = f"no fine-tuning epoch fits in the {left / 60:.1f} min left (one takes ~{epoch_s / 60:.1f} min here)"
+    for name in STAGE_FILES:
+        source = Path(stages[kept]["run_dir"]) / name
+        if source.is_file():
+            shutil.copy2(source, run_dir / name)
+    recipe = {"budget_min": cfg.recipe.budget, "stages": stages, "decision": decision, "kept": kept, "why": why,
+              "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    tqdm.write(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
+    return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), [])

@@ -1,0 +1,109 @@
+"""The probe: scikit-learn's logistic regression, solved in torch, its penalty chosen on validation, as the
+default head on cached features."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from finegrain.checkpoint import Checkpoint
+from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regression
+from finegrain.engine.recipe import train_within_budget
+from finegrain.engine.setup import model_from_config
+from finegrain.engine.train import fit
+from finegrain.export import export_onnx
+
+
+def separable(n: int = 240, d: int = 12, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs around k random directions: linearly separable after normalisation, with noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 3
+    y = torch.arange(n) % k
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+@pytest.mark.parametrize("c", [0.1, 1.0, 10.0])
+def test_logistic_regression_matches_scikit_learn(c):
+    x, y = separable()
+    x = l2_normalise(x)
+    w, b = logistic_regression(x, y, 3, c)
+    ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
+    np.testing.assert_allclose(w.numpy(), ref.coef_, atol=2e-3 * max(1.0, np.abs(ref.coef_).max()))
+    np.testing.assert_allclose(b.numpy(), ref.intercept_, atol=2e-3 * max(1.0, np.abs(ref.intercept_).max()))
+    assert np.array_equal((x @ w.T + b).argmax(1).numpy(), ref.predict(x.numpy()))
+
+
+def test_penalty_is_chosen_on_validation():
+    x, y = separable(n=480, seed=1)
+    result = fit_probe(x[::2], y[::2], x[1::2], y[1::2], 3, grid=(0.01, 1.0, 100.0))
+    assert [r["C"] for r in result["sweep"]] == [0.01, 1.0, 100.0]
+    best = max(r["val_top1"] for r in result["sweep"])
+    assert result["val_top1"] == best > 0.9
+    assert result["C"] == min(r["C"] for r in result["sweep"] if r["val_top1"] == best)
+
+
+def test_probe_head_is_solved_saved_exported_and_resumes_as_done(imagefolder, tiny_config, tmp_path):
+    result = fit(tiny_config(imagefolder, head="probe"))
+    (row,) = result.history
+    assert row["val_top1"] >= 0.75  # 4 classes: chance is 0.25
+    probe = json.loads((result.run_dir / "probe.json").read_text())
+    assert [v["crop_pct"] for v in probe["views"]] == [1.0, 0.875]  # the run's view, then the other
+    chosen = next(v for v in probe["views"] if v["crop_pct"] == probe["crop_pct_chosen"])
+    assert probe["C_chosen"] in [r["C"] for r in chosen["C_tried"]]
+    assert Checkpoint.load(result.run_dir / "best.pt").preprocess.crop_pct == probe["crop_pct_chosen"]
+    ckpt = Checkpoint.load(result.run_dir / "best.pt")
+    assert ckpt.model_kwargs["feature_norm"] is True and ckpt.build_model().head.l2
+    assert export_onnx(result.run_dir / "best.pt", tmp_path / "m.onnx")["max_abs_diff"] < 1e-3
+    again = fit(None, resume=result.run_dir)  # nothing left to do: the same model back
+    assert again.history == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model.eval()(x), result.model.eval()(x))  # (memory layouts differ)
+
+
+def test_sgd_head_still_trains_for_epochs(imagefolder, tiny_config):
+    result = fit(tiny_config(imagefolder, head="sgd", epochs=2))
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_auto_head_keeps_the_better_on_validation(imagefolder, tiny_config):
+    result = fit(tiny_config(imagefolder, head="auto", epochs=2))
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    recipe = json.loads((result.run_dir / "recipe.json").read_text())
+    assert set(recipe["candidates"]) == {"probe", "sgd"} and recipe["chosen"] in ("probe", "sgd")
+    probe, sgd = recipe["candidates"]["probe"]["val_top1"], recipe["candidates"]["sgd"]["val_top1"]
+    assert recipe["chosen"] == ("probe" if probe > sgd else "sgd")
+    best = Checkpoint.load(result.run_dir / "best.pt")
+    assert best.model_kwargs.get("feature_norm", False) == (recipe["chosen"] == "probe")
+    assert result.model.head.l2 == (recipe["chosen"] == "probe")
+
+
+def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_config, tmp_path):
+    """A tiny budget: the head first, fine-tuning only for the epochs the rest allows; the run ends in time, and
+    RUN_DIR holds the stage with the better validation top-1."""
+    cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "budget"))
+    start = time.perf_counter()
+    result = train_within_budget(cfg)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5 * 60 + 20  # the budget, plus the final evaluation of the last epoch at most
+    recipe = json.loads((result.run_dir / "recipe.json").read_text())
+    assert recipe["kept"] in recipe["stages"] and recipe["why"]
+    kept = recipe["stages"][recipe["kept"]]
+    assert kept["val_top1"] == max(s["val_top1"] for s in recipe["stages"].values())
+    best = Checkpoint.load(result.run_dir / "best.pt")
+    assert best.metrics["val_top1"] == kept["val_top1"]
+    assert (result.run_dir / "split.csv").is_file() and best.dataset().classes == best.classes
+    if "finetune" in recipe["stages"]:
+        assert recipe["stages"]["finetune"]["epochs"] <= recipe["decision"]["finetune_epochs"]
+
+
+def test_fine_tuning_from_a_probe_starts_where_the_probe_ends(imagefolder, tiny_config):
+    probe = fit(tiny_config(imagefolder, head="probe")).run_dir / "best.pt"
+    cfg = tiny_config(imagefolder, init_from=str(probe), freeze_backbone=False, crop_pct=1.0)
+    started = model_from_config(cfg, Checkpoint.load(probe).classes).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(started(x), Checkpoint.load(probe).build_model()(x))
