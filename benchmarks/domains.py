@@ -33,6 +33,7 @@ import torch
 from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.engine.features import extract_features
+from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.train import fit
 from finegrain.models import create_model
 from finegrain.report.evaluation import evaluate_checkpoint
@@ -46,7 +47,8 @@ PROBE_C = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300)
 
 def finegrain_run(data: Path, run_dir: Path, seed: int, **options) -> dict:
     start = time.perf_counter()
-    fit(TrainConfig().replace(data=str(data), run_dir=str(run_dir), seed=seed, **options))
+    cfg = TrainConfig().replace(data=str(data), run_dir=str(run_dir), seed=seed, **options)
+    (train_within_budget if cfg.recipe.budget else fit)(cfg)
     train_s = time.perf_counter() - start
     r = evaluate_checkpoint(run_dir / "best.pt", workers=2)
     recipe = run_dir / "recipe.json"

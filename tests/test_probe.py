@@ -14,6 +14,7 @@ from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regression
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.setup import model_from_config
 from finegrain.engine.train import fit
+from finegrain.errors import ConfigError
 from finegrain.export import export_onnx
 
 
@@ -107,3 +108,8 @@ def test_fine_tuning_from_a_probe_starts_where_the_probe_ends(imagefolder, tiny_
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(started(x), Checkpoint.load(probe).build_model()(x))
+
+
+def test_fit_refuses_a_budget_it_would_ignore(imagefolder, tiny_config):
+    with pytest.raises(ConfigError, match="train_within_budget"):
+        fit(tiny_config(imagefolder, budget=1.0))

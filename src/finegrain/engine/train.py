@@ -44,7 +44,7 @@ from finegrain.engine.setup import (
 from finegrain.engine.task import Task, build_task, step
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import configure_threads, resolve_amp
-from finegrain.errors import CheckpointError
+from finegrain.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -124,6 +124,9 @@ def fit(
     if resume is not None:
         cfg, last = _resumed_config(cfg, resume)
     cfg = (cfg or TrainConfig()).validate()
+    if cfg.recipe.budget is not None:
+        raise ConfigError("a time budget runs several trainings: call finegrain.engine.recipe.train_within_budget(cfg)"
+                          " (what `finegrain train --budget` does), or leave budget unset")  # fmt: skip
     device = fgdist.resolve_device(cfg.speed.device)
     info = fgdist.init_distributed(device)
     if info.enabled and device.type == "cuda":
@@ -184,8 +187,8 @@ def fit(
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, o.epochs):
         if history and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
-            ctx.log(f"--time-limit {cfg.recipe.time_limit:g} min: no time for epoch {epoch + 1}; best.pt has the best "
-                    "validated epoch")  # fmt: skip
+            ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; best.pt has the "
+                    "best validated epoch")  # fmt: skip
             break
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(task, cfg, info)
