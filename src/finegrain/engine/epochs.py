@@ -15,11 +15,10 @@ from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
 
 
-def save_epoch(ctx: Context, task: Task, eval_module: nn.Module, epoch: int, row: dict, resume_state: dict | None,
-                is_best: bool, tracker: RunTracker, model: nn.Module | None = None) -> None:  # fmt: skip
-    """Rank 0 at the end of an epoch: last.pt (with the state ``--resume`` needs), best.pt when validation improved,
-    the metrics line, the curves, the trackers, and one line on the terminal."""
-    record = epoch_checkpoint(ctx, task, eval_module, row, model or ctx.model, epoch)
+def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_best: bool, tracker: RunTracker) -> None:
+    """Rank 0 at the end of an epoch (or of the probe: no ``resume_state``): last.pt (with the state ``--resume``
+    needs), best.pt when validation improved, the metrics line, the curves, the trackers, one line on the terminal."""
+    row = record.metrics
     record.resume = resume_state
     record.save(ctx.run_dir / "last.pt")
     if is_best:
@@ -30,7 +29,7 @@ def save_epoch(ctx: Context, task: Task, eval_module: nn.Module, epoch: int, row
     write_curves(ctx.run_dir)
     tracker.epoch(row)
     val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
-    epochs = "probe" if resume_state is None else f"epoch {epoch + 1}/{ctx.cfg.optim.epochs}"
+    epochs = "probe" if resume_state is None else f"epoch {record.epoch + 1}/{ctx.cfg.optim.epochs}"
     tqdm.write(f"{epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}{val} "
                f"({row['epoch_seconds']:.1f}s, {row['samples_per_s']:.1f}/s)")  # fmt: skip
 
@@ -48,13 +47,18 @@ def restore(state: dict, task: Task, optimizer, ema, ctx: Context) -> float:
     return state["best"]
 
 
-def epoch_checkpoint(ctx: Context, task: Task, eval_module: nn.Module, row: dict, model: nn.Module,
-                epoch: int | None = None) -> Checkpoint:  # fmt: skip
-    """A predict-ready checkpoint of ``model``; with EMA, the averaged weights are the ones to predict with."""
-    if eval_module is task.trainable or model is not ctx.model:
-        return Checkpoint.from_model(model, ctx.index.classes, config=ctx.cfg.to_dict(), epoch=epoch, metrics=row)
+def model_checkpoint(ctx: Context, model: nn.Module, row: dict, epoch: int | None = None) -> Checkpoint:
+    """The predict-ready checkpoint of ``model`` with this run's config and the epoch's metrics."""
+    return Checkpoint.from_model(model, ctx.index.classes, config=ctx.cfg.to_dict(), epoch=epoch, metrics=row)
+
+
+def epoch_checkpoint(ctx: Context, task: Task, eval_module: nn.Module, row: dict, epoch: int) -> Checkpoint:
+    """The run's model after an epoch; with EMA (``eval_module`` is the average) the averaged weights, the ones to
+    predict with."""
+    if eval_module is task.trainable:
+        return model_checkpoint(ctx, ctx.model, row, epoch)
     trained = {k: v.clone() for k, v in task.trainable.state_dict().items()}
     task.trainable.load_state_dict(eval_module.state_dict())
-    record = Checkpoint.from_model(model, ctx.index.classes, config=ctx.cfg.to_dict(), epoch=epoch, metrics=row)
+    record = model_checkpoint(ctx, ctx.model, row, epoch)
     task.trainable.load_state_dict(trained)
     return record

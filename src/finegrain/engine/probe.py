@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from finegrain.data.transforms import Preprocess
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.task import Task, split_features
@@ -97,44 +98,60 @@ def probe_candidate(ctx: Context, task: Task) -> tuple[nn.Module, nn.Linear] | N
     return None if layer is None else (candidate, layer)
 
 
-def run_probe(ctx: Context, task: Task, model: nn.Module, layer: nn.Linear) -> dict:
-    """Fit ``layer`` (``model``'s ``probe_head``) on the task's cached features and, with a validation split, on
-    the other view (``OTHER_CROP``, un-mirrored); keep the view and C with the best validation top-1 (the task's
-    view on ties). Returns the epoch-like metrics row; ``RUN_DIR/probe.json`` has every view and C tried."""
-    start = time.perf_counter()
-    train_y = task.train_set.tensors[1]
-    views = [(model.preprocess, *task.train_set.tensors[:2], *(task.val_set.tensors if task.val_set else (None, None)))]
-    if task.val_set is not None:
-        crop = OTHER_CROP if model.preprocess.crop_pct != OTHER_CROP else 1.0
-        pre = replace(model.preprocess, crop_pct=crop)
-        train_x, val_x = split_features(ctx, pre, [False])
-        views.append((pre, train_x, train_y[: len(train_x)], val_x, task.val_set.tensors[1]))
-    tried = []
-    for pre, tx, ty, vx, vy in views:
-        tried.append((fit_probe(tx, ty, vx, vy, layer.out_features), pre, tx, ty, vx, vy))
-    result, pre, train_x, train_y, val_x, val_y = max(tried, key=lambda t: t[0]["val_top1"] or 0.0)  # first on ties
-    set_linear(layer, result["weight"], result["bias"])
-    model.preprocess = pre
-    train_acc = accuracy(result["weight"], result["bias"], l2_normalise(train_x), train_y)
-    row = {"epoch": 1, "probe_C": result["C"], "probe_crop_pct": pre.crop_pct, "train_acc": train_acc,
-           "train_loss": float("nan")}  # fmt: skip
+@dataclass
+class View:
+    """Cached features of one view of the images (a preprocessing, with or without mirrored copies)."""
+
+    preprocess: Preprocess
+    mirrored: bool
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor | None
+    val_y: torch.Tensor | None
+
+
+def probe_views(ctx: Context, task: Task) -> list[View]:
+    """The task's own view, and with a validation split the other crop (``OTHER_CROP`` <-> whole image, un-mirrored)."""
+    pre = ctx.model.preprocess
+    train_x, train_y = task.train_set.tensors[:2]
+    val_x, val_y = task.val_set.tensors if task.val_set is not None else (None, None)
+    views = [View(pre, len(train_x) > len(ctx.index.split("train")), train_x, train_y, val_x, val_y)]
     if val_x is not None:
-        loader = DataLoader(TensorDataset(val_x, val_y), batch_size=256)
+        other = replace(pre, crop_pct=OTHER_CROP if pre.crop_pct != OTHER_CROP else 1.0)
+        other_train, other_val = split_features(ctx, other, [False])
+        views.append(View(other, False, other_train, train_y[: len(other_train)], other_val, val_y))
+    return views
+
+
+def run_probe(ctx: Context, task: Task, model: nn.Module, layer: nn.Linear) -> dict:
+    """Fit ``layer`` (``model``'s ``probe_head``) on every view of ``probe_views``; keep the view and C with the best
+    validation top-1 (the task's view on ties). Returns the epoch-like metrics row; ``RUN_DIR/probe.json`` has
+    every view and C tried."""
+    start = time.perf_counter()
+    tried = [(fit_probe(v.train_x, v.train_y, v.val_x, v.val_y, layer.out_features), v) for v in probe_views(ctx, task)]
+    result, view = max(tried, key=lambda t: t[0]["val_top1"] or 0.0)  # the first on ties
+    set_linear(layer, result["weight"], result["bias"])
+    model.preprocess = view.preprocess
+    train_acc = accuracy(result["weight"], result["bias"], l2_normalise(view.train_x), view.train_y)
+    row = {"epoch": 1, "probe_C": result["C"], "probe_crop_pct": view.preprocess.crop_pct, "train_acc": train_acc,
+           "train_loss": float("nan")}  # fmt: skip
+    if view.val_x is not None:
+        loader = DataLoader(TensorDataset(view.val_x, view.val_y), batch_size=256)
         m = evaluate(model.head, loader, layer.out_features, ctx.device)
         row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
     seconds = time.perf_counter() - start
-    fits = sum(max(1, len(t[0]["sweep"])) for t in tried)
-    row.update({"lr": 0.0, "epoch_seconds": seconds, "samples_per_s": len(train_x) * fits / seconds})
+    fits = sum(max(1, len(r["sweep"])) for r, _ in tried)
+    row.update({"lr": 0.0, "epoch_seconds": seconds, "samples_per_s": len(view.train_x) * fits / seconds})
     if ctx.info.is_main:
         why = "the highest validation top-1 (the task's view, then the smallest C, on ties)"
         why = why if result["sweep"] else "no validation split: the middle of the grid, the run's view"
-        n_train = len(ctx.index.split("train"))
-        views_tried = [{"crop_pct": t[1].crop_pct, "mirrored_too": len(t[2]) > n_train, "C_tried": t[0]["sweep"]}
-                       for t in tried]  # fmt: skip
-        report = {"views": views_tried, "crop_pct_chosen": pre.crop_pct, "C_chosen": result["C"], "why": why}
+        views = [
+            {"crop_pct": v.preprocess.crop_pct, "mirrored_too": v.mirrored, "C_tried": r["sweep"]} for r, v in tried
+        ]
+        report = {"views": views, "crop_pct_chosen": view.preprocess.crop_pct, "C_chosen": result["C"], "why": why}
         (ctx.run_dir / "probe.json").write_text(json.dumps(report, indent=2))
-        ctx.log(f"probe: logistic regression on L2-normalised features, crop {pre.crop_pct:g} and C={result['C']:g} "
-                f"chosen on validation ({fits} fits, {seconds:.1f}s)")  # fmt: skip
+        ctx.log(f"probe: logistic regression on L2-normalised features, crop {view.preprocess.crop_pct:g} and "
+                f"C={result['C']:g} chosen on validation ({fits} fits, {seconds:.1f}s)")  # fmt: skip
     return row
 
 

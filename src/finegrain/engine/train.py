@@ -28,7 +28,7 @@ from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
-from finegrain.engine.epochs import epoch_checkpoint, restore, save_epoch
+from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore, save_epoch
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
 from finegrain.engine.setup import (
@@ -159,7 +159,7 @@ def fit(
     if probe is not None and cfg.features.head == "probe":  # the head is solved, not trained: no epochs
         row = run_probe(ctx, task, *probe)
         if info.is_main:
-            save_epoch(ctx, task, probe[0].head, 0, row, None, True, tracker, probe[0])
+            save_epoch(ctx, model_checkpoint(ctx, probe[0], row, 0), None, True, tracker)
             write_recipe(ctx, row, None)
             tracker.close()
         fgdist.barrier()
@@ -209,7 +209,7 @@ def fit(
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons},
             }  # fmt: skip
-            save_epoch(ctx, task, eval_module, epoch, row, resume_state, score >= best, tracker)
+            save_epoch(ctx, epoch_checkpoint(ctx, task, eval_module, row, epoch), resume_state, score >= best, tracker)
         best = max(best, score)
         history.append(row)
         if on_epoch is not None:
@@ -219,7 +219,7 @@ def fit(
         if row["val_top1"] > best:
             model = probe[0]
             if info.is_main:
-                epoch_checkpoint(ctx, task, model.head, row, model).save(run_dir / "best.pt")
+                model_checkpoint(ctx, model, row).save(run_dir / "best.pt")
         if info.is_main:
             write_recipe(ctx, row, best)
     if tracker is not None:
