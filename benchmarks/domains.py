@@ -108,26 +108,30 @@ def main() -> None:
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fg-domains-"))
     img_s = train_throughput() if "peer" in args.parts else None
+    runs: dict[str, dict[str, list]] = {name: {} for name in args.datasets}
     results: dict = {}
-    for name in args.datasets:
-        runs: dict[str, list] = {}
-        for seed in args.seeds:
+
+    def record(name: str, part: str, row: dict) -> None:  # saved after every part: a stopped run keeps what it did
+        runs[name].setdefault(part, []).append(row)
+        results[name] = {k: summary(v) for k, v in runs[name].items()}
+        write_json(args.out, {"parts": args.parts, "budget_min": args.budget, "seeds": args.seeds,
+                              "peer_train_img_s": img_s, "started": started, "datasets": results})  # fmt: skip
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    for seed in args.seeds:  # seed-major: every dataset has a first seed before any has a second
+        for name in args.datasets:
             data = DATASETS[name]
             if "default" in args.parts:
-                runs.setdefault("finegrain_default", []).append(
-                    finegrain_run(data, work / name / f"default{seed}", seed)
-                )
+                record(name, "finegrain_default", finegrain_run(data, work / name / f"default{seed}", seed))
             if "probe" in args.parts:
-                runs.setdefault("probe", []).append(textbook_probe(data, seed, args.cache_dir))
+                record(name, "probe", textbook_probe(data, seed, args.cache_dir))
             if "budget" in args.parts:
-                r = finegrain_run(data, work / name / f"budget{seed}", seed, budget=args.budget)
-                runs.setdefault("finegrain_budget", []).append(r)
+                record(name, "finegrain_budget", finegrain_run(data, work / name / f"budget{seed}", seed,
+                                                               budget=args.budget))  # fmt: skip
             if "peer" in args.parts:
-                seconds = runs["finegrain_budget"][-1]["train_s"] if "budget" in args.parts else args.budget * 60
-                runs.setdefault("timm_peer", []).append(peer(name, work / "peer", seconds, seed, img_s))
-            results[name] = {k: summary(v) for k, v in runs.items()}
-            write_json(args.out, {"parts": args.parts, "budget_min": args.budget, "seeds": args.seeds,
-                                  "peer_train_img_s": img_s, "datasets": results})  # fmt: skip
+                budget_runs = runs[name].get("finegrain_budget")
+                seconds = budget_runs[-1]["train_s"] if budget_runs else args.budget * 60
+                record(name, "timm_peer", peer(name, work / "peer", seconds, seed, img_s))
     print(
         f"{'dataset':22s}"
         + "".join(f"{k:>20s}" for k in ("finegrain_default", "finegrain_budget", "probe", "timm_peer"))
