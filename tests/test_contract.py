@@ -28,6 +28,7 @@ METHOD_KWARGS = {
     "cbcnn": {"reduce_dim": 16, "sketch_dim": 256, "pooling": "rm"},
     "parts": {"part_groups": {"head": ["beak"], "body": ["tail"]}},
     "racnn": {"scales": 2, "apn_start": 1, "alternate": 1},  # the APN schedule starts inside the killed epoch
+    "textprior": {"embedding": {"attributes": None, "text": "minilm"}},  # class names as text (no class_info)
     "wsdan": {"num_maps": 4},
 }
 CLASSES = ["a", "b", "c"]

@@ -17,6 +17,7 @@ from finegrain.compress.recipes import prune_and_finetune, qat_finetune
 from finegrain.config import TrainConfig
 from finegrain.data import load_dataset
 from finegrain.data.check import check_dataset
+from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.sr import load_sr, train_sr
@@ -134,9 +135,13 @@ def _model_for_engine(model: str, engine: str, device: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-
-    model = _model_for_engine(args.model, args.engine, args.device)
+    # classes are added to the PyTorch model (their embeddings and reference images go through it)
+    model = args.model if args.class_info else _model_for_engine(args.model, args.engine, args.device)
     predictor = Predictor.load(model, device=args.device, threads=args.threads, graph_opt=args.graph_opt)
+    if args.class_info:
+        added = predictor.add_classes(args.class_info)
+        print(f"added {len(added)} class(es) known only by {args.class_info}: {', '.join(added[:8])}"
+              + (" ..." if len(added) > 8 else ""), file=sys.stderr)  # fmt: skip
     if args.sr_model:
         predictor.upscale_small_inputs(args.sr_model, args.sr_below)
     results = predictor.predict_files(list_images(args.target), k=args.topk, batch_size=args.batch_size, skip_bad=True)
@@ -183,7 +188,9 @@ def _explain(args: argparse.Namespace) -> int:
         for f, img, e in zip(chunk, images, explain(predictor, images, args.topk), strict=True):
             dest = _png_destination(args.target, f, args.out)
             e.picture(img, predictor).save(dest)
-            print(f"{dest}  {e.top[0]['class']} ({100 * e.top[0]['prob']:.1f}%, {e.method})")
+            because = ", ".join(f"{a['name']} ({a['contribution']:+.3f})" for a in e.evidence)
+            print(f"{dest}  {e.top[0]['class']} ({100 * e.top[0]['prob']:.1f}%, {e.method})"
+                  + (f"; attributes that drove it: {because}" if because else ""))  # fmt: skip
     return 0
 
 
@@ -204,6 +211,9 @@ def _data_check(args: argparse.Namespace) -> int:
 
     index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed)
     report = check_dataset(index)
+    info_dir = find_class_info(args.path, args.class_info)
+    if info_dir is not None:
+        report.class_info = load_class_info(info_dir).coverage(index.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0 if report.ok else 1
@@ -217,6 +227,15 @@ def _data_check(args: argparse.Namespace) -> int:
               f"height {h['min']}-{h['max']} (median {h['median']:.0f})")  # fmt: skip
     for note in report.notes:
         print(f"  note: {note}")
+    if report.class_info:
+        c = report.class_info
+        kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in c["classes_with"].items())
+        print(f"  class info '{c['root']}': classes with {kinds} ({c['num_attributes']} attribute columns)")
+        if c["missing"]:
+            print(f"  class info: nothing for {len(c['missing'])} class(es): {', '.join(c['missing'][:8])}")
+        if c["new_classes"]:
+            print(f"  class info: {len(c['new_classes'])} class(es) not in the data (zero-shot classes for "
+                  f"predict --class-info): {', '.join(c['new_classes'][:8])}")  # fmt: skip
     for path, reason in report.bad:
         print(f"BAD IMAGE {path}: {reason}")
     for group in report.duplicates:
@@ -383,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--sr-model", help="super-resolution checkpoint (finegrain sr train) to enlarge small images")
     p.add_argument("--sr-below", type=int, default=160, help="enlarge images whose shorter side is below this (160)")
+    p.add_argument("--class-info", help="class_info folder: also score its classes the model was not trained on, "
+                   "from their attributes / description / reference image (textprior models)")  # fmt: skip
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON output")
     out.add_argument("--csv", action="store_true", help="CSV output")
@@ -483,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0, help="(default: 0)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-info", help="class_info folder to report on (default: PATH/class_info when it exists)")
     p.add_argument("--json", action="store_true", help="JSON report")
     p.set_defaults(func=_data_check)
 

@@ -14,13 +14,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from finegrain.checkpoint import Checkpoint
+from finegrain.data.class_info import load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.sr import load_sr
 from finegrain.env import cpu_model, physical_cores, resolve_amp
-from finegrain.errors import BadImageError, DataError
+from finegrain.errors import BadImageError, ConfigError, DataError
 from finegrain.export import OnnxRunner, export_onnx
+from finegrain.models.class_embed import embed_classes
 from finegrain.models.sr import SRUpscaleSmall
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -172,6 +174,33 @@ class Predictor:
         self.transform = v2.Compose([SRUpscaleSmall(load_sr(sr_model), min_side), eval_transform(self.preprocess)])
         self.info["super_resolution"] = {"model": str(sr_model), "below": min_side}
         return self
+
+    def add_classes(self, class_info: str | Path) -> list[str]:
+        """Also score the classes of a ``class_info`` folder that the model was not trained on: from their
+        attributes / description (zero-shot) and their reference image (imprinted). Returns the classes added."""
+        if not isinstance(self.model, nn.Module):
+            raise ConfigError("classes are added to a PyTorch checkpoint (.pt or run folder), not to an ONNX file: "
+                              "pass the checkpoint the ONNX file was exported from")  # fmt: skip
+        info = load_class_info(class_info)
+        new = info.new_classes(self.classes)
+        if not new:
+            raise DataError(f"'{class_info}' describes no class the model does not already have: nothing to add")
+        if self.model.embedding is None:
+            self.model.add_classes(torch.empty(0))  # refuses, naming the method that can
+        with_image = frozenset(c for c in new if c in info.images)
+        embed = embed_classes(self.model.embedding, new, info, optional=with_image)
+        prototypes = None
+        if with_image:
+            rows = [i for i, c in enumerate(new) if c in with_image]
+            batch = torch.stack([self.transform(open_image(info.images[new[i]])) for i in rows])
+            with torch.inference_mode():
+                feats = self.model.backbone_features(batch.to(self.device, memory_format=torch.channels_last))
+            prototypes = torch.zeros(len(new), feats.shape[1])
+            prototypes[rows] = feats.float().cpu()
+        self.model.add_classes(embed, prototypes)
+        self.classes += new
+        self.info["added_classes"] = {"class_info": str(class_info), "classes": new}
+        return new
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ class CheckReport:
     duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical files
     leaks: list[list[str]] = field(default_factory=list)  # duplicate groups that span train/val and test
     notes: list[str] = field(default_factory=list)
+    class_info: dict | None = None  # ClassInfo.coverage when the dataset has class side-information
 
     @property
     def ok(self) -> bool:
@@ -40,6 +41,7 @@ class CheckReport:
             "duplicates": self.duplicates,
             "train_test_leaks": self.leaks,
             "notes": self.notes,
+            "class_info": self.class_info,
         }
 
 

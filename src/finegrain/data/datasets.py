@@ -19,6 +19,7 @@ from finegrain.errors import DataError
 FORMATS = ("auto", "cub", "imagefolder", "manifest")
 SPLITS = ("train", "val", "test")
 IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
+INFO_DIR = "class_info"  # class side-information beside the images (finegrain.data.class_info), not a class
 MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too
 
 
@@ -61,7 +62,7 @@ def detect_format(path: Path) -> str:
         return "cub"
     if (path / MANIFEST_NAME).is_file():  # before ImageFolder: a manifest's images usually sit in sub-folders
         return "manifest"
-    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+    if any(p.is_dir() and not p.name.startswith(".") and p.name != INFO_DIR for p in path.iterdir()):
         return "imagefolder"
     csvs = sorted(path.glob("*.csv"))
     if len(csvs) == 1:
@@ -165,7 +166,7 @@ def _read_cub_parts(root: Path, images: dict[str, str]):
 
 def read_imagefolder(root: Path) -> DatasetIndex:
     """One sub-folder per class; every non-hidden file inside counts (bad files are reported, not skipped)."""
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != INFO_DIR)
     if not class_dirs:
         raise DataError(f"'{root}' has no class sub-folders (ImageFolder layout: ROOT/<class>/<image>)")
     samples = []

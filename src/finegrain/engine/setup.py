@@ -19,10 +19,12 @@ from tqdm import tqdm
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex, find_bad_images, load_dataset, save_split
+from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.engine.distributed import DistInfo
 from finegrain.env import machine_info, precision_name
 from finegrain.errors import CheckpointError, ConfigError, DataError
-from finegrain.models import create_model
+from finegrain.models import create_model, needs_class_info
+from finegrain.models.class_embed import EmbeddingSpec, embed_classes
 
 
 def seed_everything(seed: int) -> None:
@@ -106,6 +108,14 @@ def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex
 RUN_MODEL_KWARGS = ("num_classes", "backbone", "pretrained", "weights", "drop_rate", "freeze_backbone")
 
 
+def class_prior_kwargs(cfg: TrainConfig, classes: list[str]) -> dict:
+    """The class embeddings (and how they were made) of a method built on class side-information."""
+    path = find_class_info(cfg.dataset.data, cfg.dataset.class_info)
+    info = load_class_info(path) if path is not None else None
+    spec = EmbeddingSpec.for_info(info)
+    return {"embedding": spec.to_dict(), "class_embed": embed_classes(spec, classes, info)}
+
+
 def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     """The method built as ``cfg`` says; with ``--init-from``, started from that checkpoint's weights (the same
     method's, or another method's where this one can adapt them)."""
@@ -114,6 +124,8 @@ def model_from_config(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     recorded = {}
     if ckpt is not None and ckpt.method == m.method:  # its own options carry over (e.g. a probe's normalised head)
         recorded = {k: v for k, v in ckpt.model_kwargs.items() if k not in RUN_MODEL_KWARGS}
+    if needs_class_info(m.method):
+        recorded.update(class_prior_kwargs(cfg, classes))
     model = create_model(
         m.method, num_classes=len(classes), backbone=m.backbone, pretrained=m.pretrained, weights=m.weights,
         drop_rate=m.drop_rate, freeze_backbone=m.freeze_backbone, **{**recorded, **m.model_kwargs},

@@ -22,6 +22,8 @@ class Explanation:
     method: str  # "grad-cam" (PyTorch) or "occlusion" (ONNX Runtime)
     #: the method's own evidence: regions it zoomed into, per scale (x0, y0, x1, y1 in [0, 1] of its input)
     boxes: list[list[float]] = field(default_factory=list)
+    #: attributes of the predicted class's description that added most to its score (class-prior methods)
+    evidence: list[dict] = field(default_factory=list)
 
     def overlay(self, image: Image.Image, predictor: Predictor) -> Image.Image:
         return overlay(image, self.cam, predictor.preprocess, boxes=self.boxes)
@@ -41,8 +43,11 @@ def explain(predictor: Predictor, images: Sequence[Image.Image], k: int = 5) -> 
         method = "grad-cam"
         per_region = predictor.model.attention_boxes(x)
         boxes = [[b[i].tolist() for b in per_region] for i in range(len(images))]
+        evidence = predictor.model.class_evidence(x, logits.argmax(1).tolist())
     else:
         cams, logits = occlusion(predictor.model, x)
         method = "occlusion"
+        evidence = [[] for _ in images]
     tops = predictor.topk(logits.float().softmax(-1).cpu(), k)
-    return [Explanation(c.cpu().numpy(), t, method, b) for c, t, b in zip(cams, tops, boxes, strict=True)]
+    return [Explanation(c.cpu().numpy(), t, method, b, e)
+            for c, t, b, e in zip(cams, tops, boxes, evidence, strict=True)]  # fmt: skip

@@ -14,6 +14,10 @@ models asks a model ``hasattr``:
 - ``attention_boxes``: regions the method looked at, drawn by explain (default: none).
 - ``explain_layer`` / ``activation_map``: what Grad-CAM weighs (default: the backbone's last spatial map;
   token backbones such as ViT lay their tokens out on the patch grid).
+- ``embedding`` / ``add_classes``: how class side-information becomes class embeddings (None: the method uses
+  none), and adding classes known only by it (zero-shot; ``finegrain predict --class-info``).
+- ``class_evidence``: which named attributes drove a class's score (explain lists them).
+- ``record_kwargs``: the construction arguments a checkpoint keeps (default: all of them).
 - ``adapt_weights``: start from another method's checkpoint (``--init-from``), e.g. RA-CNN from a baseline.
 - ``STAGE_SETTINGS``: method attributes a progressive-training stage may set.
 - ``has_unused_parameters``: some steps leave parameters without gradient (DDP must be told).
@@ -50,6 +54,8 @@ class FGVCModel(nn.Module):
     export_blocker: str | None = None
     #: annotated part groups the method is supervised with (evaluation measures how well it finds them)
     part_groups: dict[str, list[str]] | None = None
+    #: how class embeddings are made (``finegrain.models.class_embed.EmbeddingSpec``); None: no class prior
+    embedding = None
 
     def __init__(
         self,
@@ -108,6 +114,23 @@ class FGVCModel(nn.Module):
         """The linear layer the probe (``finegrain.engine.probe``) may fit in closed form on L2-normalised
         ``backbone_features``, after switching the head to normalise its input; None: the head trains by gradient."""
         return None
+
+    def add_classes(self, class_embed: torch.Tensor, prototypes: torch.Tensor | None = None) -> None:
+        """Score more classes than were trained: from their class embeddings (``embedding`` says how they are
+        made) and/or reference-image features. Only methods built on class side-information can."""
+        raise ConfigError(
+            f"method '{self.method}' scores only the classes it was trained on; train with --method textprior to "
+            "add classes from descriptions, attributes or reference images"
+        )
+
+    def class_evidence(self, x: torch.Tensor, labels: list[int], k: int = 5) -> list[list[dict]]:
+        """Per image, the named parts of class ``labels[i]``'s description (attributes) that added most to its
+        score: ``[{"name", "contribution"}]``; empty for methods without a class prior."""
+        return [[] for _ in labels]
+
+    def record_kwargs(self, kwargs: dict) -> dict:
+        """The keyword arguments a checkpoint stores to rebuild this model (tensor arguments live in buffers)."""
+        return kwargs
 
     def adapt_weights(self, method: str, state_dict: dict[str, torch.Tensor]) -> bool:
         """Start from the weights of a checkpoint of another ``method``; False: this method cannot."""
