@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from finegrain.checkpoint import Checkpoint
@@ -16,9 +17,11 @@ from finegrain.data.loading import open_image
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError, DataError
 from finegrain.explain import explain
+from finegrain.export import export_onnx
 from finegrain.models import create_model
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
-from finegrain.predict import Predictor
+from finegrain.predict import Predictor, with_added_classes
+from finegrain.serve.app import ServeSettings, create_app
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (40, 60, 220), "yellow": (230, 200, 30)}
 SHAPES = ("square", "disc")
@@ -164,3 +167,10 @@ def test_reference_image_adds_a_class_by_imprinting(shapes, tiny_config, tmp_pat
     top = [r["top"][0]["class"] for r in predictor.predict_files(photos, k=1)]
     assert sum(t in ("yellow_star", "yellow_square") for t in top) >= 0.75 * len(top)
     assert "yellow_star" in top
+    path, added = with_added_classes(Path(cfg.run.run_dir) / "best.pt", info)  # baked into an ONNX file
+    onnx = Predictor.load(export_onnx(path)["path"])
+    assert onnx.classes[-len(added) :] == added
+    assert [r["top"][0]["class"] for r in onnx.predict_files(photos, k=1)] == top
+    settings = ServeSettings(device="cpu", class_info=str(info))  # the service loads the added classes too
+    with TestClient(create_app(Path(cfg.run.run_dir) / "best.pt", settings)) as client:
+        assert "yellow_star" in client.get("/v1/model").json()["classes"]

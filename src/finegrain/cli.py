@@ -30,7 +30,7 @@ from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
 from finegrain.models.sr import sr_upscale
-from finegrain.predict import Predictor, choose_engine, list_images
+from finegrain.predict import Predictor, choose_engine, list_images, with_added_classes
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
 from finegrain.serve.app import ServeSettings, create_app
 from finegrain.serve.server import run
@@ -198,7 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
         max_pixels=args.max_pixels, threads=args.threads, device=args.device, max_inflight=args.max_inflight,
-        body_timeout_s=args.body_timeout,
+        body_timeout_s=args.body_timeout, class_info=args.class_info,
     )  # fmt: skip
     app = create_app(args.model, settings)
     print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
@@ -261,7 +261,11 @@ def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=
 
 
 def _export(args: argparse.Namespace) -> int:
-    _write_onnx(args.checkpoint, args.out, args.opset, args.int8, args.data, args.calib_images, args.int8_target,
+    checkpoint = args.checkpoint
+    if args.class_info:
+        checkpoint, added = with_added_classes(checkpoint, args.class_info)
+        print(f"added {len(added)} class(es) from {args.class_info}; wrote {checkpoint}")
+    _write_onnx(checkpoint, args.out, args.opset, args.int8, args.data, args.calib_images, args.int8_target,
                 args.min_agreement)  # fmt: skip
     return 0
 
@@ -414,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--class-info", help="first add this class_info folder's new classes (textprior), baked in")
     p.add_argument("--int8", action="store_true", help="also write a post-training int8 model (*.int8.onnx)")
     p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration (256)")
     p.add_argument("--data", help="dataset for calibration (default: the checkpoint's)")
@@ -457,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="longest pause inside a request body, s (30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--class-info", help="class_info folder: also serve its classes the checkpoint was not trained "
+                   "on (textprior checkpoints)")  # fmt: skip
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

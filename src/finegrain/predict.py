@@ -109,6 +109,17 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
     return result
 
 
+def with_added_classes(checkpoint: str | Path, class_info: str | Path) -> tuple[Path, list[str]]:
+    """A checkpoint that also scores the new classes of ``class_info`` (see ``Predictor.add_classes``), written
+    beside ``checkpoint`` as ``STEM_added_classes.pt``: it exports, serves and predicts like any other."""
+    ckpt = Checkpoint.load(checkpoint)
+    predictor = Predictor.from_checkpoint(ckpt.path, device="cpu")
+    added = predictor.add_classes(class_info)
+    out = ckpt.path.with_name(f"{ckpt.path.stem}_added_classes.pt")
+    Checkpoint.from_model(predictor.model, predictor.classes, config=ckpt.config).save(out)
+    return out, added
+
+
 class Predictor:
     """Top-k classes with probabilities for PIL images or files, from a PyTorch model or an ONNX file.
 

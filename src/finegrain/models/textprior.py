@@ -90,6 +90,7 @@ class TextPrior(Baseline):
         new.bias.copy_(torch.cat([head.residual.bias, head.residual.bias.mean().expand(n)]))
         head.residual = new
         head.class_embed = torch.cat([head.class_embed, class_embed.float()])
+        self.model_kwargs["num_classes"] = len(head.class_embed)  # a checkpoint of it rebuilds every class
 
 
 @register_model("textprior", needs_class_info=True)

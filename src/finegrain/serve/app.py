@@ -74,6 +74,7 @@ class ServeSettings:
     preprocess_threads: int = 2  # image decoding and resizing, first-come first-served
     max_inflight: int = 64  # upload requests in progress; past it: 503 + Retry-After, not an unbounded queue
     body_timeout_s: float = 30.0  # longest wait for the next chunk of a request body
+    class_info: str | None = None  # also serve this class_info folder's new classes (textprior checkpoints)
 
 
 def model_id(path: str | Path) -> str:
@@ -172,6 +173,8 @@ def _validation_message(request: Request, exc: RequestValidationError) -> tuple[
 def create_app(model: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     predictor = Predictor.load(model, settings.device, settings.threads, spinning=False)
+    if settings.class_info:
+        predictor.add_classes(settings.class_info)
     if predictor.info["engine"] == "onnxruntime":
         # torch only preprocesses here, one request per thread: its own thread pool would fight ONNX Runtime's
         torch.set_num_threads(1)
