@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from finegrain.checkpoint import Checkpoint
+from finegrain.cli import main
 from finegrain.data.class_info import class_key, find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.engine.train import fit
@@ -174,3 +176,12 @@ def test_reference_image_adds_a_class_by_imprinting(shapes, tiny_config, tmp_pat
     settings = ServeSettings(device="cpu", class_info=str(info))  # the service loads the added classes too
     with TestClient(create_app(Path(cfg.run.run_dir) / "best.pt", settings)) as client:
         assert "yellow_star" in client.get("/v1/model").json()["classes"]
+
+
+def test_data_check_reports_class_info(shapes, capsys):
+    assert main(["data", "check", str(shapes / "data"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_classes"] == 6  # class_info/ is not a class
+    info = report["class_info"]
+    assert info["classes_with"]["attributes"] == 6 and info["missing"] == []
+    assert sorted(info["new_classes"]) == sorted(UNSEEN)

@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 from finegrain import __version__
 from finegrain.compress.recipes import prune_and_finetune, qat_finetune
-from finegrain.config import TrainConfig
+from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
+from finegrain.engine.audit import audit_labels, write_audit_csv
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.sr import load_sr, train_sr
 from finegrain.engine.train import fit
@@ -31,6 +32,7 @@ from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
 from finegrain.models.sr import sr_upscale
 from finegrain.predict import Predictor, choose_engine, list_images, with_added_classes
+from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
 from finegrain.serve.app import ServeSettings, create_app
 from finegrain.serve.server import run
@@ -204,6 +206,19 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
     run(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
         max_connections=args.max_connections)  # fmt: skip
+    return 0
+
+
+def _data_audit(args: argparse.Namespace) -> int:
+    index = load_dataset(args.path, args.format, 0.0, args.test_fraction, args.seed)
+    issues, summary = audit_labels(index, args.folds, args.seed, args.cache_dir, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_audit_csv(issues, index, out / "label_issues.csv")
+    page = write_audit_page(issues, index, summary, out / "label_issues.html")
+    (out / "audit.json").write_text(json.dumps(summary, indent=2))
+    print(f"{summary['flagged']} of {summary['images']} labelled images look mislabelled (out-of-fold top-1 "
+          f"{100 * summary['out_of_fold_top1']:.1f}%): {out / 'label_issues.csv'}, {page}.")  # fmt: skip
     return 0
 
 
@@ -514,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-info", help="class_info folder to report on (default: PATH/class_info when it exists)")
     p.add_argument("--json", action="store_true", help="JSON report")
     p.set_defaults(func=_data_check)
+
+    p = data.add_parser("audit", help="images whose label is probably wrong (out-of-fold probe + confident learning)")
+    p.add_argument("path", help="dataset folder or CSV manifest")
+    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held out (not audited) when there is no test "
+                   "split (default 0.2)")  # fmt: skip
+    p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="audit", help="folder for label_issues.csv / .html and audit.json (audit)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=_data_audit)
 
     p = sub.add_parser("env", help="what finegrain sees on this machine and the precision/runtime it picks")
     p.add_argument("--json", action="store_true", help="JSON output")

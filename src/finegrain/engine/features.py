@@ -1,7 +1,9 @@
 """The frozen-backbone fast path: compute backbone features once, cache them, train only the head.
 
-A cache entry is keyed by the backbone's weights, the preprocessing, the view (plain or mirrored), the precision
-and every file's path, size and mtime, so any change to data or model computes fresh features.
+The cache holds one store per view: the backbone's weights, the preprocessing, the view (plain or mirrored) and
+the precision name a store, and inside it each image is keyed by its file's path, size and mtime. So any change to
+model or view uses another store, a changed file is computed afresh, and any subset of images seen before (a split,
+a few-shot sample, the seen classes of a zero-shot split) is read back without decoding an image.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ def _state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, flip: bool, precision: str = "none") -> str:
-    """Everything the features depend on: the backbone's weights, the preprocessing, the view, the precision they
-    were computed in, and each file's path, size and modification time."""
-    files = [(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in samples]
+def view_key(model: nn.Module, pre: Preprocess, flip: bool, precision: str = "none") -> str:
+    """What a store's features depend on besides the image: backbone weights, method features, view, precision."""
     backbone = [type(model.backbone).__name__, _state_digest(model.backbone)]
-    payload = json.dumps([*backbone, model.feature_spec, pre.to_dict(), flip, precision, files])
-    return hashlib.sha1(payload.encode()).hexdigest()[:20]
+    return hashlib.sha1(
+        json.dumps([*backbone, model.feature_spec, pre.to_dict(), flip, precision]).encode()
+    ).hexdigest()[:20]
+
+
+def file_key(sample: Sample) -> str:
+    stat = sample.path.stat()
+    return f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 class _Mirrored:
@@ -68,13 +74,28 @@ def extract_features(
 
     A cache entry that cannot be read (a disk error, a killed writer on a filesystem without atomic rename) is
     reported and computed again; a cache folder that cannot be written is reported and skipped."""
-    cache_file = None
+    store, keys, known = None, [], {}
     if cache_dir is not None:
-        key = cache_key(model, samples, pre, flip, resolve_amp(amp, device))
-        cache_file = Path(cache_dir) / "features" / f"{key}.pt"
-        cached = _read_cache(cache_file, len(samples))
-        if cached is not None:
-            return cached
+        store = Path(cache_dir) / "features" / f"{view_key(model, pre, flip, resolve_amp(amp, device))}.pt"
+        keys = [file_key(s) for s in samples]
+        known = _read_store(store)
+    todo = [i for i, k in enumerate(keys or samples) if not keys or k not in known]
+    computed = _compute(model, [samples[i] for i in todo], pre, device, flip, batch_size, workers, amp, channels_last,
+                        desc) if todo else None  # fmt: skip
+    if store is None:
+        return computed
+    if todo:
+        known.update({keys[i]: computed[j] for j, i in enumerate(todo)})
+        try:
+            save_atomic({"keys": list(known), "features": torch.stack(list(known.values()))}, store)
+        except OSError as e:
+            message = f"feature cache not written ({e.strerror}: {store.parent}); training goes on without it"
+            warnings.warn(message + ". Point --cache-dir (or FINEGRAIN_CACHE) at a writable folder.", stacklevel=2)
+    return torch.stack([known[k] for k in keys]) if keys else torch.empty(0)
+
+
+def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, device: torch.device, flip: bool,
+             batch_size: int, workers: int, amp: str, channels_last: bool, desc: str) -> torch.Tensor:  # fmt: skip
     transform = eval_transform(pre)
     dataset = ImageDataset(samples, _Mirrored(transform) if flip else transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -84,25 +105,20 @@ def extract_features(
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
             chunks.append(model.backbone_features(x).float().cpu())
-    features = torch.cat(chunks)
-    if cache_file is not None:
-        try:
-            save_atomic({"features": features}, cache_file)
-        except OSError as e:
-            message = f"feature cache not written ({e.strerror}: {cache_file.parent}); training goes on without it"
-            warnings.warn(message + ". Point --cache-dir (or FINEGRAIN_CACHE) at a writable folder.", stacklevel=2)
-    return features
+    return torch.cat(chunks)
 
 
-def _read_cache(path: Path, count: int) -> torch.Tensor | None:
+def _read_store(path: Path) -> dict[str, torch.Tensor]:
+    """file key -> features; an unreadable store is reported and started afresh."""
     if not path.is_file():
-        return None
+        return {}
     try:
-        features = load_tensors(path, "feature cache entry")["features"]
-        if isinstance(features, torch.Tensor) and len(features) == count:
-            return features
-        reason = "it holds features of another number of images"
-    except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt the same way
+        record = load_tensors(path, "feature cache entry")
+        keys, features = record["keys"], record["features"]
+        if isinstance(features, torch.Tensor) and len(features) == len(keys):
+            return dict(zip(keys, features, strict=True))
+        reason = "its keys and features do not match"
+    except Exception as e:  # noqa: BLE001 - any unreadable store is rebuilt the same way
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
     warnings.warn(f"feature cache entry {path} is damaged ({reason}): computing it again", stacklevel=3)
-    return None
+    return {}

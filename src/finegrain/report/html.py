@@ -28,7 +28,7 @@ def _data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def _thumbnail(path: Path, side: int = 220) -> str:
+def thumbnail_uri(path: Path, side: int = 220) -> str:
     img = open_image(path)
     img.thumbnail((side, side))
     return _data_uri(img)
@@ -119,14 +119,14 @@ def write_report(
         example = next(s for s, p in zip(samples, predicted, strict=True) if s.label == true and p == pred)
         reference = train_by_class.get(pred)
         ref = (
-            f'<figure><img src="{_thumbnail(reference.path)}"><figcaption>a training photo of '
+            f'<figure><img src="{thumbnail_uri(reference.path)}"><figcaption>a training photo of '
             f"<b>{esc(classes[pred])}</b></figcaption></figure>"
             if reference
             else ""
         )
         pair_html.append(
             f'<div class="pair"><h3>{esc(classes[true])} &rarr; {esc(classes[pred])}: {count} of {support[true]}'
-            f'</h3><figure><img src="{_thumbnail(example.path)}"><figcaption><b>{esc(classes[true])}</b>, '
+            f'</h3><figure><img src="{thumbnail_uri(example.path)}"><figcaption><b>{esc(classes[true])}</b>, '
             f"predicted {esc(classes[pred])}</figcaption></figure>{ref}</div>"
         )
 

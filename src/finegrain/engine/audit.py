@@ -1,0 +1,97 @@
+"""Label audit (``finegrain data audit``): which training labels are probably wrong, without changing the data.
+
+Every labelled image (train and val, never test) is scored by a probe that did not see it: the frozen backbone's
+features, ``folds`` stratified folds, on each the logistic-regression probe of ``finegrain.engine.probe`` fitted on
+the other folds. From these out-of-fold probabilities, confident learning (Northcutt et al. 2021, "Confident
+learning: estimating uncertainty in dataset labels"; cleanlab's ``find_label_issues``, prune-by-noise-rate) flags
+the images whose given label disagrees with what the rest of the data says, ranked by the probability of the given
+label (the most suspicious first). Measured on cub100 with flipped labels in docs/labels.md.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from finegrain.data import DatasetIndex, Sample
+from finegrain.engine.distributed import resolve_device
+from finegrain.engine.features import extract_features
+from finegrain.engine.probe import l2_normalise, logistic_regression
+from finegrain.errors import ConfigError, DataError
+from finegrain.models import create_model
+
+#: the probe's penalty for the audit (no validation split to choose it on: every image is scored out of fold);
+#: the middle of the probe's grid, where its choice fell on the development datasets (docs/training.md)
+AUDIT_C = 10.0
+
+
+@dataclass
+class LabelIssue:
+    sample: Sample
+    given: str
+    suggested: str
+    p_given: float
+    p_suggested: float
+
+
+def out_of_fold_probabilities(feats: torch.Tensor, labels: np.ndarray, num_classes: int, folds: int,
+                              seed: int) -> np.ndarray:  # fmt: skip
+    """(N, num_classes) probabilities, each row from a probe fitted on the other folds (stratified by class)."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=int)
+    for k in range(num_classes):  # deal each class's images round the folds in a random order
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        fold[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
+    x, y = l2_normalise(feats), torch.as_tensor(labels)
+    probs = np.zeros((len(labels), num_classes), dtype=np.float32)
+    for f in tqdm(range(folds), desc="out-of-fold probes", leave=False):
+        held = torch.as_tensor(fold == f)
+        w, b = logistic_regression(x[~held], y[~held], num_classes, AUDIT_C)
+        probs[held.numpy()] = (x[held] @ w.T + b).softmax(1).numpy()
+    return probs
+
+
+def audit_labels(index: DatasetIndex, folds: int = 5, seed: int = 0, cache_dir: str | None = None,
+                 device: str = "auto") -> tuple[list[LabelIssue], dict]:  # fmt: skip
+    """Probably wrong labels among the non-test images, most suspicious first, and a summary."""
+    samples = [s for s in index.samples if s.split != "test"]
+    labels = np.array([s.label for s in samples])
+    counts = np.bincount(labels, minlength=len(index.classes))
+    if (counts < folds).any():
+        few = [index.classes[k] for k in np.flatnonzero(counts < folds)]
+        raise DataError(f"the audit scores each image with a probe trained on the other {folds - 1} folds: "
+                        f"class(es) {', '.join(few[:5])} have fewer than {folds} labelled images. Add images "
+                        "or lower --folds")  # fmt: skip
+    model = create_model("baseline", num_classes=len(index.classes)).eval()
+    feats = extract_features(model, samples, model.preprocess, resolve_device(device), amp="auto",
+                             channels_last=True, cache_dir=cache_dir, desc="features")  # fmt: skip
+    probs = out_of_fold_probabilities(feats, labels, len(index.classes), folds, seed)
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError as e:
+        raise ConfigError("the label audit uses cleanlab: pip install 'finegrain[labels]'") from e
+    flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    issues = []
+    for i in flagged:
+        other = probs[i].copy()
+        other[labels[i]] = -1.0
+        j = int(other.argmax())
+        issues.append(LabelIssue(samples[i], index.classes[labels[i]], index.classes[j], float(probs[i, labels[i]]),
+                                 float(probs[i, j])))  # fmt: skip
+    summary = {"images": len(samples), "flagged": len(issues), "folds": folds, "C": AUDIT_C,
+               "out_of_fold_top1": float((probs.argmax(1) == labels).mean())}  # fmt: skip
+    return issues, summary
+
+
+def write_audit_csv(issues: list[LabelIssue], index: DatasetIndex, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "path", "given_label", "suggested_label", "p_given", "p_suggested"])
+        for rank, e in enumerate(issues, 1):
+            w.writerow([rank, index.relpath(e.sample), e.given, e.suggested, f"{e.p_given:.4f}",
+                        f"{e.p_suggested:.4f}"])  # fmt: skip
