@@ -32,7 +32,7 @@ from finegrain.data import load_dataset
 from finegrain.data.class_info import load_class_info
 from finegrain.engine.features import extract_features
 from finegrain.engine.train import fit
-from finegrain.models.class_embed import EmbeddingSpec, embed_classes
+from finegrain.models.class_embed import embed_classes
 from finegrain.predict import Predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,9 +89,9 @@ def mean_class(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def add_new(ckpt: Checkpoint, new: list[str], info) -> torch.nn.Module:
+    """The checkpoint's model with ``new`` classes added from their attribute rows (as predict --class-info)."""
     model = ckpt.build_model()
-    spec = EmbeddingSpec.from_dict(ckpt.model_kwargs["embedding"])
-    model.add_classes(embed_classes(spec, new, info))
+    model.add_classes(embed_classes(model.embedding, new, info))
     return model
 
 

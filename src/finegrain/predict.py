@@ -22,6 +22,7 @@ from finegrain.engine.sr import load_sr
 from finegrain.env import cpu_model, physical_cores, resolve_amp
 from finegrain.errors import BadImageError, ConfigError, DataError
 from finegrain.export import OnnxRunner, export_onnx
+from finegrain.models.base import no_class_prior
 from finegrain.models.class_embed import embed_classes
 from finegrain.models.sr import SRUpscaleSmall
 
@@ -197,7 +198,7 @@ class Predictor:
         if not new:
             raise DataError(f"'{class_info}' describes no class the model does not already have: nothing to add")
         if self.model.embedding is None:
-            self.model.add_classes(torch.empty(0))  # refuses, naming the method that can
+            raise no_class_prior(self.model.method)
         with_image = frozenset(c for c in new if c in info.images)
         embed = embed_classes(self.model.embedding, new, info, optional=with_image)
         prototypes = None

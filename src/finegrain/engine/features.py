@@ -79,7 +79,7 @@ def extract_features(
         store = Path(cache_dir) / "features" / f"{view_key(model, pre, flip, resolve_amp(amp, device))}.pt"
         keys = [file_key(s) for s in samples]
         known = _read_store(store)
-    todo = [i for i, k in enumerate(keys or samples) if not keys or k not in known]
+    todo = [i for i in range(len(samples)) if store is None or keys[i] not in known]
     computed = _compute(model, [samples[i] for i in todo], pre, device, flip, batch_size, workers, amp, channels_last,
                         desc) if todo else None  # fmt: skip
     if store is None:

@@ -41,6 +41,14 @@ from finegrain.models.backbone import DEFAULT_BACKBONE, backbone_preprocess, cre
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def no_class_prior(method: str) -> ConfigError:
+    """The refusal of a method without class embeddings asked to score classes it was not trained on."""
+    return ConfigError(
+        f"method '{method}' scores only the classes it was trained on; train with --method textprior to "
+        "add classes from descriptions, attributes or reference images"
+    )
+
+
 class FGVCModel(nn.Module):
     head: nn.Module
     feature_spec: str = "pooled"
@@ -118,10 +126,7 @@ class FGVCModel(nn.Module):
     def add_classes(self, class_embed: torch.Tensor, prototypes: torch.Tensor | None = None) -> None:
         """Score more classes than were trained: from their class embeddings (``embedding`` says how they are
         made) and/or reference-image features. Only methods built on class side-information can."""
-        raise ConfigError(
-            f"method '{self.method}' scores only the classes it was trained on; train with --method textprior to "
-            "add classes from descriptions, attributes or reference images"
-        )
+        raise no_class_prior(self.method)
 
     def class_evidence(self, x: torch.Tensor, labels: list[int], k: int = 5) -> list[list[dict]]:
         """Per image, the named parts of class ``labels[i]``'s description (attributes) that added most to its
