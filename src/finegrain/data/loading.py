@@ -13,7 +13,23 @@ from torchvision import tv_tensors
 
 from finegrain.data.datasets import Sample
 from finegrain.data.parts import part_boxes
-from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
+from finegrain.errors import BadImageError, DataError, ImageTooLargeError, NotAnImageError
+
+#: what counts as an image where a folder is scanned for them (predict, unlabelled images, class references)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(target: str | Path) -> list[Path]:
+    """An image file, or every image file under a folder (sorted)."""
+    target = Path(target).expanduser()
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under '{target}'")
+        return files
+    raise DataError(f"'{target}' does not exist: pass an image file or a folder of images")
 
 
 def decode_image(source, name: str | None = None, max_pixels: int | None = None) -> Image.Image:

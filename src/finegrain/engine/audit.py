@@ -56,36 +56,46 @@ def out_of_fold_probabilities(feats: torch.Tensor, labels: np.ndarray, num_class
     return probs
 
 
-def audit_labels(index: DatasetIndex, folds: int = 5, seed: int = 0, cache_dir: str | None = None,
-                 device: str = "auto") -> tuple[list[LabelIssue], dict]:  # fmt: skip
-    """Probably wrong labels among the non-test images, most suspicious first, and a summary."""
-    samples = [s for s in index.samples if s.split != "test"]
-    labels = np.array([s.label for s in samples])
-    counts = np.bincount(labels, minlength=len(index.classes))
+def require_folds(samples: list[Sample], classes: list[str], folds: int, fix: str) -> None:
+    """Refuse (naming the classes) when a class has fewer labelled images than folds."""
+    counts = np.bincount([s.label for s in samples], minlength=len(classes))
     if (counts < folds).any():
-        few = [index.classes[k] for k in np.flatnonzero(counts < folds)]
-        raise DataError(f"the audit scores each image with a probe trained on the other {folds - 1} folds: "
-                        f"class(es) {', '.join(few[:5])} have fewer than {folds} labelled images. Add images "
-                        "or lower --folds")  # fmt: skip
-    model = create_model("baseline", num_classes=len(index.classes)).eval()
-    feats = extract_features(model, samples, model.preprocess, resolve_device(device), amp="auto",
-                             channels_last=True, cache_dir=cache_dir, desc="features")  # fmt: skip
-    probs = out_of_fold_probabilities(feats, labels, len(index.classes), folds, seed)
+        few = [classes[k] for k in np.flatnonzero(counts < folds)]
+        raise DataError(f"out-of-fold scoring trains each probe on the other {folds - 1} folds: class(es) "
+                        f"{', '.join(few[:5])} have fewer than {folds} labelled images. {fix}")  # fmt: skip
+
+
+def find_issues(samples: list[Sample], feats: torch.Tensor, classes: list[str], folds: int,
+                seed: int) -> tuple[list[LabelIssue], dict]:  # fmt: skip
+    """Probably wrong labels among ``samples`` (whose frozen features are ``feats``), most suspicious first."""
+    labels = np.array([s.label for s in samples])
+    probs = out_of_fold_probabilities(feats, labels, len(classes), folds, seed)
     try:
         from cleanlab.filter import find_label_issues
     except ImportError as e:
-        raise ConfigError("the label audit uses cleanlab: pip install 'finegrain[labels]'") from e
+        raise ConfigError("finding wrong labels uses cleanlab: pip install 'finegrain[labels]'") from e
     flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
     issues = []
     for i in flagged:
         other = probs[i].copy()
         other[labels[i]] = -1.0
         j = int(other.argmax())
-        issues.append(LabelIssue(samples[i], index.classes[labels[i]], index.classes[j], float(probs[i, labels[i]]),
+        issues.append(LabelIssue(samples[i], classes[labels[i]], classes[j], float(probs[i, labels[i]]),
                                  float(probs[i, j])))  # fmt: skip
     summary = {"images": len(samples), "flagged": len(issues), "folds": folds, "C": AUDIT_C,
                "out_of_fold_top1": float((probs.argmax(1) == labels).mean())}  # fmt: skip
     return issues, summary
+
+
+def audit_labels(index: DatasetIndex, folds: int = 5, seed: int = 0, cache_dir: str | None = None,
+                 device: str = "auto") -> tuple[list[LabelIssue], dict]:  # fmt: skip
+    """Probably wrong labels among the non-test images, most suspicious first, and a summary."""
+    samples = [s for s in index.samples if s.split != "test"]
+    require_folds(samples, index.classes, folds, "Add images or lower --folds")
+    model = create_model("baseline", num_classes=len(index.classes)).eval()
+    feats = extract_features(model, samples, model.preprocess, resolve_device(device), amp="auto",
+                             channels_last=True, cache_dir=cache_dir, desc="features")  # fmt: skip
+    return find_issues(samples, feats, index.classes, folds, seed)
 
 
 def write_audit_csv(issues: list[LabelIssue], index: DatasetIndex, path: Path) -> None:

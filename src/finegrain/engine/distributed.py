@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+T = TypeVar("T")
+
+
+def main_first(info: DistInfo, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 first, then on the other ranks: what rank 0 computed and cached, they read back."""
+    result = None
+    for turn in (True, False):
+        if info.is_main == turn:
+            result = fn()
+        barrier()
+    return result  # type: ignore[return-value]
 
 
 def barrier() -> None:

@@ -89,9 +89,9 @@ def set_linear(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> No
 
 def probe_candidate(ctx: Context, task: Task) -> tuple[nn.Module, nn.Linear] | None:
     """A copy of the model whose head the probe may solve, and that head's linear layer; None where the probe does
-    not apply: training on images, ``--head sgd``, an add-on (they all shape gradient training), or a method
-    without a linear head on its features (``FGVCModel.probe_head``)."""
-    if task.images or ctx.cfg.features.head == "sgd" or ctx.addons:
+    not apply: training on images, ``--head sgd``, an add-on that shapes gradient training (not ``data_only``),
+    or a method without a linear head on its features (``FGVCModel.probe_head``)."""
+    if task.images or ctx.cfg.features.head == "sgd" or any(not a.data_only for a in ctx.addons):
         return None
     candidate = copy.deepcopy(ctx.model)
     layer = candidate.probe_head()

@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
-from finegrain.data import ImageDataset
+from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.engine.features import extract_features
+from finegrain.errors import ConfigError
 
 
 @dataclass
@@ -66,12 +67,27 @@ def split_features(ctx: Context, pre: Preprocess, flips: list[bool]) -> tuple[to
     def features(split: str, flip: bool) -> torch.Tensor:
         return extract_features(ctx.model, index.split(split), pre, ctx.device, flip=flip, desc=split, **kw)
 
-    for rank_turn in (True, False):
-        if ctx.info.is_main == rank_turn:
-            train_x = torch.cat([features("train", f) for f in flips])
-            val_x = features("val", False) if index.split("val") else None
-        fgdist.barrier()
-    return train_x, val_x
+    def both() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.cat([features("train", f) for f in flips]), features("val", False) if index.split("val") else None
+
+    return fgdist.main_first(ctx.info, both)
+
+
+def frozen_features(ctx: Context, samples: list[Sample], desc: str, option: str) -> torch.Tensor:
+    """The run's starting backbone's features of ``samples`` at its own view, for an add-on that scores images
+    before training (``option`` names it in the refusal); rank 0 computes and caches first."""
+    cfg = ctx.cfg
+    if not ctx.model.cacheable:
+        raise ConfigError(f"{option} scores images with a probe on the backbone's features, which method "
+                          f"'{cfg.model.method}' does not expose: train with --method baseline, or pass --init-from "
+                          "a baseline checkpoint")  # fmt: skip
+
+    def run() -> torch.Tensor:
+        return extract_features(ctx.model, samples, ctx.model.preprocess, ctx.device, amp=ctx.amp,
+                                channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
+                                cache_dir=cfg.features.cache_dir, desc=desc)  # fmt: skip
+
+    return fgdist.main_first(ctx.info, run)
 
 
 def feature_task(ctx: Context) -> Task:

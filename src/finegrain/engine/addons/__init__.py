@@ -10,15 +10,20 @@ from finegrain.config import TrainConfig
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.addons.center import CenterLossAddOn
 from finegrain.engine.addons.distill import DistillAddOn
+from finegrain.engine.addons.label_noise import LabelNoiseAddOn
 from finegrain.engine.addons.progressive import ProgressiveAddOn
 from finegrain.engine.addons.qat import QATAddOn
 from finegrain.engine.addons.sr_aug import SRAugAddOn
 from finegrain.engine.addons.style import FourierMixAddOn, MixStyleAddOn
+from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 
-#: in hook order: the model changes first (QAT, MixStyle), image transforms before batch transforms, distillation
-#: (which replaces cross-entropy) before center loss (which adds to whatever the loss is)
+#: in hook order: the data first (wrong labels left out, then unlabelled images pseudo-labelled by a teacher fitted on
+#: the labels that remain, both scored with the starting backbone), then the model changes (QAT, MixStyle), image
+#: transforms before batch transforms, distillation (which replaces cross-entropy) before center loss (which adds to
+#: whatever the loss is)
 ADDONS: tuple[type[AddOn], ...] = (
-    QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn, ProgressiveAddOn, DistillAddOn, CenterLossAddOn,
+    LabelNoiseAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn, ProgressiveAddOn,
+    DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 

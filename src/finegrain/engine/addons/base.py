@@ -23,6 +23,9 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class AddOn:
     name: ClassVar[str]
+    #: True where the add-on only changes which images (and labels) the run trains on, at ``prepare``: the probe,
+    #: which solves the head instead of training it, still applies. The others shape gradient training.
+    data_only: ClassVar[bool] = False
 
     @classmethod
     def wanted(cls, cfg: TrainConfig) -> bool:
