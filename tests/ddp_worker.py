@@ -1,10 +1,13 @@
-"""Run under torchrun by test_ddp.py: train, then save this rank's weights for comparison."""
+"""Run under torchrun by test_ddp.py and test_shards.py: train, then save this rank's weights (and the training
+images it was given, per epoch) for comparison."""
 
+import json
 import os
 import sys
 
 import torch
 
+import finegrain.engine.train as train_module
 from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
 
@@ -13,5 +16,17 @@ cfg = TrainConfig().replace(
     data=data, input_size=64, epochs=2, batch_size=4, workers=0, amp="none", freeze_backbone=False,
     cache_dir=os.path.join(out, "cache"), run_dir=os.path.join(out, "run"), val_fraction=0.25, lr=1e-3,
 )  # fmt: skip
+seen: list[list[str]] = []  # per epoch, the training images this rank was given (its sampler's order)
+real_epoch = train_module.train_one_epoch
+
+
+def recording_epoch(ctx, task, module, loader, *args):
+    seen.append([loader.dataset.samples[i].key for i in loader.sampler])
+    return real_epoch(ctx, task, module, loader, *args)
+
+
+train_module.train_one_epoch = recording_epoch
 result = fit(cfg)
+with open(os.path.join(out, f"seen{os.environ['RANK']}.json"), "w") as f:
+    json.dump(seen, f)
 torch.save(result.model.state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))

@@ -18,7 +18,9 @@ from finegrain.config import DEFAULT_BACKBONE, TrainConfig, default_cache_dir
 from finegrain.data import list_images, load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.data.class_info import find_class_info, load_class_info
+from finegrain.data.datasets import FORMATS
 from finegrain.data.loading import open_image
+from finegrain.data.shards import write_shards
 from finegrain.engine.audit import audit_labels, write_audit_csv
 from finegrain.engine.pretrain import pretrain
 from finegrain.engine.recipe import train_within_budget
@@ -221,6 +223,16 @@ def _data_audit(args: argparse.Namespace) -> int:
     (out / "audit.json").write_text(json.dumps(summary, indent=2))
     print(f"{summary['flagged']} of {summary['images']} labelled images look mislabelled (out-of-fold top-1 "
           f"{100 * summary['out_of_fold_top1']:.1f}%): {out / 'label_issues.csv'}, {page}.")  # fmt: skip
+    return 0
+
+
+def _data_shard(args: argparse.Namespace) -> int:
+    index = load_dataset(args.source, args.format, args.val_fraction, args.test_fraction, args.seed)
+    info = write_shards(index, args.out, args.shard_size)
+    counts = ", ".join(
+        f"{sp} {v['num_samples']} images in {len(v['filenames'])} shard(s)" for sp, v in info["splits"].items()
+    )
+    print(f"wrote {args.out}: {counts}; train on it with --data {args.out}")
     return 0
 
 
@@ -543,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="(default: 1e-3)")
     p.add_argument("--max-images", type=int, default=400, help="training images kept in memory (400)")
     p.add_argument("--eval-images", type=int, default=50, help="held-out images for PSNR (50)")
-    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/sr", help="(default: runs/sr)")
     p.set_defaults(func=_sr_train)
@@ -556,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")
     p.add_argument("path", help="dataset folder or CSV manifest")
-    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--val-fraction", type=float, default=0.0, help="(default: 0)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
@@ -566,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("audit", help="images whose label is probably wrong (out-of-fold probe + confident learning)")
     p.add_argument("path", help="dataset folder or CSV manifest")
-    p.add_argument("--format", default="auto", choices=["auto", "cub", "imagefolder", "manifest"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--test-fraction", type=float, default=0.2, help="held out (not audited) when there is no test "
                    "split (default 0.2)")  # fmt: skip
     p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
@@ -575,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=_data_audit)
+
+    p = data.add_parser("shard", help="write a dataset as WebDataset tar shards (images as stored, labels, split)")
+    p.add_argument("source", help="dataset folder or CSV manifest")
+    p.add_argument("out", help="new folder for the shards and their _info.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (1000)")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="the split is made now, as train would (0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (0.2)")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed: use the seed you train with (0)")
+    p.set_defaults(func=_data_shard)
 
     p = data.add_parser("suggest", help="which unlabelled images to label next (uncertain and unlike the labelled)")
     p.add_argument("run", help="run folder (its best.pt) or a checkpoint")

@@ -80,7 +80,7 @@ def _require(checks: list[tuple[bool, str]]) -> None:
 @dataclass
 class DataOptions:
     data: str = option(DEFAULT_DATA, "dataset folder (CUB layout or ImageFolder) or CSV manifest")
-    format: str = option("auto", "dataset layout: auto, cub, imagefolder, manifest")
+    format: str = option("auto", "dataset layout: auto, cub, imagefolder, manifest, shards")
     val_fraction: float = option(0.1, "fraction of each class's training images held out for validation")
     test_fraction: float = option(0.2, "fraction of each class held out as test when the dataset has no test split")
     skip_bad: bool = option(False, "skip unreadable images (and report them) instead of stopping")

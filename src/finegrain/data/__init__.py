@@ -1,7 +1,7 @@
 """Datasets (CUB, ImageFolder, manifests), loading and preprocessing."""
 
 from finegrain.data.datasets import DatasetIndex, Sample, load_dataset, save_split
-from finegrain.data.loading import IMAGE_SUFFIXES, ImageDataset, find_bad_images, list_images, open_image
+from finegrain.data.loading import IMAGE_SUFFIXES, ImageDataset, find_bad_images, list_images, open_image, open_sample
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "list_images",
     "load_dataset",
     "open_image",
+    "open_sample",
     "save_split",
     "train_transform",
 ]

@@ -29,5 +29,5 @@ def evenly_spaced(samples: Sequence[Sample], count: int) -> list[Sample]:
 
 def held_out(samples: Sequence[Sample], used: Sequence[Sample], count: int) -> list[Sample]:
     """``count`` of ``samples`` that are not in ``used``, evenly spread: e.g. images int8 was not calibrated on."""
-    seen = {s.path for s in used}
-    return evenly_spaced([s for s in samples if s.path not in seen], count)
+    seen = {s.key for s in used}
+    return evenly_spaced([s for s in samples if s.key not in seen], count)

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from finegrain.data.datasets import DatasetIndex
-from finegrain.data.loading import open_image
+from finegrain.data.loading import open_sample
 from finegrain.errors import BadImageError
 
 
@@ -53,14 +53,14 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
     by_hash: dict[str, list] = defaultdict(list)
     for s in tqdm(index.samples, desc="checking", disable=not progress, unit="img"):
         counts[s.split][s.label] += 1
-        data = s.path.read_bytes()
+        data = s.read_bytes()
         by_hash[hashlib.sha1(data).hexdigest()].append(s)
         try:
-            w, h = open_image(s.path).size
+            w, h = open_sample(s).size
             widths.append(w)
             heights.append(h)
         except BadImageError as e:
-            bad.append((str(s.path), str(e.__cause__)))
+            bad.append((s.key, str(e.__cause__)))
     groups = [g for g in by_hash.values() if len(g) > 1]
     leaks = [g for g in groups if {x.split for x in g} & {"test"} and {x.split for x in g} - {"test"}]
 
@@ -77,7 +77,7 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
         counts=counts,
         sizes={"width": stats(widths), "height": stats(heights)},
         bad=bad,
-        duplicates=[[str(x.path) for x in g] for g in groups],
-        leaks=[[f"{x.split}:{x.path}" for x in g] for g in leaks],
+        duplicates=[[x.key for x in g] for g in groups],
+        leaks=[[f"{x.split}:{x.key}" for x in g] for g in leaks],
         notes=notes,
     )

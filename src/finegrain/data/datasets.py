@@ -1,7 +1,9 @@
-"""Dataset indexes for the three layouts finegrain reads: CUB-200-2011, ImageFolder and CSV manifests.
+"""Dataset indexes for the layouts finegrain reads: CUB-200-2011, ImageFolder, CSV manifests, and WebDataset
+shards (``finegrain.data.shards``).
 
-An index is a plain list of :class:`Sample` records (path, label, split, optional box and parts); images
-are only opened by the loader. Every structural problem raises :class:`DataError` naming the file/line.
+An index is a plain list of :class:`Sample` records (where its bytes are, label, split, optional box and parts),
+each named by its ``key``: a file's path, or a shard's path and member; images are only opened by the loader.
+Every structural problem raises :class:`DataError` naming the file/line.
 """
 
 from __future__ import annotations
@@ -16,21 +18,41 @@ import numpy as np
 
 from finegrain.errors import DataError
 
-FORMATS = ("auto", "cub", "imagefolder", "manifest")
+FORMATS = ("auto", "cub", "imagefolder", "manifest", "shards")
 SPLITS = ("train", "val", "test")
 IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
 INFO_DIR = "class_info"  # class side-information beside the images (finegrain.data.class_info), not a class
+SHARD_INFO = "_info.json"  # what makes a folder a shard folder (finegrain.data.shards)
 MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too
 
 
 @dataclass(frozen=True)
 class Sample:
-    path: Path
+    path: Path  # the image file, or the shard (tar file) that holds it as ``member``
     label: int
     split: str
     image_id: str | None = None
     bbox: tuple[float, float, float, float] | None = None  # x, y, width, height in pixels
     parts: tuple[tuple[float, float, bool], ...] | None = None  # (x, y, visible) per part name
+    member: tuple[str, int, int] | None = None  # in a shard: (member name, byte offset, size)
+
+    @property
+    def key(self) -> str:
+        """What names this image everywhere (reports, skip lists, caches): its path, or ``shard#member``."""
+        return f"{self.path}#{self.member[0]}" if self.member else str(self.path)
+
+    def read_bytes(self) -> bytes:
+        """The image file's bytes as stored."""
+        if self.member is None:
+            return self.path.read_bytes()
+        _, offset, size = self.member
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"shard '{self.path}' ends inside member '{self.member[0]}' (truncated): write the "
+                            "shards again with `finegrain data shard`")  # fmt: skip
+        return data
 
 
 @dataclass
@@ -48,9 +70,10 @@ class DatasetIndex:
     def relpath(self, sample: Sample) -> str:
         base = self.root if self.root.is_dir() else self.root.parent
         try:
-            return sample.path.relative_to(base).as_posix()
+            rel = sample.path.relative_to(base).as_posix()
         except ValueError:
-            return sample.path.as_posix()
+            rel = sample.path.as_posix()
+        return f"{rel}#{sample.member[0]}" if sample.member else rel
 
 
 def detect_format(path: Path) -> str:
@@ -58,6 +81,8 @@ def detect_format(path: Path) -> str:
         return "manifest"
     if not path.is_dir():
         raise DataError(f"dataset path '{path}' does not exist. Pass the folder (or CSV file) of your dataset.")
+    if (path / SHARD_INFO).is_file():
+        return "shards"
     if (path / "images.txt").is_file() and (path / "image_class_labels.txt").is_file():
         return "cub"
     if (path / MANIFEST_NAME).is_file():  # before ImageFolder: a manifest's images usually sit in sub-folders
@@ -69,7 +94,7 @@ def detect_format(path: Path) -> str:
         return "manifest"
     raise DataError(
         f"cannot tell the layout of '{path}': expected CUB files (images.txt, image_class_labels.txt), "
-        "one sub-folder per class (ImageFolder), or a CSV manifest. Force one with --format."
+        f"one sub-folder per class (ImageFolder), a CSV manifest, or shards ({SHARD_INFO}). Force one with --format."
     )
 
 
@@ -262,7 +287,7 @@ def stratified_split(
     rng = np.random.default_rng(seed)
     moved: set[int] = set()
     for label in sorted(by_class):
-        idx = sorted(by_class[label], key=lambda i: samples[i].path.as_posix())
+        idx = sorted(by_class[label], key=lambda i: samples[i].key)
         n = int(round(fraction * len(idx)))
         n = min(n, len(idx) - 1)  # always keep one image of each class where it was
         moved.update(idx[j] for j in rng.permutation(len(idx))[:n])
@@ -290,7 +315,12 @@ def load_dataset(
     fmt = detect_format(path) if format == "auto" else format
     if not path.exists():
         raise DataError(f"dataset path '{path}' does not exist")
-    index = READERS[fmt](path)
+    if fmt == "shards":
+        from finegrain.data.shards import read_shards  # shards.py builds on this module's Sample and index
+
+        index = read_shards(path)
+    else:
+        index = READERS[fmt](path)
     if split_file is not None and Path(split_file).is_file():
         index.samples = _apply_split_file(index, Path(split_file))
     else:

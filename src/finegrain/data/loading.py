@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -93,14 +94,21 @@ def open_image(path: str | Path) -> Image.Image:
     return decode_image(path)
 
 
+def open_sample(sample: Sample) -> Image.Image:
+    """A dataset image (a file, or a member of a shard) as RGB; errors name its ``key``."""
+    if sample.member is None:
+        return open_image(sample.path)
+    return decode_image(io.BytesIO(sample.read_bytes()), name=sample.key)
+
+
 def find_bad_images(samples: Sequence[Sample], progress: bool = False) -> list[tuple[Sample, str]]:
-    """Return (sample, reason) for every file that does not decode."""
+    """Return (sample, reason) for every image that does not decode."""
     from tqdm import tqdm
 
     bad = []
     for s in tqdm(samples, desc="checking images", disable=not progress, leave=False):
         try:
-            open_image(s.path)
+            open_sample(s)
         except BadImageError as e:
             bad.append((s, str(e.__cause__)))
     return bad
@@ -131,7 +139,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        img = open_image(s.path)
+        img = open_sample(s)
         if self.part_groups is None:
             return (self.transform(img) if self.transform else img), s.label
         boxes, visible = part_boxes(s, self.part_names, self.part_groups, img.size, self.part_pad)

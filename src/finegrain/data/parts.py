@@ -49,7 +49,7 @@ def part_boxes(
     """(P, 4) boxes (x0, y0, x1, y1 in pixels, inside the image) and (P,) visibility, one per group."""
     width, height = image_size
     if sample.parts is None:
-        raise DataError(f"'{sample.path}' has no part annotation in parts/part_locs.txt")
+        raise DataError(f"'{sample.key}' has no part annotation in parts/part_locs.txt")
     if sample.bbox is not None:
         bx, by, bw, bh = sample.bbox
         obj = (bx, by, bx + bw, by + bh)

@@ -63,8 +63,8 @@ def read_unlabeled_paths(path: str | Path) -> list[Path]:
     return [path.parent / r[0].strip() for _, r in rows]
 
 
-def content_digest(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()
+def digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
 
 
 def load_unlabeled(path: str | Path, index: DatasetIndex, skip_bad: bool = False,
@@ -74,14 +74,14 @@ def load_unlabeled(path: str | Path, index: DatasetIndex, skip_bad: bool = False
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DataError(f"{len(missing)} unlabelled image(s) do not exist, e.g. '{missing[0]}': fix the list")
-    seen = {content_digest(s.path): f"{index.relpath(s)} ({s.split})" for s in index.samples}
+    seen = {digest(s.read_bytes()): f"{index.relpath(s)} ({s.split})" for s in index.samples}
     kept, duplicates = [], []
     for f in tqdm(files, desc="unlabelled images", disable=not progress, leave=False):
-        digest = content_digest(f)
-        if digest in seen:
-            duplicates.append((f, f"the same bytes as {seen[digest]}"))
+        d = digest(f.read_bytes())
+        if d in seen:
+            duplicates.append((f, f"the same bytes as {seen[d]}"))
             continue
-        seen[digest] = f"{f} (unlabelled)"
+        seen[d] = f"{f} (unlabelled)"
         kept.append(Sample(f, -1, UNLABELED))
     bad = find_bad_images(kept, progress=progress)
     if bad and not skip_bad:

@@ -44,8 +44,10 @@ def view_key(model: nn.Module, pre: Preprocess, flip: bool, precision: str = "no
 
 
 def file_key(sample: Sample) -> str:
+    """The image's file (or shard) by path, size and modification time, and its member in a shard."""
     stat = sample.path.stat()
-    return f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{key}#{sample.member[0]}" if sample.member else key
 
 
 class _Mirrored:

@@ -96,10 +96,10 @@ def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex
     """--skip-bad: decode everything once, drop what fails, and say how many and which."""
     bad = find_bad_images([s for s in index.samples if s.split != "test"], progress=info.is_main)
     if bad:
-        dropped = {s.path for s, _ in bad}
-        index.samples = [s for s in index.samples if s.path not in dropped]
+        dropped = {s.key for s, _ in bad}
+        index.samples = [s for s in index.samples if s.key not in dropped]
         if info.is_main:
-            (run_dir / "skipped.txt").write_text("".join(f"{s.path}\t{why}\n" for s, why in bad))
+            (run_dir / "skipped.txt").write_text("".join(f"{s.key}\t{why}\n" for s, why in bad))
             tqdm.write(f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
     return index
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from finegrain.checkpoint import save_atomic
-from finegrain.data import load_dataset, open_image
+from finegrain.data import load_dataset, open_sample
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.models.sr import ESPCN, downscale, to_tensor
 from finegrain.torchfile import load_tensors
@@ -88,11 +88,11 @@ def train_sr(
     pick = np.random.default_rng(seed)
     train = [train[i] for i in sorted(pick.permutation(len(train))[:max_images])]
     held = [held[i] for i in sorted(pick.permutation(len(held))[:eval_images])]
-    images = [open_image(s.path) for s in tqdm(train, desc="loading", leave=False)]
+    images = [open_sample(s) for s in tqdm(train, desc="loading", leave=False)]
     small = [im for im in images if min(im.size) < patch]
     if small:
         raise DataError(f"{len(small)} training image(s) are smaller than the {patch}-px patch: lower --patch")
-    held_images = [open_image(s.path) for s in held]
+    held_images = [open_sample(s) for s in held]
 
     model = ESPCN(scale)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -20,7 +20,7 @@ def write_audit_page(issues: list[LabelIssue], index: DatasetIndex, summary: dic
     """The first ``limit`` issues as thumbnails (the CSV lists them all)."""
     esc = html.escape
     figures = [
-        f'<figure><img src="{thumbnail_uri(e.sample.path)}"><figcaption>#{rank} {esc(index.relpath(e.sample))}<br>'
+        f'<figure><img src="{thumbnail_uri(e.sample)}"><figcaption>#{rank} {esc(index.relpath(e.sample))}<br>'
         f'<span class="given">given: {esc(e.given)} ({100 * e.p_given:.0f}%)</span><br>'
         f'<span class="suggested">suggested: {esc(e.suggested)} ({100 * e.p_suggested:.0f}%)</span></figcaption>'
         "</figure>"

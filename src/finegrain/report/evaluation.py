@@ -56,8 +56,8 @@ def evaluate_checkpoint(
         raise DataError(f"split '{split}' of '{data}' is empty (splits: train, val, test)")
     skipped = 0
     if skip_bad:
-        bad = {s.path for s, _ in find_bad_images(samples)}
-        samples, skipped = [s for s in samples if s.path not in bad], len(bad)
+        bad = {s.key for s, _ in find_bad_images(samples)}
+        samples, skipped = [s for s in samples if s.key not in bad], len(bad)
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev, memory_format=torch.channels_last)
     loader = torch.utils.data.DataLoader(
@@ -90,7 +90,7 @@ def evaluate_checkpoint(
             writer = csv.writer(f)
             writer.writerow(["path", "true", "predicted", "probability"])
             writer.writerows(
-                [s.path, index.classes[s.label], index.classes[p], f"{c:.6f}"]
+                [s.key, index.classes[s.label], index.classes[p], f"{c:.6f}"]
                 for s, p, c in zip(samples, predicted, confidence, strict=True)
             )
         result["report"] = str(write_report(

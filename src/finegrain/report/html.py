@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 from finegrain.data.datasets import DatasetIndex, Sample
-from finegrain.data.loading import open_image
+from finegrain.data.loading import open_sample
 from finegrain.explain import explain
 from finegrain.predict import Predictor
 
@@ -28,8 +28,8 @@ def _data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def thumbnail_uri(path: Path, side: int = 220) -> str:
-    img = open_image(path)
+def thumbnail_uri(sample: Sample, side: int = 220) -> str:
+    img = open_sample(sample)
     img.thumbnail((side, side))
     return _data_uri(img)
 
@@ -76,7 +76,7 @@ def heatmap_pictures(model: nn.Module, classes: Sequence[str], samples: Sequence
     if not samples:
         return []
     predictor = Predictor(model, classes, model.preprocess, next(model.parameters()).device)
-    images = [open_image(s.path) for s in samples]
+    images = [open_sample(s) for s in samples]
     pictures = [e.overlay(img, predictor) for e, img in zip(explain(predictor, images), images, strict=True)]
     for picture in pictures:
         picture.thumbnail((300, 300))
@@ -119,14 +119,14 @@ def write_report(
         example = next(s for s, p in zip(samples, predicted, strict=True) if s.label == true and p == pred)
         reference = train_by_class.get(pred)
         ref = (
-            f'<figure><img src="{thumbnail_uri(reference.path)}"><figcaption>a training photo of '
+            f'<figure><img src="{thumbnail_uri(reference)}"><figcaption>a training photo of '
             f"<b>{esc(classes[pred])}</b></figcaption></figure>"
             if reference
             else ""
         )
         pair_html.append(
             f'<div class="pair"><h3>{esc(classes[true])} &rarr; {esc(classes[pred])}: {count} of {support[true]}'
-            f'</h3><figure><img src="{thumbnail_uri(example.path)}"><figcaption><b>{esc(classes[true])}</b>, '
+            f'</h3><figure><img src="{thumbnail_uri(example)}"><figcaption><b>{esc(classes[true])}</b>, '
             f"predicted {esc(classes[pred])}</figcaption></figure>{ref}</div>"
         )
 

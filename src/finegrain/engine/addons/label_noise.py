@@ -33,14 +33,14 @@ class LabelNoiseAddOn(AddOn):
         require_folds(train, index.classes, FOLDS, "Add training images, or train without --label-noise")
         feats = frozen_features(ctx, train, "train", "--label-noise")
         issues, summary = find_issues(train, feats, index.classes, FOLDS, self.cfg.run.seed)
-        dropped = {e.sample.path for e in issues}
+        dropped = {e.sample.key for e in issues}
         for k in range(len(index.classes)):  # never a whole class: keep its most credible image
-            mine = [e for e in issues if e.sample.label == k and e.sample.path in dropped]
+            mine = [e for e in issues if e.sample.label == k and e.sample.key in dropped]
             if mine and len(mine) == sum(s.label == k for s in train):
-                dropped.discard(max(mine, key=lambda e: e.p_given).sample.path)
-        index.samples = [s for s in index.samples if s.split != "train" or s.path not in dropped]
+                dropped.discard(max(mine, key=lambda e: e.p_given).sample.key)
+        index.samples = [s for s in index.samples if s.split != "train" or s.key not in dropped]
         if ctx.info.is_main:
-            kept_issues = [e for e in issues if e.sample.path in dropped]
+            kept_issues = [e for e in issues if e.sample.key in dropped]
             write_audit_csv(kept_issues, index, ctx.run_dir / "label_issues.csv")
             summary["left_out"] = len(dropped)
             (ctx.run_dir / "label_noise.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,115 @@
+"""WebDataset shards: `finegrain data shard` writes what a run on the source saw, and a run on the shards is the
+same run; damaged shards are named with the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finegrain.cli import main
+from finegrain.data import load_dataset, open_sample
+from finegrain.data.shards import write_shards
+from finegrain.engine.train import fit
+from finegrain.errors import BadImageError, DataError
+from finegrain.report.evaluation import evaluate_checkpoint
+
+from .conftest import make_cub, make_imagefolder
+
+
+def test_shards_keep_images_labels_split_boxes_and_parts(tmp_path):
+    source = load_dataset(make_cub(tmp_path / "cub", per_class=6), seed=3)
+    info = write_shards(source, tmp_path / "shards", shard_size=5, progress=False)
+    sizes = {sp: len(source.split(sp)) for sp in ("train", "val", "test") if source.split(sp)}
+    assert {sp: v["shard_lengths"] for sp, v in info["splits"].items()} == {
+        sp: [5] * (n // 5) + ([n % 5] if n % 5 else []) for sp, n in sizes.items()
+    }
+    shards = load_dataset(tmp_path / "shards", seed=99)  # the stored split, whatever the seed
+    assert shards.format == "shards" and shards.classes == source.classes and shards.part_names == source.part_names
+    for split in ("train", "val", "test"):
+        a, b = source.split(split), shards.split(split)
+        assert [(s.label, s.bbox, s.parts, s.read_bytes()) for s in a] == [(s.label, s.bbox, s.parts, s.read_bytes())
+                                                                          for s in b]  # fmt: skip
+    assert shards.split("train")[0].key.endswith("train-000000.tar#train00000000.jpg")
+    assert not list((tmp_path / "shards").glob("*.partial"))
+
+
+def test_a_run_on_shards_is_the_run_on_the_folder(tmp_path, tiny_config, capsys):
+    folder = make_imagefolder(tmp_path / "data", num_classes=3, per_class=8)
+    assert main(["data", "shard", str(folder), str(tmp_path / "shards"), "--shard-size", "4", "--val-fraction",
+                 "0.2", "--test-fraction", "0.25", "--seed", "1"]) == 0  # fmt: skip
+    assert "train on it with --data" in capsys.readouterr().out
+    for kind, options in (("frozen", {}), ("finetuned", {"freeze_backbone": False, "epochs": 1})):
+        runs = {}
+        for name, data in (("folder", folder), ("shards", tmp_path / "shards")):
+            cfg = tiny_config(data, seed=1, test_fraction=0.25, run_dir=str(tmp_path / f"{kind}-{name}"), **options)
+            runs[name] = fit(cfg).model.state_dict()
+        for k, v in runs["folder"].items():
+            torch.testing.assert_close(runs["shards"][k], v, atol=0, rtol=0, msg=f"{kind}: {k} differs")
+    a = evaluate_checkpoint(tmp_path / "frozen-folder" / "best.pt", workers=0)
+    b = evaluate_checkpoint(tmp_path / "frozen-shards" / "best.pt", workers=0)
+    assert a["n"] == b["n"] == 6 and a["top1"] == b["top1"]
+    capsys.readouterr()
+    assert main(["data", "check", str(tmp_path / "shards"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_classes"] == 3 and not report["bad_files"]
+
+
+def test_damaged_shards_are_named(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=6)
+    (folder / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "shards"
+    write_shards(load_dataset(folder, seed=0), out, shard_size=4, progress=False)
+    with pytest.raises(DataError, match="already holds shards"):
+        write_shards(load_dataset(folder, seed=0), out, progress=False)
+    index = load_dataset(out)
+    broken = next(s for s in index.samples if s.read_bytes().startswith(b"\xff\xd8 not"))
+    with pytest.raises(BadImageError, match=r"-00000\d\.tar#\w+\.jpg"):
+        open_sample(broken)
+    info = json.loads((out / "_info.json").read_text())
+    shard = out / info["splits"]["train"]["filenames"][0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"shard '{shard}'.*(truncated|incomplete)"):
+        load_dataset(out)
+    shard.write_bytes(data)
+    (out / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    with pytest.raises(DataError, match="no class list"):
+        load_dataset(out)
+    (out / "_info.json").write_text(json.dumps(info))
+    shard.unlink()
+    with pytest.raises(DataError, match=rf"shard '{shard}' listed in _info.json does not exist"):
+        load_dataset(out)
+
+
+def test_skip_bad_reports_the_shard_member(tmp_path, tiny_config):
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=6)
+    (folder / "class_1" / "broken.jpg").write_bytes(b"not an image")
+    write_shards(load_dataset(folder, seed=0, test_fraction=0.0), tmp_path / "shards", progress=False)
+    fit(tiny_config(tmp_path / "shards", skip_bad=True, epochs=1))
+    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 1 and ".tar#" in skipped[0]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_from_shards_keeps_ranks_identical(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=13)  # uneven: 26 images, shards of 5
+    write_shards(load_dataset(folder, seed=0, val_fraction=0.25), tmp_path / "shards", shard_size=5, progress=False)
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "shards"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"ranks differ at {k}")
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1])  # equal steps
+    assert not set(seen[0][0]) & set(seen[1][0])  # disjoint samples in an epoch
