@@ -111,5 +111,88 @@ def test_two_process_ddp_from_shards_keeps_ranks_identical(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"ranks differ at {k}")
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
-    assert len(seen[0]) == len(seen[1])  # equal steps
-    assert not set(seen[0][0]) & set(seen[1][0])  # disjoint samples in an epoch
+    assert [e["batches"] for e in seen[0]] == [e["batches"] for e in seen[1]]  # equal steps
+    assert not set(seen[0][0]["keys"]) & set(seen[1][0]["keys"])  # disjoint samples in an epoch
+
+
+def _spec(folder: Path, pipe: bool = False) -> str:
+    info = json.loads((folder / "_info.json").read_text())
+    urls = [str(folder / name) for v in info["splits"].values() for name in v["filenames"]]
+    return "wds:" + "::".join(f"pipe:cat {u}" if pipe else u for u in urls)
+
+
+def test_streamed_shards_train_evaluate_and_check(tmp_path, tiny_config, capsys):
+    folder = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
+    write_shards(load_dataset(folder, seed=0, val_fraction=0.2), tmp_path / "shards", shard_size=4, progress=False)
+    spec = _spec(tmp_path / "shards", pipe=True)  # through a command, as from object storage
+    result = fit(tiny_config(spec, epochs=6, lr=1e-2, cache_features=False))  # frozen backbone, images each epoch
+    assert len(result.history) == 6 and result.history[-1]["val_top1"] > 0.5
+    r = evaluate_checkpoint(tmp_path / "run" / "best.pt", workers=0)
+    folder_test = load_dataset(tmp_path / "shards").split("test")
+    assert r["n"] == len(folder_test) and r["top1"] > 1 / 3
+    capsys.readouterr()
+    assert main(["data", "check", spec, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == {sp: len(load_dataset(tmp_path / "shards").split(sp)) for sp in ("train", "val", "test")}
+    with pytest.raises(Exception, match="not cached as features"):
+        fit(tiny_config(spec))
+
+
+def test_streamed_resume_is_exact(tmp_path, tiny_config, monkeypatch):
+    from .conftest import fit_killed_in_epoch
+
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=8)
+    write_shards(load_dataset(folder, seed=0), tmp_path / "shards", shard_size=3, progress=False)
+    options = dict(freeze_backbone=False, epochs=3, cache_features=False)
+    straight = fit(tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "a"), **options))
+    fit_killed_in_epoch(monkeypatch, 1, tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "b"), **options))
+    resumed = fit(None, resume=tmp_path / "b")
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
+
+
+@pytest.mark.filterwarnings("ignore:--skip-bad")
+def test_bad_streams_are_named(tmp_path, tiny_config):
+    with pytest.raises(DataError, match="holds nothing|cannot be read"):
+        load_dataset(f"wds:{tmp_path}/train-{{000000..000001}}.tar")
+    with pytest.raises(DataError, match="not named SPLIT-NNNNNN.tar"):
+        load_dataset(f"wds:{tmp_path}/cub-000000.tar")
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=6)
+    (folder / "class_0" / "zz_broken.jpg").write_bytes(b"not an image")
+    write_shards(load_dataset(folder, seed=0, test_fraction=0.0), tmp_path / "shards", shard_size=20, progress=False)
+    shard = tmp_path / "shards" / "train-000000.tar"
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "train-000009.tar")) as sink:  # shards from elsewhere: no class list
+        sink.write({"__key__": "a", "jpg": b"x", "cls": b"0"})
+    with pytest.raises(DataError, match="class list is missing"):
+        load_dataset(f"wds:{tmp_path}/train-000009.tar")
+    cfg = dict(freeze_backbone=False, epochs=1, cache_features=False, val_fraction=0.0)
+    with pytest.raises(BadImageError, match=r"train-000000\.tar#\w+\.jpg"):
+        fit(tiny_config(f"wds:{shard}", **cfg))
+    with pytest.warns(UserWarning, match=r"--skip-bad: skipped .*train-000000\.tar#"):
+        fit(tiny_config(f"wds:{shard}", skip_bad=True, **cfg))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match=rf"shard '{shard}' cannot be read"):
+        fit(tiny_config(f"wds:{shard}", skip_bad=True, **cfg))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_from_streamed_uneven_shards(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=13)
+    write_shards(load_dataset(folder, seed=0, val_fraction=0.25), tmp_path / "shards", shard_size=5, progress=False)
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           _spec(tmp_path / "shards"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"ranks differ at {k}")
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert [e["batches"] for e in seen[0]] == [e["batches"] for e in seen[1]]  # equal steps (uneven shards)
+    assert {len(set(e["keys"])) for e in seen[0]} != {len(set(e["keys"])) for e in seen[1]}  # they are uneven
+    assert not set(seen[0][0]["keys"]) & set(seen[1][0]["keys"])  # disjoint images

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from finegrain.data.datasets import DatasetIndex
+from finegrain.data.datasets import DatasetIndex, Sample
 from finegrain.data.loading import open_sample
+from finegrain.data.stream import iter_samples
 from finegrain.errors import BadImageError
 
 
@@ -47,14 +50,20 @@ class CheckReport:
 
 def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
     """Decode every image (truncation included), hash every file, and count per class and split."""
-    splits = sorted({s.split for s in index.samples}, key=["train", "val", "test"].index)
+    if index.stream is None:
+        splits = sorted({s.split for s in index.samples}, key=["train", "val", "test"].index)
+        samples: Iterable[Sample] = index.samples
+    else:  # streamed shards: one pass in order
+        splits = list(index.stream.urls)
+        samples = itertools.chain.from_iterable(iter_samples(index.stream, sp) for sp in splits)
     counts = {sp: [0] * len(index.classes) for sp in splits}
     widths, heights, bad = [], [], []
-    by_hash: dict[str, list] = defaultdict(list)
-    for s in tqdm(index.samples, desc="checking", disable=not progress, unit="img"):
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)  # (key, split): never the bytes of a stream
+    total = sum(index.count(sp) for sp in splits)
+    for s in tqdm(samples, desc="checking", disable=not progress, unit="img", total=total):
         counts[s.split][s.label] += 1
         data = s.read_bytes()
-        by_hash[hashlib.sha1(data).hexdigest()].append(s)
+        by_hash[hashlib.sha1(data).hexdigest()].append((s.key, s.split))
         try:
             w, h = open_sample(s).size
             widths.append(w)
@@ -62,7 +71,7 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
         except BadImageError as e:
             bad.append((s.key, str(e.__cause__)))
     groups = [g for g in by_hash.values() if len(g) > 1]
-    leaks = [g for g in groups if {x.split for x in g} & {"test"} and {x.split for x in g} - {"test"}]
+    leaks = [g for g in groups if {sp for _, sp in g} & {"test"} and {sp for _, sp in g} - {"test"}]
 
     def stats(v: list[int]) -> dict[str, float]:
         return {"min": int(min(v)), "median": float(np.median(v)), "max": int(max(v))} if v else {}
@@ -77,7 +86,7 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
         counts=counts,
         sizes={"width": stats(widths), "height": stats(heights)},
         bad=bad,
-        duplicates=[[x.key for x in g] for g in groups],
-        leaks=[[f"{x.split}:{x.key}" for x in g] for g in leaks],
+        duplicates=[[key for key, _ in g] for g in groups],
+        leaks=[[f"{sp}:{key}" for key, sp in g] for g in leaks],
         notes=notes,
     )

@@ -13,10 +13,14 @@ import io
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from finegrain.errors import DataError
+
+if TYPE_CHECKING:
+    from finegrain.data.stream import ShardStream
 
 FORMATS = ("auto", "cub", "imagefolder", "manifest", "shards")
 SPLITS = ("train", "val", "test")
@@ -35,6 +39,7 @@ class Sample:
     bbox: tuple[float, float, float, float] | None = None  # x, y, width, height in pixels
     parts: tuple[tuple[float, float, bool], ...] | None = None  # (x, y, visible) per part name
     member: tuple[str, int, int] | None = None  # in a shard: (member name, byte offset, size)
+    data: bytes | None = field(default=None, repr=False, compare=False)  # a streamed image's bytes
 
     @property
     def key(self) -> str:
@@ -43,6 +48,8 @@ class Sample:
 
     def read_bytes(self) -> bytes:
         """The image file's bytes as stored."""
+        if self.data is not None:
+            return self.data
         if self.member is None:
             return self.path.read_bytes()
         _, offset, size = self.member
@@ -63,9 +70,14 @@ class DatasetIndex:
     samples: list[Sample]
     part_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    stream: ShardStream | None = None  # --data wds:SPEC: images are read in order, never listed (samples is empty)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
+
+    def count(self, name: str) -> int:
+        """Images in a split, listed or streamed."""
+        return self.stream.count(name) if self.stream is not None else len(self.split(name))
 
     def relpath(self, sample: Sample) -> str:
         base = self.root if self.root.is_dir() else self.root.parent
@@ -309,6 +321,12 @@ def load_dataset(
     test; ``val_fraction`` of each class's training images becomes validation. ``split_file`` (written by
     :func:`save_split`) restores a saved assignment exactly, so evaluation sees the split training used.
     """
+    if str(path).startswith("wds:"):
+        from finegrain.data.stream import open_stream  # stream.py builds on this module's Sample
+
+        stream = open_stream(str(path))
+        notes = ["streamed shards: the split is the one made when sharding"]
+        return DatasetIndex(Path(str(path)), "wds", stream.classes, [], stream.header.get("part_names"), notes, stream)
     path = Path(path).expanduser()
     if format not in FORMATS:
         raise DataError(f"unknown dataset format '{format}': choose one of {', '.join(FORMATS)}")

@@ -96,7 +96,7 @@ def open_image(path: str | Path) -> Image.Image:
 
 def open_sample(sample: Sample) -> Image.Image:
     """A dataset image (a file, or a member of a shard) as RGB; errors name its ``key``."""
-    if sample.member is None:
+    if sample.member is None and sample.data is None:
         return open_image(sample.path)
     return decode_image(io.BytesIO(sample.read_bytes()), name=sample.key)
 
@@ -138,7 +138,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        s = self.samples[i]
+        return self.load(self.samples[i])
+
+    def load(self, s: Sample):
+        """One item: the image transformed, its label, and the method's targets (what ``__getitem__`` gives)."""
         img = open_sample(s)
         if self.part_groups is None:
             return (self.transform(img) if self.transform else img), s.label

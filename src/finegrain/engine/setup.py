@@ -82,12 +82,12 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo
     split_file = run_dir / "split.csv"
     index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
                          split_file=split_file if resumed else None)  # fmt: skip
-    if not index.split("train"):
+    if not index.count("train"):
         raise DataError(f"'{d.data}' has no training images after the split")
     if info.is_main:
         save_split(index, split_file)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if d.skip_bad:
+    if d.skip_bad and index.stream is None:  # a stream skips (and names) them as it reads
         index = drop_bad(index, run_dir, info)
     return index
 

@@ -10,6 +10,7 @@ the method turns its training output into a loss (``FGVCModel.compute_loss``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
 from finegrain.data import ImageDataset, Sample
+from finegrain.data.stream import StreamDataset
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
@@ -46,10 +48,25 @@ def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
     )  # fmt: skip
     for addon in ctx.addons:
         tf = addon.train_transform(tf)
+    extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
+    if ctx.index.stream is not None:
+        return stream_datasets(
+            ctx, ImageDataset([], tf, **extra).load, ImageDataset([], eval_transform(model.preprocess)).load
+        )
     val = ctx.index.split("val")
     val_set = ImageDataset(val, eval_transform(model.preprocess)) if val else None
-    extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
     return ImageDataset(ctx.index.split("train"), tf, **extra), val_set
+
+
+def stream_datasets(ctx: Context, train_load, val_load) -> tuple[StreamDataset, StreamDataset | None]:
+    """Streamed shards: each rank its own training shards for the same number of steps, and its val shards."""
+    cfg, info, stream = ctx.cfg, ctx.info, ctx.index.stream
+    bs = cfg.optim.batch_size
+    steps = max(1, math.ceil(stream.count("train") / (info.world_size * bs)))
+    common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.run.seed, skip_bad=cfg.dataset.skip_bad)
+    train = StreamDataset(stream, "train", train_load, steps=steps, batch_size=bs, **common)
+    val = StreamDataset(stream, "val", val_load, **common) if stream.count("val") else None
+    return train, val
 
 
 def image_task(ctx: Context) -> Task:
@@ -77,6 +94,9 @@ def frozen_features(ctx: Context, samples: list[Sample], desc: str, option: str)
     """The run's starting backbone's features of ``samples`` at its own view, for an add-on that scores images
     before training (``option`` names it in the refusal); rank 0 computes and caches first."""
     cfg = ctx.cfg
+    if ctx.index.stream is not None:
+        raise ConfigError(f"{option} scores every training image before training, which streamed shards (wds:) do "
+                          "not allow: use a local shard folder or the dataset itself")  # fmt: skip
     if not ctx.model.cacheable:
         raise ConfigError(f"{option} scores images with a probe on the backbone's features, which method "
                           f"'{cfg.model.method}' does not expose: train with --method baseline, or pass --init-from "
@@ -106,6 +126,10 @@ def build_task(ctx: Context) -> Task:
     """The cached-feature task where the method allows it and the backbone is frozen; else the image task."""
     cfg = ctx.cfg
     cached = cfg.model.freeze_backbone and cfg.features.cache_features and ctx.model.cacheable
+    if cached and ctx.index.stream is not None:
+        raise ConfigError("streamed shards (wds:) are read image by image, not cached as features: add "
+                          "--no-cache-features (frozen backbone) or --no-freeze-backbone, or train from a local shard "
+                          "folder")  # fmt: skip
     task = feature_task(ctx) if cached else image_task(ctx)
     for addon in ctx.addons:
         addon.attach(ctx, task)

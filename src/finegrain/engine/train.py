@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
+from finegrain.data.stream import StreamDataset
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
@@ -86,8 +87,16 @@ def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, schedul
 
 
 def make_loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
-    """The training sampler and loader (sharded across ranks) and the validation loader (sharded too)."""
+    """What sets each epoch's order (a sampler, or a stream), the training loader (sharded across ranks) and the
+    validation loader (sharded too). The kind of dataset chooses: listed images go through a DistributedSampler,
+    streamed shards deal themselves to ranks (``finegrain.data.stream``)."""
     bs = cfg.optim.batch_size
+    if isinstance(task.train_set, StreamDataset):
+        loader = DataLoader(task.train_set, batch_size=bs, num_workers=task.train_set.workers(task.workers),
+                            generator=torch.Generator())  # fmt: skip
+        val = task.val_set
+        val_loader = None if val is None else DataLoader(val, batch_size=bs * 2, num_workers=val.workers(task.workers))
+        return task.train_set, loader, val_loader
     drop_last = len(task.train_set) >= bs * info.world_size * 2
     sampler = DistributedSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=cfg.run.seed, drop_last=drop_last)  # fmt: skip
@@ -147,7 +156,7 @@ def fit(
         env = write_environment(run_dir, cfg, ctx.amp, device, threads, info)
         ctx.log(f"precision {env['amp_used']} (--amp {cfg.speed.amp}), {threads['intra_op_threads']} thread(s), "
                 f"{cfg.speed.workers} loader worker(s) on {env['cpu_model']}")  # fmt: skip
-    counts = {sp: len(index.split(sp)) for sp in ("train", "val", "test")}
+    counts = {sp: index.count(sp) for sp in ("train", "val", "test")}
     ctx.log(f"data: {index.format} '{cfg.dataset.data}': {len(index.classes)} classes, {counts}")
     if cfg.speed.channels_last:
         model.to(memory_format=torch.channels_last)

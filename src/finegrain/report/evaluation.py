@@ -18,12 +18,13 @@ import torch.nn as nn
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.data import ImageDataset, find_bad_images
+from finegrain.data.stream import StreamDataset
 from finegrain.data.transforms import eval_transform
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import machine_info, precision_name
-from finegrain.errors import DataError
+from finegrain.errors import ConfigError, DataError
 from finegrain.models.regions import box_iou
 from finegrain.report.card import CARD_FILE, read_confusion, write_model_card
 from finegrain.report.html import confusion_png, write_report
@@ -51,25 +52,31 @@ def evaluate_checkpoint(
     ckpt = Checkpoint.load(ckpt_path)
     index = ckpt.dataset(data)
     data = data or ckpt.train_config().dataset.data
-    samples = index.split(split)
-    if not samples:
+    if not index.count(split):
         raise DataError(f"split '{split}' of '{data}' is empty (splits: train, val, test)")
-    skipped = 0
-    if skip_bad:
-        bad = {s.key for s, _ in find_bad_images(samples)}
-        samples, skipped = [s for s in samples if s.key not in bad], len(bad)
+    if index.stream is not None and report:
+        raise ConfigError("--report shows thumbnails of chosen test images, which streamed shards (wds:) cannot "
+                          "fetch by name: evaluate a local shard folder or the dataset itself")  # fmt: skip
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev, memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, eval_transform(model.preprocess)), batch_size=batch_size, num_workers=workers
-    )
+    samples, skipped = index.split(split), 0
+    if index.stream is not None:  # read in order; --skip-bad names each skipped image as it goes
+        dataset = StreamDataset(index.stream, split, ImageDataset([], eval_transform(model.preprocess)).load,
+                                skip_bad=skip_bad)  # fmt: skip
+        workers = dataset.workers(workers)
+    else:
+        if skip_bad:
+            bad = {s.key for s, _ in find_bad_images(samples)}
+            samples, skipped = [s for s in samples if s.key not in bad], len(bad)
+        dataset = ImageDataset(samples, eval_transform(model.preprocess))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     start = time.perf_counter()
     metrics = evaluate(
         runner or model, loader, len(index.classes), dev, amp="none" if runner else amp, channels_last=runner is None,
         progress=True, desc=f"evaluate {split}", keep_predictions=report,
     )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
-    if model.part_groups and index.part_names:
+    if model.part_groups and index.part_names and index.stream is None:  # (streams: not measured)
         metrics["part_localisation"] = evaluate_part_localisation(model, samples, index.part_names, dev, workers)
     out = Path(out_dir) if out_dir else ckpt.run_dir
     out.mkdir(parents=True, exist_ok=True)
