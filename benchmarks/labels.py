@@ -8,6 +8,8 @@ and which images to label next. Each part adds its key to the JSON (``--parts``,
   unlabelled images: ``finegrain train`` (every default) with the labels only, with ``--unlabeled``, and with 100% of
   the labels; test top-1 and the share of the gap to full labels that the unlabelled images close.
 - ``noisy``: cub100 with flipped labels (as ``audit``): ``finegrain train`` plain vs ``--label-noise prune``.
+- ``pretrain``: the ``semi`` setting on cub100 with and without ``finegrain pretrain`` (SimSiam from the ImageNet
+  weights on the 70% unlabelled images, ``--pretrain-epochs``): test top-1 of ``finegrain train`` on the 30% labels.
 - ``suggest``: a simulated labelling loop on cub100 (5 labels per class, then 3 rounds of 100 more): the probe's test
   top-1 after each round, with the images ``finegrain data suggest`` picks vs random ones.
 
@@ -28,6 +30,7 @@ import math
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,28 +133,55 @@ def audit_part(args, work: Path, index, pair: np.ndarray) -> dict:
     return {"cub100": results}
 
 
+def few_labels(name: str, seed: int, fraction: float, folder: Path) -> tuple:
+    """``fraction`` of each class's training labels kept (a manifest with the test split), the rest listed as
+    unlabelled images; also the full manifest. Returns (index, few.csv, full.csv, unlabelled.csv, kept, unlabelled)."""
+    index = load_dataset(DATASETS[name], val_fraction=0.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    kept, unlabelled = [], []
+    for k in range(len(index.classes)):
+        mine = [s for s in index.split("train") if s.label == k]
+        order = rng.permutation(len(mine))
+        n = math.ceil(fraction * len(mine))
+        kept += [mine[i] for i in order[:n]]
+        unlabelled += [mine[i] for i in order[n:]]
+    rows = [[str(s.path.resolve()), index.classes[s.label], sp] for sp, group in
+            (("train", kept), ("test", index.split("test"))) for s in group]  # fmt: skip
+    full = [[str(s.path.resolve()), index.classes[s.label], s.split] for s in index.samples]
+    few = write_rows(folder / "few.csv", [["path", "label", "split"], *rows])
+    everything = write_rows(folder / "full.csv", [["path", "label", "split"], *full])
+    unl = write_rows(folder / "unlabelled.csv", [["path"], *[[str(s.path.resolve())] for s in unlabelled]])
+    return index, few, everything, unl, kept, unlabelled
+
+
+def pretrain_part(args, work: Path) -> dict:
+    """The semi setting on cub100: finegrain train on the 30% labels from ImageNet weights vs from a SimSiam pass."""
+    from finegrain.engine.pretrain import pretrain
+
+    runs = []
+    for seed in args.seeds:
+        folder = work / "pretrain" / f"cub100{seed}"
+        _, few, _, unl, _, _ = few_labels("cub100", seed, args.label_fraction, folder)
+        start = time.perf_counter()
+        weights = pretrain(unl, folder / "simsiam", "tf_efficientnet_lite0", epochs=args.pretrain_epochs, seed=seed)
+        pretrain_s = time.perf_counter() - start
+        row = {"imagenet": train_top1(few, folder / "imagenet", seed, args.cache_dir),
+               "pretrained": train_top1(few, folder / "pretrained", seed, args.cache_dir, weights=str(weights)),
+               "pretrain_s": round(pretrain_s, 1), "pretrain_epochs": args.pretrain_epochs}  # fmt: skip
+        runs.append(row)
+        print(f"pretrain seed {seed}: {row}")
+    out = {k: statistics.mean(r[k] for r in runs) for k in ("imagenet", "pretrained")}
+    return {"cub100": out | {"label_fraction": args.label_fraction, "seeds": runs}}
+
+
 def semi_part(args, work: Path) -> dict:
     """30% of each class's training labels kept, 70% given unlabelled: labels only, + --unlabeled, 100% labels."""
     results: dict = {}
     for name in ("cub100", "plantvillage_tomato"):
         runs = []
         for seed in args.seeds:
-            index = load_dataset(DATASETS[name], val_fraction=0.0, seed=seed)
-            rng = np.random.default_rng(seed)
-            kept, unlabelled = [], []
-            for k in range(len(index.classes)):
-                mine = [s for s in index.split("train") if s.label == k]
-                order = rng.permutation(len(mine))
-                n = math.ceil(args.label_fraction * len(mine))
-                kept += [mine[i] for i in order[:n]]
-                unlabelled += [mine[i] for i in order[n:]]
-            rows = [[str(s.path.resolve()), index.classes[s.label], sp] for sp, group in
-                    (("train", kept), ("test", index.split("test"))) for s in group]  # fmt: skip
-            full = [[str(s.path.resolve()), index.classes[s.label], s.split] for s in index.samples]
             folder = work / "semi" / f"{name}{seed}"
-            few = write_rows(folder / "few.csv", [["path", "label", "split"], *rows])
-            everything = write_rows(folder / "full.csv", [["path", "label", "split"], *full])
-            unl = write_rows(folder / "unlabelled.csv", [["path"], *[[str(s.path.resolve())] for s in unlabelled]])
+            index, few, everything, unl, kept, unlabelled = few_labels(name, seed, args.label_fraction, folder)
             row = {"labels_only": train_top1(few, folder / "few", seed, args.cache_dir),
                    "with_unlabeled": train_top1(few, folder / "semi", seed, args.cache_dir, unlabeled=str(unl)),
                    "full_labels": train_top1(everything, folder / "full", seed, args.cache_dir),
@@ -234,8 +264,9 @@ def suggest_part(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=["audit", "semi", "noisy", "suggest"],
-                   choices=["audit", "semi", "noisy", "suggest"])  # fmt: skip
+    p.add_argument("--parts", nargs="+", default=["audit", "semi", "noisy", "suggest", "pretrain"],
+                   choices=["audit", "semi", "noisy", "suggest", "pretrain"])  # fmt: skip
+    p.add_argument("--pretrain-epochs", type=int, default=1, help="SimSiam epochs of the pretrain part (1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--label-fraction", type=float, default=0.3, help="labels kept per class in the semi part (0.3)")
@@ -249,8 +280,10 @@ def main() -> None:
     index = load_dataset(DATASETS["cub100"], val_fraction=0.0)
     pair = nearest_class(index, args.cache_dir) if {"audit", "noisy"} & set(args.parts) else None
     parts = {"audit": lambda: audit_part(args, work, index, pair), "semi": lambda: semi_part(args, work),
-             "noisy": lambda: noisy_part(args, work, index, pair), "suggest": lambda: suggest_part(args)}  # fmt: skip
-    keys = {"audit": "audit", "semi": "semi_supervised", "noisy": "noisy_labels", "suggest": "suggest"}
+             "noisy": lambda: noisy_part(args, work, index, pair), "suggest": lambda: suggest_part(args),
+             "pretrain": lambda: pretrain_part(args, work)}  # fmt: skip
+    keys = {"audit": "audit", "semi": "semi_supervised", "noisy": "noisy_labels", "suggest": "suggest",
+            "pretrain": "pretrain"}  # fmt: skip
     for part in args.parts:
         results[keys[part]] = parts[part]()
         results[keys[part]]["seeds_run"] = args.seeds

@@ -196,3 +196,37 @@ def test_two_process_ddp_from_streamed_uneven_shards(tmp_path):
     assert [e["batches"] for e in seen[0]] == [e["batches"] for e in seen[1]]  # equal steps (uneven shards)
     assert {len(set(e["keys"])) for e in seen[0]} != {len(set(e["keys"])) for e in seen[1]}  # they are uneven
     assert not set(seen[0][0]["keys"]) & set(seen[1][0]["keys"])  # disjoint images
+
+
+def _two_nodes(worker: Path, args: list[str], env: dict) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents (one process each) meeting through a c10d rendezvous on loopback, as two nodes would."""
+    from .conftest import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint={endpoint}", "--rdzv-id=fg-test", "--max-restarts=1", str(worker), *args]  # fmt: skip
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
+    return done
+
+
+@pytest.mark.slow
+def test_two_node_rendezvous_resumes_after_a_node_dies(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=10)
+    write_shards(load_dataset(folder, seed=0, val_fraction=0.2), tmp_path / "shards", shard_size=4, progress=False)
+    worker = Path(__file__).with_name("elastic_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for run, die in (("straight", "-1"), ("killed", "1")):
+        nodes = _two_nodes(worker, [str(tmp_path / "shards"), str(tmp_path), run], {**env, "DIE_AT_EPOCH": die})
+        assert all(n.returncode == 0 for n in nodes), "\n".join(n.stderr[-2000:] for n in nodes)
+    assert (tmp_path / "died").is_file()  # the kill happened, and the run still finished
+    log = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]  # epoch 1 kept, 2 and 3 after the restart
+    straight = torch.load(tmp_path / "straight-rank0.pt", weights_only=True)
+    for r in (0, 1):
+        resumed = torch.load(tmp_path / f"killed-rank{r}.pt", weights_only=True)
+        for k, v in straight.items():
+            torch.testing.assert_close(resumed[k], v, msg=f"rank {r}: {k} differs from the uninterrupted run")

@@ -322,6 +322,10 @@ class SpeedOptions:
     channels_last: bool = option(True, "channels-last memory format (faster convolutions on CPU)")
     workers: int = option(default_workers(), "DataLoader worker processes")
     device: str = option("auto", "auto, cpu, cuda")
+    compile: bool = option(
+        False, "torch.compile the training step's model (for GPUs: a minute of compiling first; not measured on "
+        "CPU, where compiling lite0 costs more than a short run saves)",
+    )  # fmt: skip
 
     def validate(self) -> None:
         _require([(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")])

@@ -26,6 +26,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def restarted() -> bool:
+    """Is this process a worker that torchrun started again after a failure?"""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

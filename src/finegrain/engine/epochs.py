@@ -10,7 +10,6 @@ from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine.context import Context
-from finegrain.engine.setup import set_rng_state
 from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
 
@@ -43,7 +42,6 @@ def restore(state: dict, task: Task, optimizer, ema, ctx: Context) -> float:
     for addon in ctx.addons:
         if state.get("addons", {}).get(addon.name) is not None:
             addon.load_state_dict(state["addons"][addon.name])
-    set_rng_state(state["rng"])
     return state["best"]
 
 

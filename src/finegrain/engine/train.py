@@ -33,12 +33,12 @@ from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore,
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
 from finegrain.engine.setup import (
+    epoch_seed,
     freeze_bn_stats,
     load_run_data,
     make_optimizer,
     model_from_config,
     prepare_run_dir,
-    rng_state,
     seed_everything,
     write_environment,
 )  # fmt: skip
@@ -128,7 +128,13 @@ def fit(
     cfg: TrainConfig | None = None, resume: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None
 ) -> FitResult:
     """Train as ``cfg`` says, or continue the run in ``resume`` from its ``last.pt``. ``on_epoch`` sees each
-    epoch's metrics row once it is saved (a hyperparameter search prunes a trial by raising from it)."""
+    epoch's metrics row once it is saved (a hyperparameter search prunes a trial by raising from it).
+
+    A worker that torchrun restarted (``--max-restarts``, after a process or node died) continues its run from
+    ``last.pt`` when the run has a fixed ``--run-dir``: the same command line, so every node resumes alike."""
+    restarted_run = cfg is not None and bool(cfg.run.run_dir) and fgdist.restarted()
+    if resume is None and restarted_run and (Path(cfg.run.run_dir) / "last.pt").is_file():
+        resume = cfg.run.run_dir
     last = None
     if resume is not None:
         cfg, last = _resumed_config(cfg, resume)
@@ -182,6 +188,8 @@ def fit(
     module = task.trainable
     if info.enabled:
         module = DistributedDataParallel(module, find_unused_parameters=task.images and model.has_unused_parameters)
+    if cfg.speed.compile:  # after DDP, as PyTorch's DDP + compile guide has it; checkpoints keep the plain module
+        module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg)
     o, steps = cfg.optim, len(loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=o.epochs * steps, lr_min=o.min_lr, t_in_epochs=False,
@@ -202,7 +210,8 @@ def fit(
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(task, cfg, info)
         sampler.set_epoch(epoch)
-        loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
+        seed_everything(epoch_seed(cfg.run.seed, epoch, info.rank))
+        loader.generator.manual_seed(epoch_seed(cfg.run.seed, epoch, info.rank))
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
         row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
         scheduler.step(epoch + 1)
@@ -214,7 +223,7 @@ def fit(
         score = row.get("val_top1", row["train_acc"])
         if info.is_main:
             resume_state = {
-                "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons},
             }  # fmt: skip
