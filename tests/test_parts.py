@@ -10,8 +10,8 @@ from torchvision.transforms import v2
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import ImageDataset, load_dataset
-from finegrain.data.datasets import Sample
 from finegrain.data.parts import check_part_groups, part_boxes
+from finegrain.data.records import Sample
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError, DataError
 from finegrain.models import create_model

@@ -1,7 +1,8 @@
 """Datasets (CUB, ImageFolder, manifests), loading and preprocessing."""
 
-from finegrain.data.datasets import DatasetIndex, Sample, load_dataset, save_split
+from finegrain.data.datasets import load_dataset, save_split
 from finegrain.data.loading import IMAGE_SUFFIXES, ImageDataset, find_bad_images, list_images, open_image, open_sample
+from finegrain.data.records import DatasetIndex, Sample
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 
 __all__ = [

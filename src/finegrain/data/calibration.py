@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from finegrain.data.datasets import Sample
 from finegrain.data.loading import ImageDataset
+from finegrain.data.records import Sample
 from finegrain.data.transforms import Preprocess, eval_transform
 
 

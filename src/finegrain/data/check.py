@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from finegrain.data.datasets import DatasetIndex, Sample
 from finegrain.data.loading import open_sample
+from finegrain.data.records import DatasetIndex, Sample
 from finegrain.data.stream import iter_samples
 from finegrain.errors import BadImageError
 

@@ -11,81 +11,20 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from finegrain.data.records import SPLITS, DatasetIndex, Sample
+from finegrain.data.shards import INFO, read_shards
+from finegrain.data.stream import is_stream, open_stream
 from finegrain.errors import DataError
 
-if TYPE_CHECKING:
-    from finegrain.data.stream import ShardStream
-
 FORMATS = ("auto", "cub", "imagefolder", "manifest", "shards")
-SPLITS = ("train", "val", "test")
 IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
 INFO_DIR = "class_info"  # class side-information beside the images (finegrain.data.class_info), not a class
-SHARD_INFO = "_info.json"  # what makes a folder a shard folder (finegrain.data.shards)
 MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path  # the image file, or the shard (tar file) that holds it as ``member``
-    label: int
-    split: str
-    image_id: str | None = None
-    bbox: tuple[float, float, float, float] | None = None  # x, y, width, height in pixels
-    parts: tuple[tuple[float, float, bool], ...] | None = None  # (x, y, visible) per part name
-    member: tuple[str, int, int] | None = None  # in a shard: (member name, byte offset, size)
-    data: bytes | None = field(default=None, repr=False, compare=False)  # a streamed image's bytes
-
-    @property
-    def key(self) -> str:
-        """What names this image everywhere (reports, skip lists, caches): its path, or ``shard#member``."""
-        return f"{self.path}#{self.member[0]}" if self.member else str(self.path)
-
-    def read_bytes(self) -> bytes:
-        """The image file's bytes as stored."""
-        if self.data is not None:
-            return self.data
-        if self.member is None:
-            return self.path.read_bytes()
-        _, offset, size = self.member
-        with self.path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise DataError(f"shard '{self.path}' ends inside member '{self.member[0]}' (truncated): write the "
-                            "shards again with `finegrain data shard`")  # fmt: skip
-        return data
-
-
-@dataclass
-class DatasetIndex:
-    root: Path
-    format: str
-    classes: list[str]
-    samples: list[Sample]
-    part_names: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-    stream: ShardStream | None = None  # --data wds:SPEC: images are read in order, never listed (samples is empty)
-
-    def split(self, name: str) -> list[Sample]:
-        return [s for s in self.samples if s.split == name]
-
-    def count(self, name: str) -> int:
-        """Images in a split, listed or streamed."""
-        return self.stream.count(name) if self.stream is not None else len(self.split(name))
-
-    def relpath(self, sample: Sample) -> str:
-        base = self.root if self.root.is_dir() else self.root.parent
-        try:
-            rel = sample.path.relative_to(base).as_posix()
-        except ValueError:
-            rel = sample.path.as_posix()
-        return f"{rel}#{sample.member[0]}" if sample.member else rel
 
 
 def detect_format(path: Path) -> str:
@@ -93,7 +32,7 @@ def detect_format(path: Path) -> str:
         return "manifest"
     if not path.is_dir():
         raise DataError(f"dataset path '{path}' does not exist. Pass the folder (or CSV file) of your dataset.")
-    if (path / SHARD_INFO).is_file():
+    if (path / INFO).is_file():
         return "shards"
     if (path / "images.txt").is_file() and (path / "image_class_labels.txt").is_file():
         return "cub"
@@ -106,7 +45,7 @@ def detect_format(path: Path) -> str:
         return "manifest"
     raise DataError(
         f"cannot tell the layout of '{path}': expected CUB files (images.txt, image_class_labels.txt), "
-        f"one sub-folder per class (ImageFolder), a CSV manifest, or shards ({SHARD_INFO}). Force one with --format."
+        f"one sub-folder per class (ImageFolder), a CSV manifest, or shards ({INFO}). Force one with --format."
     )
 
 
@@ -321,9 +260,7 @@ def load_dataset(
     test; ``val_fraction`` of each class's training images becomes validation. ``split_file`` (written by
     :func:`save_split`) restores a saved assignment exactly, so evaluation sees the split training used.
     """
-    if str(path).startswith("wds:"):
-        from finegrain.data.stream import open_stream  # stream.py builds on this module's Sample
-
+    if is_stream(path):
         stream = open_stream(str(path))
         notes = ["streamed shards: the split is the one made when sharding"]
         return DatasetIndex(Path(str(path)), "wds", stream.classes, [], stream.header.get("part_names"), notes, stream)
@@ -333,12 +270,7 @@ def load_dataset(
     fmt = detect_format(path) if format == "auto" else format
     if not path.exists():
         raise DataError(f"dataset path '{path}' does not exist")
-    if fmt == "shards":
-        from finegrain.data.shards import read_shards  # shards.py builds on this module's Sample and index
-
-        index = read_shards(path)
-    else:
-        index = READERS[fmt](path)
+    index = read_shards(path) if fmt == "shards" else READERS[fmt](path)
     if split_file is not None and Path(split_file).is_file():
         index.samples = _apply_split_file(index, Path(split_file))
     else:

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from finegrain.data.datasets import Sample
 from finegrain.data.parts import part_boxes
+from finegrain.data.records import Sample
 from finegrain.errors import BadImageError, DataError, ImageTooLargeError, NotAnImageError
 
 #: what counts as an image where a folder is scanned for them (predict, unlabelled images, class references)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from finegrain.data.datasets import Sample
+from finegrain.data.records import Sample
 from finegrain.errors import ConfigError, DataError
 
 #: CUB-200-2011's 15 keypoints grouped into head and body

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from finegrain.data.datasets import SHARD_INFO, SPLITS, DatasetIndex, Sample
 from finegrain.data.loading import IMAGE_SUFFIXES
+from finegrain.data.records import SPLITS, DatasetIndex, Sample
 from finegrain.errors import DataError
 
 FORMAT = "finegrain-shards/1"
-INFO = SHARD_INFO
+INFO = "_info.json"  # what makes a folder a shard folder
 META_KEY = "__finegrain__"
 
 
@@ -79,10 +79,6 @@ def write_shards(index: DatasetIndex, out: str | Path, shard_size: int = 1000, p
             "splits": splits}  # fmt: skip
     (out / INFO).write_text(json.dumps(info, indent=2))
     return info
-
-
-def is_shard_folder(path: Path) -> bool:
-    return path.is_dir() and (path / INFO).is_file()
 
 
 def read_info(folder: Path) -> dict:

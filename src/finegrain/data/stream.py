@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from finegrain.data.datasets import SPLITS, Sample
 from finegrain.data.loading import IMAGE_SUFFIXES
+from finegrain.data.records import SPLITS, Sample
 from finegrain.errors import BadImageError, DataError
 
 PREFIX = "wds:"

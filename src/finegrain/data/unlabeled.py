@@ -16,8 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from finegrain.data.datasets import DatasetIndex, Sample, read_text
+from finegrain.data.datasets import read_text
 from finegrain.data.loading import find_bad_images, list_images
+from finegrain.data.records import DatasetIndex, Sample
 from finegrain.errors import DataError
 
 #: the split name unlabelled samples carry (their label is -1)

@@ -16,8 +16,8 @@ import numpy as np
 import torch.nn as nn
 from PIL import Image
 
-from finegrain.data.datasets import DatasetIndex, Sample
 from finegrain.data.loading import open_sample
+from finegrain.data.records import DatasetIndex, Sample
 from finegrain.explain import explain
 from finegrain.predict import Predictor
 
