@@ -41,6 +41,7 @@ from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.engine.audit import audit_labels
 from finegrain.engine.features import extract_features
+from finegrain.engine.pretrain import pretrain
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise
 from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
@@ -156,8 +157,6 @@ def few_labels(name: str, seed: int, fraction: float, folder: Path) -> tuple:
 
 def pretrain_part(args, work: Path) -> dict:
     """The semi setting on cub100: finegrain train on the 30% labels from ImageNet weights vs from a SimSiam pass."""
-    from finegrain.engine.pretrain import pretrain
-
     runs = []
     for seed in args.seeds:
         folder = work / "pretrain" / f"cub100{seed}"

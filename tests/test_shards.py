@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,11 +206,18 @@ def _two_nodes(worker: Path, args: list[str], env: dict) -> list[subprocess.Comp
     endpoint = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={endpoint}", "--rdzv-id=fg-test", "--max-restarts=1", str(worker), *args]  # fmt: skip
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in "ab"]  # fmt: skip
     done = []
-    for node in nodes:
-        out, err = node.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
+    try:
+        for node in nodes:
+            out, err = node.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(cmd, node.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for node in nodes:  # the agents and their workers: nothing left running after a failed test
+            os.killpg(node.pid, signal.SIGKILL)
+        logs = "\n".join(node.communicate()[1][-3000:] for node in nodes)
+        pytest.fail(f"the two-node run did not finish in 300 s:\n{logs}")
     return done
 
 
