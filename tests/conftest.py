@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -52,6 +53,17 @@ def make_imagefolder(root: Path, num_classes: int = 4, per_class: int = 10, seed
     for c in range(num_classes):
         write_images(root / f"class_{c}", c, per_class, rng)
     return root
+
+
+def move_some_images(root: Path) -> list[str]:
+    """Move one image of three ImageFolder classes into another class's folder (three wrong labels); their new
+    paths relative to ``root``."""
+    moved = []
+    for src, dst in (("class_0", "class_1"), ("class_2", "class_3"), ("class_3", "class_0")):
+        f = sorted((root / src).iterdir())[0]
+        shutil.move(f, root / dst / f"moved_{f.name}")
+        moved.append(f"{dst}/moved_{f.name}")
+    return moved
 
 
 def make_cub(root: Path, num_classes: int = 4, per_class: int = 10, seed: int = 0, parts: bool = True) -> Path:

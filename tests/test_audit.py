@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from finegrain.data import load_dataset
 from finegrain.engine.audit import audit_labels, out_of_fold_probabilities
 from finegrain.errors import DataError
 
-from .conftest import make_imagefolder
+from .conftest import make_imagefolder, move_some_images
 
 
 def test_out_of_fold_probabilities_never_see_their_own_image():
@@ -32,11 +31,7 @@ def test_out_of_fold_probabilities_never_see_their_own_image():
 
 def test_audit_flags_the_moved_images_and_changes_nothing(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "data", num_classes=4, per_class=15)
-    moved = []
-    for src, dst in (("class_0", "class_1"), ("class_2", "class_3"), ("class_3", "class_0")):
-        f = sorted((root / src).iterdir())[0]
-        shutil.move(f, root / dst / f"moved_{f.name}")
-        moved.append(f"{dst}/moved_{f.name}")
+    moved = move_some_images(root)
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     out = tmp_path / "audit"
     code = main(["data", "audit", str(root), "--out", str(out), "--test-fraction", "0", "--folds", "3",

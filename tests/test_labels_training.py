@@ -19,7 +19,7 @@ from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
 from finegrain.errors import DataError
 
-from .conftest import fit_killed_in_epoch, make_imagefolder, write_images
+from .conftest import fit_killed_in_epoch, make_imagefolder, move_some_images, write_images
 
 
 def gaussian_task(seed: int, per_class: int, classes: int = 5, dim: int = 16):
@@ -114,11 +114,7 @@ def test_unlabeled_bad_input_is_named(tmp_path):
 
 def test_label_noise_prune_leaves_out_moved_images(tmp_path, tiny_config):
     root = make_imagefolder(tmp_path / "data", num_classes=4, per_class=15)
-    moved = []
-    for src, dst in (("class_0", "class_1"), ("class_2", "class_3"), ("class_3", "class_0")):
-        f = sorted((root / src).iterdir())[0]
-        shutil.move(f, root / dst / f"moved_{f.name}")
-        moved.append(f"{dst}/moved_{f.name}")
+    moved = move_some_images(root)
     fit(tiny_config(root, label_noise="prune", test_fraction=0.0, val_fraction=0.0, epochs=1))
     left_out = [r["path"] for r in csv.DictReader((tmp_path / "run" / "label_issues.csv").open())]
     assert len(set(left_out) & set(moved)) >= 2 and len(set(left_out) & set(moved)) / len(left_out) >= 0.5
