@@ -207,19 +207,32 @@ def _two_nodes(worker: Path, args: list[str], env: dict) -> list[subprocess.Comp
 
 
 @pytest.mark.slow
-def test_two_node_rendezvous_resumes_after_a_node_dies(tmp_path):
+def test_two_node_rendezvous_trains_from_shards(tmp_path):
     folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=10)
     write_shards(load_dataset(folder, seed=0, val_fraction=0.2), tmp_path / "shards", shard_size=4, progress=False)
     worker = Path(__file__).with_name("elastic_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for run, die in (("straight", "-1"), ("killed", "1")):
-        nodes = _two_nodes(worker, [str(tmp_path / "shards"), str(tmp_path), run], {**env, "DIE_AT_EPOCH": die})
-        assert all(n.returncode == 0 for n in nodes), "\n".join(n.stderr[-2000:] for n in nodes)
-    assert (tmp_path / "died").is_file()  # the kill happened, and the run still finished
-    log = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]  # epoch 1 kept, 2 and 3 after the restart
-    straight = torch.load(tmp_path / "straight-rank0.pt", weights_only=True)
-    for r in (0, 1):
-        resumed = torch.load(tmp_path / f"killed-rank{r}.pt", weights_only=True)
-        for k, v in straight.items():
-            torch.testing.assert_close(resumed[k], v, msg=f"rank {r}: {k} differs from the uninterrupted run")
+    nodes = _two_nodes(worker, [str(tmp_path / "shards"), str(tmp_path)], {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert all(n.returncode == 0 for n in nodes), "\n".join(n.stderr[-2000:] for n in nodes)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"ranks differ at {k}")
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_worker_restarted_by_torchrun_continues_its_run(tmp_path, tiny_config, monkeypatch):
+    """What torchrun --max-restarts does after a process or node dies: the same command again, with
+    TORCHELASTIC_RESTART_COUNT set; the run continues from last.pt and ends as the uninterrupted one."""
+    from .conftest import fit_killed_in_epoch
+
+    folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=8)
+    write_shards(load_dataset(folder, seed=0), tmp_path / "shards", shard_size=3, progress=False)
+    options = dict(freeze_backbone=False, epochs=3, cache_features=False)
+    straight = fit(tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "a"), **options))
+    cfg = tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "b"), **options)
+    fit_killed_in_epoch(monkeypatch, 1, cfg)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = fit(cfg)  # the same call, not --resume
+    assert [r["epoch"] for r in restarted.history] == [2, 3]
+    for (k, a), b in zip(straight.model.state_dict().items(), restarted.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{k} differs after the restart")

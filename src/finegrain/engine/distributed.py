@@ -72,6 +72,15 @@ def main_first(info: DistInfo, fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+def all_gather_objects(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (just ``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine.context import Context
+from finegrain.engine.setup import set_rng_state
 from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
 
@@ -42,6 +43,8 @@ def restore(state: dict, task: Task, optimizer, ema, ctx: Context) -> float:
     for addon in ctx.addons:
         if state.get("addons", {}).get(addon.name) is not None:
             addon.load_state_dict(state["addons"][addon.name])
+    rng = state["rng"]  # one state per rank (a single dict in runs saved before that)
+    set_rng_state(rng[ctx.info.rank % len(rng)] if isinstance(rng, list) else rng)
     return state["best"]
 
 

@@ -1,5 +1,5 @@
 """Setting a run up: its folder, the machine it records, the data it trains on, the model it starts from,
-the optimiser, and the seed of each epoch's randomness (what makes ``--resume`` exact)."""
+the optimiser, and the random state that ``--resume`` restores."""
 
 from __future__ import annotations
 
@@ -33,12 +33,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of everything random in epoch ``epoch`` on ``rank`` (augmentation, dropout, loader workers).
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
 
-    A function of the epoch, not of the history, so epoch e is the same whether the run got there straight or
-    through ``--resume``, on every rank (saving only rank 0's random state made rank 1 differ after a resume)."""
-    return (seed * 1_000_003 + epoch) * 1009 + rank
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
 
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:

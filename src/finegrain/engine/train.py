@@ -33,12 +33,12 @@ from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore,
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
 from finegrain.engine.setup import (
-    epoch_seed,
     freeze_bn_stats,
     load_run_data,
     make_optimizer,
     model_from_config,
     prepare_run_dir,
+    rng_state,
     seed_everything,
     write_environment,
 )  # fmt: skip
@@ -210,8 +210,7 @@ def fit(
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(task, cfg, info)
         sampler.set_epoch(epoch)
-        seed_everything(epoch_seed(cfg.run.seed, epoch, info.rank))
-        loader.generator.manual_seed(epoch_seed(cfg.run.seed, epoch, info.rank))
+        loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
         row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
         scheduler.step(epoch + 1)
@@ -221,9 +220,10 @@ def fit(
                          channels_last=cfg.speed.channels_last and task.images)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
         score = row.get("val_top1", row["train_acc"])
+        rng = fgdist.all_gather_objects(rng_state())  # every rank's, so each resumes its own random stream
         if info.is_main:
             resume_state = {
-                "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons},
             }  # fmt: skip
