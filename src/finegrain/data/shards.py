@@ -133,19 +133,31 @@ def read_shards(folder: Path) -> DatasetIndex:
                         notes=["the split is the one made when sharding"])  # fmt: skip
 
 
+def image_extension(where: str | Path, key: str, names: list[str]) -> str:
+    """The image member's extension among a sample's member ``names``; anything but one image and a .json is
+    refused, naming the shard and the sample."""
+    images = [ext for ext in names if "." + ext.lower() in IMAGE_SUFFIXES]
+    if len(images) != 1 or "json" not in names:
+        raise DataError(f"shard '{where}', sample '{key}': expected one image and a .json member, found "
+                        f"{sorted(n for n in names if not n.startswith('__'))}: write the shards with "
+                        "`finegrain data shard`")  # fmt: skip
+    return images[0]
+
+
+def sample_from_meta(where: str | Path, key: str, meta: bytes, split: str, class_index: dict[str, int],
+                     member: tuple[str, int, int], data: bytes | None = None) -> Sample:  # fmt: skip
+    """The :class:`Sample` a shard's ``KEY.json`` describes (its image at ``member``, or in ``data``)."""
+    info = json.loads(meta)
+    if info.get("class") not in class_index:
+        raise DataError(f"shard '{where}', sample '{key}': class {info.get('class')!r} is not in the class list")
+    parts = tuple(tuple(p) for p in info["parts"]) if info.get("parts") else None
+    bbox = tuple(info["bbox"]) if info.get("bbox") else None
+    return Sample(Path(where), class_index[info["class"]], split, info.get("id"), bbox, parts, member, data)
+
+
 def _sample(shard: Path, f, key: str, members: dict[str, tarfile.TarInfo], split: str,
             class_index: dict[str, int]) -> Sample:  # fmt: skip
-    images = [ext for ext in members if "." + ext.lower() in IMAGE_SUFFIXES]
-    if len(images) != 1 or "json" not in members:
-        raise DataError(f"shard '{shard}', sample '{key}': expected one image and a .json member, found "
-                        f"{sorted(members)}: write the shards with `finegrain data shard`")  # fmt: skip
+    img = members[image_extension(shard, key, list(members))]
     m = members["json"]
     f.seek(m.offset_data)
-    meta = json.loads(f.read(m.size))
-    if meta.get("class") not in class_index:
-        raise DataError(f"shard '{shard}', sample '{key}': class {meta.get('class')!r} is not in the class list")
-    img = members[images[0]]
-    parts = tuple(tuple(p) for p in meta["parts"]) if meta.get("parts") else None
-    return Sample(shard, class_index[meta["class"]], split, meta.get("id"),
-                  tuple(meta["bbox"]) if meta.get("bbox") else None, parts,
-                  (img.name, img.offset_data, img.size))  # fmt: skip
+    return sample_from_meta(shard, key, f.read(m.size), split, class_index, (img.name, img.offset_data, img.size))

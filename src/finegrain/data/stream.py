@@ -24,12 +24,11 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from finegrain.data.loading import IMAGE_SUFFIXES
 from finegrain.data.records import SPLITS, Sample
+from finegrain.data.shards import META_KEY, image_extension, sample_from_meta
 from finegrain.errors import BadImageError, DataError
 
 PREFIX = "wds:"
-META_KEY = "__finegrain__"  # the same first member as finegrain.data.shards writes
 SHARD_NAME = re.compile(r"(train|val|test)-\d+\.tar")
 SHUFFLE_BUFFER = 256  # images shuffled across within a rank's stream (shards are shuffled too)
 
@@ -97,18 +96,9 @@ def open_stream(spec: str) -> ShardStream:
 def record_sample(record: dict, split: str, class_index: dict[str, int]) -> Sample:
     """A streamed record as a :class:`Sample` whose bytes are in memory."""
     url, key = record["__url__"], record["__key__"]
-    images = [ext for ext in record if "." + ext.lower() in IMAGE_SUFFIXES]
-    if len(images) != 1 or "json" not in record:
-        raise DataError(f"shard '{url}', sample '{key}': expected one image and a .json member, found "
-                        f"{sorted(k for k in record if not k.startswith('__'))}")  # fmt: skip
-    meta = json.loads(record["json"])
-    if meta.get("class") not in class_index:
-        raise DataError(f"shard '{url}', sample '{key}': class {meta.get('class')!r} is not in the class list")
-    data = record[images[0]]
-    parts = tuple(tuple(p) for p in meta["parts"]) if meta.get("parts") else None
-    return Sample(Path(url), class_index[meta["class"]], split, meta.get("id"),
-                  tuple(meta["bbox"]) if meta.get("bbox") else None, parts,
-                  (f"{key}.{images[0]}", 0, len(data)), data)  # fmt: skip
+    ext = image_extension(url, key, list(record))
+    data = record[ext]
+    return sample_from_meta(url, key, record["json"], split, class_index, (f"{key}.{ext}", 0, len(data)), data)
 
 
 def iter_samples(stream: ShardStream, split: str, urls: list[str] | None = None) -> Iterator[Sample]:

@@ -74,18 +74,24 @@ def image_task(ctx: Context) -> Task:
     return Task(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers, images=True)
 
 
+def run_features(ctx: Context, samples: list[Sample], pre: Preprocess, flip: bool, desc: str) -> torch.Tensor:
+    """The run's model's backbone features of ``samples`` at ``pre``, through the feature cache, with the run's
+    precision, layout and loader workers."""
+    cfg = ctx.cfg
+    return extract_features(ctx.model, samples, pre, ctx.device, flip=flip, amp=ctx.amp,
+                            channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
+                            cache_dir=cfg.features.cache_dir, desc=desc)  # fmt: skip
+
+
 def split_features(ctx: Context, pre: Preprocess, flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The frozen backbone's features of the train split (one block per view in ``flips``) and of the val split
     (None when empty), at preprocessing ``pre``: rank 0 computes (or reads the cache) first, the others read it."""
-    cfg, index = ctx.cfg, ctx.index
-    kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
-              cache_dir=cfg.features.cache_dir)  # fmt: skip
-
-    def features(split: str, flip: bool) -> torch.Tensor:
-        return extract_features(ctx.model, index.split(split), pre, ctx.device, flip=flip, desc=split, **kw)
+    index = ctx.index
 
     def both() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return torch.cat([features("train", f) for f in flips]), features("val", False) if index.split("val") else None
+        train = torch.cat([run_features(ctx, index.split("train"), pre, f, "train") for f in flips])
+        val = run_features(ctx, index.split("val"), pre, False, "val") if index.split("val") else None
+        return train, val
 
     return fgdist.main_first(ctx.info, both)
 
@@ -102,12 +108,7 @@ def frozen_features(ctx: Context, samples: list[Sample], desc: str, option: str)
                           f"'{cfg.model.method}' does not expose: train with --method baseline, or pass --init-from "
                           "a baseline checkpoint")  # fmt: skip
 
-    def run() -> torch.Tensor:
-        return extract_features(ctx.model, samples, ctx.model.preprocess, ctx.device, amp=ctx.amp,
-                                channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
-                                cache_dir=cfg.features.cache_dir, desc=desc)  # fmt: skip
-
-    return fgdist.main_first(ctx.info, run)
+    return fgdist.main_first(ctx.info, lambda: run_features(ctx, samples, ctx.model.preprocess, False, desc))
 
 
 def feature_task(ctx: Context) -> Task:
