@@ -21,7 +21,7 @@ from tqdm import tqdm
 from finegrain.data import DatasetIndex, Sample
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.features import extract_features
-from finegrain.engine.probe import l2_normalise, logistic_regression
+from finegrain.engine.probe import l2_normalise, logistic_regressions
 from finegrain.errors import ConfigError, DataError
 from finegrain.models import create_model
 
@@ -49,10 +49,10 @@ def out_of_fold_probabilities(feats: torch.Tensor, labels: np.ndarray, num_class
         fold[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
     x, y = l2_normalise(feats), torch.as_tensor(labels)
     probs = np.zeros((len(labels), num_classes), dtype=np.float32)
-    for f in tqdm(range(folds), desc="out-of-fold probes", leave=False):
-        held = torch.as_tensor(fold == f)
-        w, b = logistic_regression(x[~held], y[~held], num_classes, AUDIT_C)
-        probs[held.numpy()] = (x[held] @ w.T + b).softmax(1).numpy()
+    held = [torch.as_tensor(fold == f) for f in range(folds)]
+    fits = logistic_regressions([(x[~h], y[~h], AUDIT_C) for h in held], num_classes)
+    for h, (w, b) in zip(held, tqdm(fits, total=folds, desc="out-of-fold probes", leave=False), strict=True):
+        probs[h.numpy()] = (x[h] @ w.T + b).softmax(1).numpy()
     return probs
 
 

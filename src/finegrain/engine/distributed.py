@@ -16,10 +16,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: bool = False  # a process group was joined: DDP wraps the model, even for one process under torchrun
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.group
 
     @property
     def is_main(self) -> bool:
@@ -40,11 +41,14 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...).
+
+    Under torchrun a single process joins one too, as PyTorch's DDP examples do, so ``--nproc_per_node=1`` on one
+    GPU runs the same DDP + nccl path as eight; without torchrun, training is single-process."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                    group=True)  # fmt: skip
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -54,8 +58,14 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place. nccl reduces GPU tensors only: a CPU tensor goes through the rank's GPU."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

@@ -55,18 +55,19 @@ class FitResult:
     history: list[dict]  # one metrics row per epoch run in this call
 
 
+SYNC_EVERY = 10  # steps between reads of the running loss (the progress bar, the NaN check)
+
+
 def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, scheduler, ema, epoch: int) -> dict:
     cfg = ctx.cfg
     module.train()
     if cfg.model.freeze_bn_stats:
         freeze_bn_stats(module)
-    stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    steps, start = len(loader), time.perf_counter()
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct: kept where the model is
+    count, steps, start = 0, len(loader), time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not ctx.info.is_main, leave=False)
     for i, batch in enumerate(bar):
         loss, logits = step(ctx, task, module, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}: lower --lr or use --amp none")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.clip_grad:
@@ -75,10 +76,16 @@ def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, schedul
         scheduler.step_update(epoch * steps + i + 1)
         if ema is not None:
             ema.update(task.trainable)
-        y = batch[1]
-        stats += torch.tensor([loss.item() * len(y), (logits.argmax(1).cpu() == y).sum().item(), len(y)])
-        rate = stats[2].item() * ctx.info.world_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.3f}", img_s=f"{rate:.1f}")
+        y = batch[1].to(logits.device, non_blocking=True)
+        sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        count += len(y)
+        if i % SYNC_EVERY == 0 or i == steps - 1:  # reading a number waits for the GPU: not at every step
+            mean_loss = sums[0].item() / count
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch + 1}: lower --lr or use --amp none")
+            rate = count * ctx.info.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.1f}")
+    stats = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=sums.device)])
     fgdist.all_reduce_sum(stats)
     seconds = time.perf_counter() - start
     loss_sum, correct, count = stats.tolist()

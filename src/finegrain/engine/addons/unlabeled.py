@@ -19,7 +19,7 @@ import torch
 from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
-from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regression
+from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regressions
 from finegrain.engine.task import frozen_features
 
 #: the fractions of each predicted class's unlabelled images tried on validation (with "none": labels only). A
@@ -54,10 +54,11 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
         return {**result, "fraction": f, "used": most_confident(confidence, labels, f), "tried": [], "why": why}
     x, vx = l2_normalise(train_x), l2_normalise(val_x)
     tried = [{"fraction": None, "images": 0, "val_top1": teacher["val_top1"]}]
-    for f in [fraction] if fraction is not None else FRACTIONS:
-        used = most_confident(confidence, labels, f)
-        w, b = logistic_regression(torch.cat([x, l2_normalise(unlabeled_x[used])]),
-                                   torch.cat([train_y, labels[used]]), num_classes, teacher["C"])  # fmt: skip
+    fractions = [fraction] if fraction is not None else list(FRACTIONS)
+    chosen = [most_confident(confidence, labels, f) for f in fractions]
+    problems = [(torch.cat([x, l2_normalise(unlabeled_x[u])]), torch.cat([train_y, labels[u]]), teacher["C"])
+                for u in chosen]  # fmt: skip
+    for f, used, (w, b) in zip(fractions, chosen, logistic_regressions(problems, num_classes), strict=True):
         tried.append({"fraction": f, "images": int(used.sum()), "val_top1": accuracy(w, b, vx, val_y)})
     if fraction is not None:
         best, why = tried[-1], "--pseudo-fraction"
