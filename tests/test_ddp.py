@@ -34,3 +34,18 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert n_val == 4 and rows[0]["val_top1"] * n_val == pytest.approx(
         round(rows[0]["val_top1"] * n_val)
     )  # all counted
+
+
+@pytest.mark.slow
+def test_one_process_under_torchrun_trains_through_ddp(tmp_path):
+    """One GPU means one process: it still joins a process group (nccl there), so that path is the one run."""
+    data = make_imagefolder(tmp_path / "data", num_classes=2, per_class=8)
+    worker = Path(__file__).with_name("ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(worker),
+           str(data), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["ddp"] is True and environment["world_size"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["train_loss"] > 0 for r in rows)

@@ -71,6 +71,17 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     return batch / fastest
 
 
+def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_dir: Path,
+                    time_limit: float | None = None) -> TrainConfig:  # fmt: skip
+    """The fine-tuning stage of the recipe: the whole network from the head's best checkpoint, for ``epochs``."""
+    return cfg.replace(
+        run_dir=str(run_dir), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
+        lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
+        crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
+        time_limit=time_limit,
+    )  # fmt: skip
+
+
 def train_within_budget(cfg: TrainConfig) -> FitResult:
     """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -100,12 +111,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         tqdm.write(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
                    f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
-        ft = fit(cfg.replace(
-            run_dir=str(run_dir / "finetune"), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
-            lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
-            crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
-            time_limit=left / 60,
-        ))  # fmt: skip
+        ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60))
         stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
                               "run_dir": str(ft.run_dir)}  # fmt: skip

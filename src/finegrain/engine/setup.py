@@ -71,7 +71,8 @@ def write_environment(run_dir: Path, cfg: TrainConfig, amp: str, device, threads
     """``environment.json``: the machine, and the precision and threads this run chose on it."""
     environment = {**machine_info(), "device": str(device), "amp_requested": cfg.speed.amp,
                    "amp_used": precision_name(amp, device), "threads": threads,
-                   "dataloader_workers": cfg.speed.workers, "world_size": info.world_size}  # fmt: skip
+                   "dataloader_workers": cfg.speed.workers, "world_size": info.world_size,
+                   "ddp": info.enabled}  # fmt: skip
     (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
     return environment
 
