@@ -188,9 +188,10 @@ def _two_nodes(worker: Path, args: list[str], env: dict) -> list[subprocess.Comp
     """Two torchrun agents (one process each) meeting through a c10d rendezvous on loopback, as two nodes would."""
     from .conftest import free_port
 
-    endpoint = f"127.0.0.1:{free_port()}"
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint={endpoint}", "--rdzv-id=fg-test", "--max-restarts=1", str(worker), *args]  # fmt: skip
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=fg-test-{port}", "--max-restarts=1", str(worker),
+           *args]  # fmt: skip
     nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True) for _ in "ab"]  # fmt: skip
     done = []
@@ -207,22 +208,33 @@ def _two_nodes(worker: Path, args: list[str], env: dict) -> list[subprocess.Comp
 
 
 @pytest.mark.slow
-def test_two_node_rendezvous_trains_from_shards(tmp_path):
+def test_two_nodes_train_from_shards_and_resume_after_a_node_dies(tmp_path):
+    """Two torchrun "nodes" on loopback train from shards; then the same run again, where one node's worker is
+    killed after epoch 1: torchrun (--max-restarts=1) restarts both, they resume from last.pt, and the run ends
+    with the uninterrupted run's weights."""
     folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=10)
     write_shards(load_dataset(folder, seed=0, val_fraction=0.2), tmp_path / "shards", shard_size=4, progress=False)
     worker = Path(__file__).with_name("elastic_worker.py")
-    nodes = _two_nodes(worker, [str(tmp_path / "shards"), str(tmp_path)], {**os.environ, "OMP_NUM_THREADS": "1"})
-    assert all(n.returncode == 0 for n in nodes), "\n".join(n.stderr[-2000:] for n in nodes)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"ranks differ at {k}")
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # as docs/distributed.md says to run torchrun: without it a restarted group can read the dead round's addresses
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    runs = {}
+    for name, extra in (("straight", {}), ("killed", {"FG_TEST_KILL_RANK": "1"})):
+        out = tmp_path / name
+        nodes = _two_nodes(worker, [str(tmp_path / "shards"), str(out), "3"], {**env, **extra})
+        assert all(n.returncode == 0 for n in nodes), "\n".join(n.stderr[-2000:] for n in nodes)
+        epochs = [json.loads(x)["epoch"] for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2, 3], epochs  # the restart ran epochs 2 and 3 only
+        runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert (tmp_path / "killed" / "killed").is_file()  # the kill happened
+    straight = runs["straight"][0]
+    for k in straight:
+        torch.testing.assert_close(straight[k], runs["straight"][1][k], atol=0, rtol=0, msg=f"ranks differ at {k}")
+        torch.testing.assert_close(straight[k], runs["killed"][0][k], atol=0, rtol=0, msg=f"{k} differs after restart")
 
 
 def test_a_worker_restarted_by_torchrun_continues_its_run(tmp_path, tiny_config, monkeypatch):
     """What torchrun --max-restarts does after a process or node dies: the same command again, with
-    TORCHELASTIC_RESTART_COUNT set; the run continues from last.pt and ends as the uninterrupted one."""
+    the same TORCHELASTIC_RUN_ID; the run continues from last.pt and ends as the uninterrupted one."""
     from .conftest import fit_killed_in_epoch
 
     folder = make_imagefolder(tmp_path / "data", num_classes=2, per_class=8)
@@ -230,8 +242,8 @@ def test_a_worker_restarted_by_torchrun_continues_its_run(tmp_path, tiny_config,
     options = dict(freeze_backbone=False, epochs=3, cache_features=False)
     straight = fit(tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "a"), **options))
     cfg = tiny_config(_spec(tmp_path / "shards"), run_dir=str(tmp_path / "b"), **options)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     fit_killed_in_epoch(monkeypatch, 1, cfg)
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     restarted = fit(cfg)  # the same call, not --resume
     assert [r["epoch"] for r in restarted.history] == [2, 3]
     for (k, a), b in zip(straight.model.state_dict().items(), restarted.model.state_dict().values(), strict=True):

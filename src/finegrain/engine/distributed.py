@@ -27,9 +27,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def restarted() -> bool:
-    """Is this process a worker that torchrun started again after a failure?"""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def job_id() -> str | None:
+    """torchrun's id of this job (its ``--rdzv-id``; a new one per ``--standalone`` launch), None outside torchrun.
+
+    Every worker of the job has it, through every restart. It, not ``TORCHELASTIC_RESTART_COUNT``, tells a restarted
+    worker that it belongs to the run it finds: each node counts restarts for itself, and a node whose own worker
+    did not fail starts it again with the count still 0 (seen here on a two-node restart, which then hung with
+    one rank resuming and the other starting over; pytorch/pytorch#135712 describes the same)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -131,6 +131,11 @@ def _resumed_config(cfg: TrainConfig | None, resume: str | Path) -> tuple[TrainC
     return saved, state
 
 
+def _written_by_this_job(run_dir: Path) -> bool:
+    job, last = fgdist.job_id(), run_dir / "last.pt"
+    return job is not None and last.is_file() and (Checkpoint.load(last).resume or {}).get("job") == job
+
+
 def fit(
     cfg: TrainConfig | None = None, resume: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None
 ) -> FitResult:
@@ -138,9 +143,9 @@ def fit(
     epoch's metrics row once it is saved (a hyperparameter search prunes a trial by raising from it).
 
     A worker that torchrun restarted (``--max-restarts``, after a process or node died) continues its run from
-    ``last.pt`` when the run has a fixed ``--run-dir``: the same command line, so every node resumes alike."""
-    restarted_run = cfg is not None and bool(cfg.run.run_dir) and fgdist.restarted()
-    if resume is None and restarted_run and (Path(cfg.run.run_dir) / "last.pt").is_file():
+    ``last.pt`` when the run has a fixed ``--run-dir`` and that ``last.pt`` was written by the same torchrun job:
+    every node reads the same file, so every rank decides alike."""
+    if resume is None and cfg is not None and cfg.run.run_dir and _written_by_this_job(Path(cfg.run.run_dir)):
         resume = cfg.run.run_dir
     last = None
     if resume is not None:
@@ -232,7 +237,7 @@ def fit(
             resume_state = {
                 "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
-                "addons": {a.name: a.state_dict() for a in ctx.addons},
+                "addons": {a.name: a.state_dict() for a in ctx.addons}, "job": fgdist.job_id(),
             }  # fmt: skip
             save_epoch(ctx, epoch_checkpoint(ctx, task, eval_module, row, epoch), resume_state, score >= best, tracker)
         best = max(best, score)
