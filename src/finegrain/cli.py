@@ -38,6 +38,8 @@ from finegrain.models.sr import sr_upscale
 from finegrain.predict import Predictor, choose_engine, with_added_classes
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
+from finegrain.serve.app import ServeSettings, create_app
+from finegrain.serve.server import run
 
 ENGINES = ("auto", "torch", "onnx")
 ENGINE_HELP = (
@@ -199,11 +201,6 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # the web stack is imported by `serve` alone: the other commands start faster and run where FastAPI is not
-    # installed (a GPU node's training image, say)
-    from finegrain.serve.app import ServeSettings, create_app  # noqa: PLC0415
-    from finegrain.serve.server import run  # noqa: PLC0415
-
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
         max_pixels=args.max_pixels, threads=args.threads, device=args.device, max_inflight=args.max_inflight,
