@@ -365,6 +365,8 @@ def _env(args: argparse.Namespace) -> int:
     detail = ", ".join(x for x in (info["cpu_family_model"], f"{info['cores']} cores", info["machine"]) if x)
     print(f"CPU            {info['cpu_model']} ({detail})")
     print(f"CPU flags      {flags}")
+    caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
+    print(f"torch kernels  {info['torch_cpu_capability']}" + (f" (capped: {caps})" if caps else ""))
     print(f"CUDA devices   {gpus}")
     print(f"libraries      torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}, "
           f"onnxruntime {info['onnxruntime']} ({', '.join(info['onnxruntime_providers'])})")  # fmt: skip

@@ -193,6 +193,12 @@ def _version(module: str) -> str | None:
         return None
 
 
+#: PyTorch's own switches that make a CPU run as a lesser one: ATen's kernels (``avx2``) and oneDNN's (``AVX2``).
+#: With both, an AVX-512 + bf16 machine runs PyTorch as an AVX2-only one would, and oneDNN then reports no native
+#: bf16, so ``--amp auto`` picks fp32; ONNX Runtime has no such switch. Records name them when set.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
 def machine_info() -> dict:
     """CPU, accelerators and library versions: what every result file records beside its numbers."""
     import onnxruntime as ort  # noqa: PLC0415 - heavy; only the record needs it
@@ -207,6 +213,8 @@ def machine_info() -> dict:
         "cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "cpu_flags": list(cpu_flags()),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen runs (AVX2, AVX512...)
+        "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
         "cpu_bf16_native": cpu_bf16_native(),
         "vnni": has_vnni(),
         "cuda_devices": cuda,
