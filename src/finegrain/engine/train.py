@@ -120,20 +120,26 @@ def make_loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
     return sampler, loader, val_loader
 
 
-def _resumed_config(cfg: TrainConfig | None, resume: str | Path) -> tuple[TrainConfig, Checkpoint]:
+def _resumed_config(cfg: TrainConfig | None, resume: str | Path,
+                    state: Checkpoint | None = None) -> tuple[TrainConfig, Checkpoint]:  # fmt: skip
+    """The saved run's config and its ``last.pt`` (``state``, when the caller has read it already)."""
     last = Path(resume) / "last.pt"
-    if not last.is_file():
+    if state is None and not last.is_file():
         raise CheckpointError(f"cannot resume: '{last}' does not exist (pass the run directory of a run)")
-    state = Checkpoint.load(last)
+    state = state or Checkpoint.load(last)
     saved = state.train_config().replace(run_dir=str(resume))
     if cfg is not None and cfg.optim.epochs != saved.optim.epochs:
         saved = saved.replace(epochs=cfg.optim.epochs)  # the one setting that may change on resume: train longer
     return saved, state
 
 
-def _written_by_this_job(run_dir: Path) -> bool:
+def _last_of_this_job(run_dir: Path) -> Checkpoint | None:
+    """``run_dir``'s ``last.pt`` when this torchrun job wrote it (this worker was restarted), else None."""
     job, last = fgdist.job_id(), run_dir / "last.pt"
-    return job is not None and last.is_file() and (Checkpoint.load(last).resume or {}).get("job") == job
+    if job is None or not last.is_file():
+        return None
+    state = Checkpoint.load(last)
+    return state if (state.resume or {}).get("job") == job else None
 
 
 def fit(
@@ -145,11 +151,12 @@ def fit(
     A worker that torchrun restarted (``--max-restarts``, after a process or node died) continues its run from
     ``last.pt`` when the run has a fixed ``--run-dir`` and that ``last.pt`` was written by the same torchrun job:
     every node reads the same file, so every rank decides alike."""
-    if resume is None and cfg is not None and cfg.run.run_dir and _written_by_this_job(Path(cfg.run.run_dir)):
-        resume = cfg.run.run_dir
     last = None
+    if resume is None and cfg is not None and cfg.run.run_dir:
+        last = _last_of_this_job(Path(cfg.run.run_dir))
+        resume = cfg.run.run_dir if last is not None else None
     if resume is not None:
-        cfg, last = _resumed_config(cfg, resume)
+        cfg, last = _resumed_config(cfg, resume, last)
     cfg = (cfg or TrainConfig()).validate()
     if cfg.recipe.budget is not None:
         raise ConfigError("a time budget runs several trainings: call finegrain.engine.recipe.train_within_budget(cfg)"
