@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
@@ -72,8 +73,9 @@ def textbook_probe(data: Path, seed: int, cache_dir: str) -> dict:
         feats[split] = torch.nn.functional.normalize(x, dim=1).numpy()
         labels[split] = np.array([s.label for s in index.split(split)])
     sweep = []
-    for c in PROBE_C:
-        clf = LogisticRegression(C=c, max_iter=2000).fit(feats["train"], labels["train"])
+    for c in PROBE_C:  # one BLAS thread, as finegrain fits: the thread count moves where L-BFGS stops (see above)
+        with threadpool_limits(limits=1):
+            clf = LogisticRegression(C=c, max_iter=2000).fit(feats["train"], labels["train"])
         sweep.append((clf.score(feats["val"], labels["val"]), -c, clf))
     val, neg_c, clf = max(sweep, key=lambda t: t[:2])
     pred = clf.predict(feats["test"])

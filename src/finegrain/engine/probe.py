@@ -58,7 +58,8 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: f
         b[:] = -1e4
         b[int(present[0])] = 0.0
         return w, b
-    clf = LogisticRegression(C=c, max_iter=max_iter).fit(x.float().numpy(), labels)
+    with threadpool_limits(limits=1):  # see logistic_regressions: the answer must not depend on the thread count
+        clf = LogisticRegression(C=c, max_iter=max_iter).fit(x.float().numpy(), labels)
     coef, intercept = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
     if len(present) == 2:
         coef, intercept = torch.cat([-coef, coef]) / 2, torch.cat([-intercept, intercept]) / 2
