@@ -36,7 +36,7 @@ def gaussian_task(seed: int, per_class: int, classes: int = 5, dim: int = 16):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pseudo_labels_raise_accuracy_where_labels_are_few(seed):
     """Two labels per class, 60 unlabelled: the probe refitted with the teacher's most confident pseudo-labels is
-    better on held-out data than the teacher, and the fraction was chosen on validation (not 'none')."""
+    better on held-out data than the teacher, and the fraction was chosen on held-out labels (not 'none')."""
     (x, y), (vx, vy), (ux, uy), (tx, ty) = gaussian_task(seed, per_class=2)
     choice = choose_pseudo_labels(x, y, vx, vy, ux, 5)
     assert choice["fraction"] is not None and choice["used"].any()

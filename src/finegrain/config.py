@@ -337,12 +337,13 @@ class LabelOptions:
 
     unlabeled: str | None = option(
         None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
-        "labelled images pseudo-labels those it is confident about, kept only if validation improves "
-        "(RUN_DIR/unlabeled.json says what was used)",
+        "labelled images pseudo-labels those it is confident about, used only if held-out labelled images (validation "
+        "and 5-fold cross-validation) say they help (RUN_DIR/unlabeled.json says what was used)",
     )  # fmt: skip
     pseudo_fraction: float | None = option(
         None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "
-        "confident first (default: chosen on validation among 0.25, 0.5, 1 and none)", type=parse_optional_float,
+        "confident first (default: chosen on held-out labelled images among 0.25, 0.5, 1 and none)",
+        type=parse_optional_float,
     )  # fmt: skip
     label_noise: str = option(
         "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
