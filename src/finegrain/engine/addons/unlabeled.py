@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
-from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regressions
+from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regressions
 from finegrain.engine.task import frozen_features
 
 #: the fractions of each predicted class's unlabelled images tried on held-out labels (with "none": labels only). A
@@ -69,7 +69,7 @@ def judge_fractions(x: torch.Tensor, y: torch.Tensor, unlabeled_x: torch.Tensor,
     teachers = list(logistic_regressions([(x[fit], y[fit], c) for fit, _ in splits], num_classes))
     problems, right = [], [0] * (1 + len(fractions))
     for (fit, held), (w, b) in zip(splits, teachers, strict=True):
-        right[0] += int(((x[held] @ w.T + b).argmax(1) == y[held]).sum())
+        right[0] += round(accuracy(w, b, x[held], y[held]) * len(held))
         confidence, labels = (unlabeled_x @ w.T + b).softmax(1).max(1)
         for f in fractions:
             used = most_confident(confidence, labels, f)
@@ -78,7 +78,7 @@ def judge_fractions(x: torch.Tensor, y: torch.Tensor, unlabeled_x: torch.Tensor,
     for _, held in splits:  # the students come in the order of the problems: per split, per fraction
         for i in range(1, 1 + len(fractions)):
             w, b = next(students)
-            right[i] += int(((x[held] @ w.T + b).argmax(1) == y[held]).sum())
+            right[i] += round(accuracy(w, b, x[held], y[held]) * len(held))
     return right
 
 
