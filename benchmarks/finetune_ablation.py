@@ -27,7 +27,7 @@ from pathlib import Path
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig, default_cache_dir
-from finegrain.engine.recipe import finetune_config
+from finegrain.engine.recipe import finetune_config, head_config
 from finegrain.engine.train import fit
 from finegrain.report.evaluation import evaluate_checkpoint
 
@@ -95,7 +95,7 @@ def main() -> None:
             base = TrainConfig().replace(data=str(DATASETS[name]), seed=seed, cache_dir=args.cache_dir)
             head_dir = work / name / f"head{seed}"
             if not (head_dir / "best.pt").is_file():
-                fit(base.replace(run_dir=str(head_dir), freeze_backbone=True, cache_features=True))
+                fit(head_config(base, head_dir))
             head = Checkpoint.load(head_dir / "best.pt")
             for variant in args.variants:
                 if (variant, name, seed) in done:

@@ -71,6 +71,11 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     return batch / fastest
 
 
+def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``)."""
+    return cfg.replace(run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None)
+
+
 def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_dir: Path,
                     time_limit: float | None = None) -> TrainConfig:  # fmt: skip
     """The fine-tuning stage of the recipe: the whole network from the head's best checkpoint, for ``epochs``."""
@@ -91,7 +96,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     run_dir = Path(cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     stages: dict[str, dict] = {}
 
-    head = fit(cfg.replace(run_dir=str(run_dir / "head"), freeze_backbone=True, cache_features=True, budget=None))
+    head = fit(head_config(cfg, run_dir / "head"))
     head_best = Checkpoint.load(head.run_dir / "best.pt")
     stages["head"] = {"val_top1": (head_best.metrics or {}).get("val_top1"), "seconds": time.perf_counter() - start,
                       "run_dir": str(head.run_dir)}  # fmt: skip
