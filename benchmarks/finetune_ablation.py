@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict] = {
     "lr 4e-4": {"lr": 4e-4},
     "crop area from 0.08": {"scale_min": 0.08},
     "no colour jitter": {"color_jitter": 0.0},
+    "no flip": {"hflip": 0.0},  # gtsrb_finegrained has mirror-image classes (keep left / keep right)
 }
 
 

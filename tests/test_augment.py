@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torchvision.transforms import v2  # noqa: F401 - torchvision is what train_transform uses
@@ -100,3 +102,16 @@ def test_jigsaw_shuffles_whole_cells_and_n1_is_the_identity():
 
     assert all(cells(y, b) == cells(x, b) for b in range(2))  # the same cells, each intact
     assert not torch.equal(y, x)
+
+
+def test_hflip_sets_how_often_training_images_are_mirrored(imagefolder, tiny_config):
+    x = torch.arange(32.0).repeat(3, 32, 1)
+    never, always = (train_transform(Preprocess(input_size=32), hflip=p).transforms[1] for p in (0.0, 1.0))
+    assert all(torch.equal(never(x), x) and torch.equal(always(x), x.flip(-1)) for _ in range(20))
+    with pytest.raises(ConfigError, match="hflip"):
+        TrainConfig().replace(hflip=1.5).validate()
+    # --hflip 0 reaches the cached-feature head too: no mirrored copies of the training images
+    for hflip, mirrored in ((0.5, True), (0.0, False)):
+        cfg = tiny_config(imagefolder, head="probe", hflip=hflip, run_dir=str(imagefolder.parent / f"run{hflip}"))
+        probe = json.loads((fit(cfg).run_dir / "probe.json").read_text())
+        assert probe["views"][0]["mirrored_too"] is mirrored

@@ -149,6 +149,11 @@ class AugmentOptions:
     """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead)."""
 
     scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
+    hflip: float = option(
+        0.5,
+        "probability of mirroring each training image; 0 where a mirror image is another class "
+        "(keep-left/keep-right signs, text): no mirroring anywhere, cached features included",
+    )
     color_jitter: float = option(0.2, "brightness/contrast/saturation jitter strength")
     random_erasing: float = option(0.0, "probability of erasing a random rectangle of each training image")
     erasing_max_area: float = option(0.25, "largest erased fraction of the image (smallest: 0.02)")
@@ -158,6 +163,7 @@ class AugmentOptions:
     def validate(self) -> None:
         _require([
             (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
+            (0 <= self.hflip <= 1, "hflip is a probability in [0, 1]"),
             (0 <= self.random_erasing <= 1, "random-erasing is a probability in [0, 1]"),
             (0.02 < self.erasing_max_area <= 1, "erasing-max-area must be in (0.02, 1]"),
             (self.erasing_fill in ("random", "mean"),
@@ -175,7 +181,9 @@ class FeatureOptions:
         "on L2-normalised features, its penalty chosen on validation; methods with a linear head, no add-ons), or "
         "auto (both, the better on validation kept; RUN_DIR/recipe.json says which)", choices=HEADS,
     )  # fmt: skip
-    feature_flip: bool = option(True, "also cache mirrored images' features (flip augmentation for the head)")
+    feature_flip: bool = option(
+        True, "also cache mirrored images' features (flip augmentation for the head; none with --hflip 0)"
+    )
     cache_dir: str = option(default_cache_dir(), "feature cache folder (env FINEGRAIN_CACHE)")
 
     def validate(self) -> None:

@@ -43,8 +43,8 @@ def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
     cfg, model = ctx.cfg, ctx.model
     a = cfg.augment
     tf = train_transform(
-        model.preprocess, scale=(a.scale_min, 1.0), color_jitter=a.color_jitter, erasing=a.random_erasing,
-        erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
+        model.preprocess, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter,
+        erasing=a.random_erasing, erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
     )  # fmt: skip
     for addon in ctx.addons:
         tf = addon.train_transform(tf)
@@ -115,7 +115,7 @@ def feature_task(ctx: Context) -> Task:
     """Frozen backbone: features of the train (plus mirrored) and val images, computed once by rank 0."""
     index = ctx.index
     labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
-    views = [False, True] if ctx.cfg.features.feature_flip else [False]
+    views = [False, True] if ctx.cfg.features.feature_flip and ctx.cfg.augment.hflip > 0 else [False]
     train_x, val_x = split_features(ctx, ctx.model.preprocess, views)
     columns = [c for addon in ctx.addons for c in addon.cached_columns(ctx, index.split("train"), views)]
     train_set = TensorDataset(train_x, labels["train"].repeat(len(views)), *columns)
