@@ -10,7 +10,7 @@ its mean gain over the four datasets is positive and it loses on none by more th
 written for the final numbers. Finished runs are saved at once and skipped on a re-run, so a stopped ablation
 continues where it stopped.
 
-Budget: about 10 minutes per variant and seed on 2 CPU cores (AMD EPYC Zen 4, bf16) at 2 epochs.
+Budget: about 12 minutes per variant and seed on 2 CPU cores (AMD EPYC Zen 4, bf16, 2026-11-28) at 2 epochs.
 
     python benchmarks/finetune_ablation.py --seeds 0 1 --epochs 2
     python benchmarks/finetune_ablation.py --variants base ema --datasets plantvillage_tomato --seeds 0

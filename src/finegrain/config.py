@@ -146,7 +146,8 @@ class OptimOptions:
 
 @dataclass
 class AugmentOptions:
-    """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead)."""
+    """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead, of
+    which ``hflip`` alone applies: 0 drops the mirrored view)."""
 
     scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
     hflip: float = option(
