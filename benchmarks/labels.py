@@ -43,6 +43,7 @@ from finegrain.engine.audit import audit_labels
 from finegrain.engine.features import extract_features
 from finegrain.engine.pretrain import pretrain
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise
+from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
 from finegrain.models import create_model
@@ -106,8 +107,19 @@ def test_top1(run_dir: Path, cache_dir: str) -> float:
 
 
 def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **options) -> float:
-    fit(TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options))
-    return test_top1(run_dir, cache_dir)
+    """Train (``--budget`` through the recipe) and return test top-1, saved in ``run_dir/top1.json``: a re-run of the
+    benchmark with the same ``--work-dir`` skips finished runs."""
+    done = run_dir / "top1.json"
+    if done.is_file():
+        return json.loads(done.read_text())["test_top1"]
+    cfg = TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options)
+    if cfg.recipe.budget is not None:
+        train_within_budget(cfg)
+    else:
+        fit(cfg)
+    top1 = test_top1(run_dir, cache_dir)
+    done.write_text(json.dumps({"test_top1": top1}))
+    return top1
 
 
 def audit_part(args, work: Path, index, pair: np.ndarray) -> dict:
@@ -173,30 +185,51 @@ def pretrain_part(args, work: Path) -> dict:
     return {"cub100": out | {"label_fraction": args.label_fraction, "seeds": runs}}
 
 
+#: the semi part's runs: labels only, + ``--unlabeled`` (the probe teacher), 100% of the labels, and (with
+#: ``--budget``) the noisy student: ``--unlabeled`` with the labels-only run's fine-tuned ``best.pt`` as the teacher
+SEMI_SETTINGS = ("labels_only", "with_unlabeled", "full_labels", "noisy_student")
+
+
 def semi_part(args, work: Path) -> dict:
-    """30% of each class's training labels kept, 70% given unlabelled: labels only, + --unlabeled, 100% labels."""
+    """30% of each class's training labels kept, 70% given unlabelled: labels only, + --unlabeled, 100% labels
+    (with ``--budget``: the budgeted recipe for each, and the noisy student)."""
     results: dict = {}
-    for name in ("cub100", "plantvillage_tomato"):
+    extra = {"budget": args.budget} if args.budget else {}
+    settings = [s for s in args.semi_settings if args.budget or s != "noisy_student"]
+    for name in args.semi_datasets:
         runs = []
         for seed in args.seeds:
             folder = work / "semi" / f"{name}{seed}"
             index, few, everything, unl, kept, unlabelled = few_labels(name, seed, args.label_fraction, folder)
-            row = {"labels_only": train_top1(few, folder / "few", seed, args.cache_dir),
-                   "with_unlabeled": train_top1(few, folder / "semi", seed, args.cache_dir, unlabeled=str(unl)),
-                   "full_labels": train_top1(everything, folder / "full", seed, args.cache_dir),
-                   "labelled": len(kept), "unlabelled": len(unlabelled)}  # fmt: skip
-            report = json.loads((folder / "semi" / "unlabeled.json").read_text())
-            row.update({"fraction_chosen": report["fraction"], "pseudo_labelled": len(report["pseudo_labelled"]),
-                        "pseudo_label_accuracy": _pseudo_accuracy(report, index)})  # fmt: skip
+            how = {
+                "labels_only": (few, {}),
+                "with_unlabeled": (few, {"unlabeled": str(unl)}),
+                "full_labels": (everything, {}),
+                "noisy_student": (few, {"unlabeled": str(unl), "teachers": [str(folder / "few" / "best.pt")]}),
+            }
+            dirs = {"labels_only": "few", "with_unlabeled": "semi", "full_labels": "full", "noisy_student": "student"}
+            row = {"labelled": len(kept), "unlabelled": len(unlabelled)}
+            for setting in settings:
+                manifest, options = how[setting]
+                run_dir = folder / dirs[setting]
+                row[setting] = train_top1(manifest, run_dir, seed, args.cache_dir, **extra, **options)
+                if "unlabeled" in options:
+                    report = json.loads((run_dir / "unlabeled.json").read_text())
+                    row[f"{setting}_pseudo"] = {"fraction_chosen": report["fraction"],
+                                                "pseudo_labelled": len(report["pseudo_labelled"]),
+                                                "pseudo_label_accuracy": _pseudo_accuracy(report, index)}  # fmt: skip
+                if args.budget:
+                    row[f"{setting}_recipe"] = json.loads((run_dir / "recipe.json").read_text())["kept"]
             runs.append(row)
             print(f"{name} seed {seed}: {row}")
-        gap = [(r["with_unlabeled"] - r["labels_only"]) / max(1e-9, r["full_labels"] - r["labels_only"]) for r in runs]
-        results[name] = {
-            k: statistics.mean(r[k] for r in runs) for k in ("labels_only", "with_unlabeled", "full_labels")
-        }
-        results[name].update({f"{k}_sd": statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
-                              for k in ("labels_only", "with_unlabeled", "full_labels")})  # fmt: skip
-        results[name].update({"gap_closed": statistics.mean(gap), "label_fraction": args.label_fraction, "seeds": runs})
+        results[name] = {"label_fraction": args.label_fraction, "seeds": runs}
+        for k in settings:
+            results[name][k] = statistics.mean(r[k] for r in runs)
+            results[name][f"{k}_sd"] = statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
+        if {"labels_only", "full_labels"} <= set(settings):
+            for k in set(settings) & {"with_unlabeled", "noisy_student"}:
+                gap = [(r[k] - r["labels_only"]) / max(1e-9, r["full_labels"] - r["labels_only"]) for r in runs]
+                results[name]["gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"] = statistics.mean(gap)
     return results
 
 
@@ -269,6 +302,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--label-fraction", type=float, default=0.3, help="labels kept per class in the semi part (0.3)")
+    p.add_argument("--semi-datasets", nargs="+", default=["cub100", "plantvillage_tomato"],
+                   choices=["cub100", "plantvillage_tomato"])  # fmt: skip
+    p.add_argument("--semi-settings", nargs="+", default=list(SEMI_SETTINGS), choices=SEMI_SETTINGS)
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="semi part: train each run with --budget MINUTES (the recipe's "
+        "fine-tuning), written as semi_supervised_budget; default: every default, as semi_supervised",
+    )
     p.add_argument("--cache-dir", default=default_cache_dir())
     p.add_argument("--work-dir")
     p.add_argument("--out", default="benchmarks/results/labels.json")
@@ -284,8 +326,10 @@ def main() -> None:
     keys = {"audit": "audit", "semi": "semi_supervised", "noisy": "noisy_labels", "suggest": "suggest",
             "pretrain": "pretrain"}  # fmt: skip
     for part in args.parts:
-        results[keys[part]] = parts[part]()
-        results[keys[part]]["seeds_run"] = args.seeds
+        key = keys[part] + ("_budget" if part == "semi" and args.budget else "")
+        new = parts[part]() | ({"budget_min": args.budget} if key == "semi_supervised_budget" else {})
+        results[key] = results.get(key, {}) | new  # per dataset: a part run on one dataset keeps the others
+        results[key]["seeds_run"] = args.seeds
         write_json(out, results)  # after every part: a stopped run keeps what it finished
 
 

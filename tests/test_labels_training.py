@@ -1,4 +1,5 @@
-"""Fewer and imperfect labels: --unlabeled (self-training with a probe teacher), --label-noise prune, data suggest."""
+"""Fewer and imperfect labels: --unlabeled (self-training with a probe or checkpoint teacher), --label-noise prune,
+data suggest."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.data.unlabeled import load_unlabeled
@@ -49,6 +51,19 @@ def test_pseudo_labels_raise_accuracy_where_labels_are_few(seed):
     assert accuracy(w, b, l2_normalise(tx), ty) > before + 0.05
 
 
+def test_a_checkpoint_teacher_labels_and_held_out_labels_still_judge_it():
+    """``teacher`` probabilities (a checkpoint teacher's, the noisy student) replace the probe's labels; the
+    held-out judgement still applies: a teacher that knows the truth is used, one that guesses is not."""
+    (x, y), (vx, vy), (ux, uy), _ = gaussian_task(0, per_class=2)
+    oracle = torch.nn.functional.one_hot(uy, 5).float() * 0.9 + 0.02
+    choice = choose_pseudo_labels(x, y, vx, vy, ux, 5, teacher=oracle)
+    assert choice["fraction"] is not None and torch.equal(choice["labels"], uy)
+    guess = torch.rand(len(uy), 5, generator=torch.Generator().manual_seed(0)).softmax(1)
+    choice = choose_pseudo_labels(x, y, vx, vy, ux, 5, teacher=guess)
+    assert choice["fraction"] is None and not choice["used"].any()
+    assert torch.equal(choice["labels"], guess.argmax(1))
+
+
 def _unlabelled_folder(tmp_path, root):
     """Unlabelled synthetic images of the 4 classes (names say the truth), a byte copy of a labelled image and an
     unreadable file."""
@@ -79,6 +94,26 @@ def test_unlabeled_run_reports_duplicates_and_bad_files_and_pseudo_labels_correc
     right = [label == f"class_{name.split('truth')[1][0]}" for name, label, _ in pseudo]
     assert sum(right) / len(right) >= 0.9
     assert sorted(p.name for p in unl.iterdir())[0] == "broken.jpg"  # the user's folder is not touched
+
+
+def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_path, tiny_config):
+    """``--unlabeled`` with ``--teachers``: a teacher that answers the *next* class labels the unlabelled images, so
+    its mapping, not the probe's, is in ``unlabeled.json``."""
+    root = make_imagefolder(tmp_path / "data", num_classes=4, per_class=6)
+    unl = _unlabelled_folder(tmp_path, root)
+    teacher = fit(tiny_config(root, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
+    ckpt = Checkpoint.load(teacher / "best.pt")
+    for key in ("head.1.weight", "head.1.bias"):
+        ckpt.state_dict[key] = ckpt.state_dict[key].roll(1, dims=0)  # logit of c+1 <- evidence of c
+    ckpt.save(tmp_path / "shifted.pt")
+    fit(tiny_config(root, unlabeled=str(unl), teachers=[str(tmp_path / "shifted.pt")], pseudo_fraction=1.0,
+                    epochs=1, skip_bad=True, test_fraction=0.0))  # fmt: skip
+    report = json.loads((tmp_path / "run" / "unlabeled.json").read_text())
+    assert report["teacher"] == [str(tmp_path / "shifted.pt")] and len(report["pseudo_labelled"]) == 24
+    shifted = [
+        label == f"class_{(int(name.split('truth')[1][0]) + 1) % 4}" for name, label, _ in report["pseudo_labelled"]
+    ]
+    assert sum(shifted) / len(shifted) >= 0.75
 
 
 def test_resume_with_unlabeled_images_is_exact(tmp_path, tiny_config, monkeypatch):

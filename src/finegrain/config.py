@@ -290,7 +290,8 @@ class DistillOptions:
     """Knowledge distillation (``finegrain distill``): checkpoints whose averaged soft labels teach this run."""
 
     teachers: list = option(
-        [], "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`)",
+        [], "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`); with "
+        "--unlabeled they also pseudo-label the unlabelled images",
         nargs="+", metavar="CKPT",
     )  # fmt: skip
     kd_temperature: float = option(4.0, "distillation temperature T")
@@ -346,8 +347,9 @@ class LabelOptions:
 
     unlabeled: str | None = option(
         None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
-        "labelled images pseudo-labels those it is confident about, used only if held-out labelled images (validation "
-        "and 5-fold cross-validation) say they help (RUN_DIR/unlabeled.json says what was used)",
+        "labelled images (or --teachers, e.g. a fine-tuned run: the noisy student) pseudo-labels those it is "
+        "confident about, used only if held-out labelled images (validation and 5-fold cross-validation) say they help "
+        "(RUN_DIR/unlabeled.json says what was used)",
     )  # fmt: skip
     pseudo_fraction: float | None = option(
         None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "

@@ -2,7 +2,8 @@
 temperature T, join the cross-entropy with the true labels.
 
 On images the teachers run on every batch (as the student saw it); with a frozen, cached student backbone the
-views are fixed, so the teachers' soft labels are computed once, cached like features, and stored beside them.
+views are fixed, so the teachers' soft labels are computed once, cached like features, and stored beside them
+(``finegrain.engine.teachers``). With ``--unlabeled`` the same teachers pseudo-label the unlabelled images first.
 """
 
 from __future__ import annotations
@@ -12,29 +13,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import Sample
 from finegrain.data.transforms import Preprocess
 from finegrain.engine.addons.base import AddOn, Criterion
 from finegrain.engine.context import Context
-from finegrain.engine.features import extract_features
-from finegrain.errors import CheckpointError
+from finegrain.engine.teachers import load_teachers, teacher_probs
 from finegrain.losses import distillation_loss
-
-
-class _Logits(nn.Module):
-    """A whole model seen as a 'backbone' whose features are its logits: caches teacher outputs with the
-    feature cache (keyed by every weight of the teacher, its preprocessing and the files)."""
-
-    feature_spec = "logits"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.backbone = model
-
-    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
 
 
 def teacher_input(x: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
@@ -57,27 +42,16 @@ class DistillAddOn(AddOn):
 
     def prepare(self, ctx: Context) -> None:
         """Load the teachers, refused (before any feature extraction) when trained on other classes."""
-        self.teachers: list[tuple[nn.Module, Preprocess]] = []
-        for path in self.cfg.distill.teachers:
-            ckpt = Checkpoint.load(path)
-            if ckpt.classes != ctx.index.classes:
-                raise CheckpointError(f"teacher {path} was trained on other classes than '{self.cfg.dataset.data}'")
-            self.teachers.append((ckpt.build_model().to(ctx.device).eval(), ckpt.preprocess))
+        self.teachers = load_teachers(self.cfg.distill.teachers, ctx.index.classes, self.cfg.dataset.data, ctx.device)
         self.student = ctx.model  # its preprocessing now: progressive stages change the input size
 
     def cached_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool]) -> list[torch.Tensor]:
         """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers."""
-        cfg, t = self.cfg, self.cfg.distill.kd_temperature
-        per_view = []
-        for flip in views:
-            probs = []
-            for model, pre in self.teachers:
-                kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
-                          cache_dir=cfg.features.cache_dir)  # fmt: skip
-                logits = extract_features(_Logits(model), samples, pre, ctx.device, flip=flip, desc="teacher", **kw)
-                probs.append((logits / t).softmax(1))
-            per_view.append(torch.stack(probs).mean(0))
-        return [torch.cat(per_view)]
+        cfg = self.cfg
+        kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
+                  cache_dir=cfg.features.cache_dir)  # fmt: skip
+        t = cfg.distill.kd_temperature
+        return [torch.cat([teacher_probs(self.teachers, samples, ctx.device, t, flip, **kw) for flip in views])]
 
     @torch.no_grad()
     def _soft_labels(self, x: torch.Tensor) -> torch.Tensor:

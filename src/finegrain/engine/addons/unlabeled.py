@@ -1,4 +1,5 @@
-"""Unlabelled images (``--unlabeled``): self-training with a probe teacher, decided on held-out labelled images.
+"""Unlabelled images (``--unlabeled``): self-training with a probe or checkpoint teacher, decided on held-out
+labelled images.
 
 Before the task is built, the run's starting backbone (ImageNet's, or ``--init-from``'s) gives features of the
 labelled and the unlabelled images (the feature cache keeps both). The teacher is the logistic-regression probe on
@@ -6,7 +7,12 @@ the labelled training images, its C chosen on validation. The most confident fra
 assigns to each class join the training split, labelled with its prediction. The fraction is chosen among
 ``FRACTIONS`` on held-out labelled images (the validation split and a ``CV_FOLDS``-fold cross-validation of the
 training split: per fold a teacher pseudo-labels, the probe is refitted with each fraction, the fold is scored);
-"none" (labels only) wins ties, so unlabelled images are used only where held-out labels say they help. The run
+"none" (labels only) wins ties, so unlabelled images are used only where held-out labels say they help.
+
+With ``--teachers`` (checkpoints, e.g. a fine-tuned run on the same labels) the teachers' averaged softmax labels
+the unlabelled images instead of the probe, and distillation then also trains on their soft labels: one round of
+the noisy student. The judgement is the same, with the teachers' labels fixed in every fold (the teachers saw the
+folds' labels, so the cross-validation is optimistic for them; the validation split is not). The run
 then trains as usual (probe, head on cached features, or fine-tuning) on the enlarged split, and ``--resume``
 rebuilds the same pseudo-labels (the teacher and the folds are deterministic).
 """
@@ -20,10 +26,12 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from finegrain.data.unlabeled import load_unlabeled
+from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regressions
 from finegrain.engine.task import frozen_features
+from finegrain.engine.teachers import load_teachers, teacher_probs
 
 #: the fractions of each predicted class's unlabelled images tried on held-out labels (with "none": labels only). A
 #: fraction, not a confidence threshold: a probe fitted on a few labels per class, with the strong penalty validation
@@ -63,14 +71,16 @@ def held_out_splits(train_y: torch.Tensor, val_y: torch.Tensor | None) -> list[t
 
 
 def judge_fractions(x: torch.Tensor, y: torch.Tensor, unlabeled_x: torch.Tensor, splits: list, c: float,
-                    fractions: list[float], num_classes: int) -> list[int]:  # fmt: skip
+                    fractions: list[float], num_classes: int,
+                    fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:  # fmt: skip
     """Held-out images right, summed over ``splits``, for labels only and for each fraction: per split a teacher on
-    its fit rows pseudo-labels the unlabelled rows, and the probe is refitted with each fraction of them."""
-    teachers = list(logistic_regressions([(x[fit], y[fit], c) for fit, _ in splits], num_classes))
+    its fit rows pseudo-labels the unlabelled rows (or they keep ``fixed`` (confidence, labels): a checkpoint
+    teacher's), and the probe is refitted with each fraction of them."""
+    probes = list(logistic_regressions([(x[fit], y[fit], c) for fit, _ in splits], num_classes))
     problems, right = [], [0] * (1 + len(fractions))
-    for (fit, held), (w, b) in zip(splits, teachers, strict=True):
+    for (fit, held), (w, b) in zip(splits, probes, strict=True):
         right[0] += round(accuracy(w, b, x[held], y[held]) * len(held))
-        confidence, labels = (unlabeled_x @ w.T + b).softmax(1).max(1)
+        confidence, labels = fixed if fixed is not None else (unlabeled_x @ w.T + b).softmax(1).max(1)
         for f in fractions:
             used = most_confident(confidence, labels, f)
             problems.append((torch.cat([x[fit], unlabeled_x[used]]), torch.cat([y[fit], labels[used]]), c))
@@ -84,13 +94,15 @@ def judge_fractions(x: torch.Tensor, y: torch.Tensor, unlabeled_x: torch.Tensor,
 
 def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None,
                          val_y: torch.Tensor | None, unlabeled_x: torch.Tensor, num_classes: int,
-                         fraction: float | None = None) -> dict:  # fmt: skip
+                         fraction: float | None = None, teacher: torch.Tensor | None = None) -> dict:  # fmt: skip
     """The teacher's labels for the unlabelled rows and which to use: ``used`` (bool per row), ``labels``,
-    ``fraction`` (None: none used) and what each option scored on held-out labelled images (``tried``)."""
-    teacher = fit_probe(train_x, train_y, val_x, val_y, num_classes)
-    probs = (l2_normalise(unlabeled_x) @ teacher["weight"].T + teacher["bias"]).softmax(1)
+    ``fraction`` (None: none used) and what each option scored on held-out labelled images (``tried``). The teacher
+    is the probe on the labelled rows or, given, ``teacher``: a checkpoint teacher's probabilities for the rows."""
+    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes)
+    given = teacher is not None
+    probs = teacher if given else (l2_normalise(unlabeled_x) @ probe["weight"].T + probe["bias"]).softmax(1)
     confidence, labels = probs.max(1)
-    result = {"teacher_C": teacher["C"], "labels": labels, "confidence": confidence}
+    result = {"teacher_C": probe["C"], "labels": labels, "confidence": confidence}
     if fraction is not None:
         used = most_confident(confidence, labels, fraction)
         return {**result, "fraction": fraction, "used": used, "tried": [], "why": "--pseudo-fraction"}
@@ -102,7 +114,8 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
         f = min(FRACTIONS)
         why = "no validation split and too few images per class to cross-validate: the smallest fraction"
         return {**result, "fraction": f, "used": most_confident(confidence, labels, f), "tried": [], "why": why}
-    right = judge_fractions(x, y, l2_normalise(unlabeled_x), splits, teacher["C"], list(FRACTIONS), num_classes)
+    fixed = (confidence, labels) if given else None
+    right = judge_fractions(x, y, l2_normalise(unlabeled_x), splits, probe["C"], list(FRACTIONS), num_classes, fixed)
     judged = sum(len(held) for _, held in splits)
     tried = [{"fraction": f, "held_out_top1": r / judged, "held_out_images": judged}
              for f, r in zip([None, *FRACTIONS], right, strict=True)]  # fmt: skip
@@ -130,15 +143,22 @@ class UnlabeledAddOn(AddOn):
         train_x = frozen_features(ctx, train, "train", "--unlabeled")
         val_x = frozen_features(ctx, val, "val", "--unlabeled") if val else None
         unlabeled_x = frozen_features(ctx, images.samples, "unlabelled", "--unlabeled")
+        teacher = None
+        if cfg.distill.teachers:  # the noisy student: the teachers pseudo-label, the probe only judges the fraction
+            teachers = load_teachers(cfg.distill.teachers, index.classes, cfg.dataset.data, ctx.device)
+            kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
+                      cache_dir=cfg.features.cache_dir)  # fmt: skip
+            teacher = fgdist.main_first(ctx.info, lambda: teacher_probs(teachers, images.samples, ctx.device, **kw))
         labels = {sp: torch.tensor([s.label for s in samples]) for sp, samples in (("train", train), ("val", val))}
         choice = choose_pseudo_labels(train_x, labels["train"], val_x, labels["val"] if val else None, unlabeled_x,
-                                      len(index.classes), cfg.labels.pseudo_fraction)  # fmt: skip
+                                      len(index.classes), cfg.labels.pseudo_fraction, teacher)  # fmt: skip
         used = torch.nonzero(choice["used"]).flatten().tolist()
         index.samples = index.samples + [
             replace(images.samples[i], label=int(choice["labels"][i]), split="train") for i in used
         ]  # fmt: skip
         if ctx.info.is_main:
-            report = {"unlabeled": cfg.labels.unlabeled, **images.report(), "teacher_C": choice["teacher_C"],
+            report = {"unlabeled": cfg.labels.unlabeled, **images.report(),
+                      "teacher": list(cfg.distill.teachers) or "probe", "teacher_C": choice["teacher_C"],
                       "fractions_tried": choice["tried"], "fraction": choice["fraction"], "why": choice["why"],
                       "pseudo_labelled": [[str(images.samples[i].path), index.classes[int(choice["labels"][i])],
                                            round(float(choice["confidence"][i]), 4)] for i in used]}  # fmt: skip

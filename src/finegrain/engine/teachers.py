@@ -1,0 +1,55 @@
+"""Teacher checkpoints (``--teachers``): loaded for this run's classes, and their averaged softmax on images,
+cached like features. Distillation puts the soft labels in the loss; ``--unlabeled`` lets them pseudo-label
+unlabelled images instead of a probe fitted on the labels (the noisy-student round of self-training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from finegrain.checkpoint import Checkpoint
+from finegrain.data import Sample
+from finegrain.data.transforms import Preprocess
+from finegrain.engine.features import extract_features
+from finegrain.errors import CheckpointError
+
+Teachers = list[tuple[nn.Module, Preprocess]]
+
+
+class _Logits(nn.Module):
+    """A whole model seen as a 'backbone' whose features are its logits: caches teacher outputs with the
+    feature cache (keyed by every weight of the teacher, its preprocessing and the files)."""
+
+    feature_spec = "logits"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone = model
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def load_teachers(paths: Sequence[str], classes: list[str], data: str, device: torch.device) -> Teachers:
+    """The teachers as (model in eval mode, its preprocessing); refused when trained on other classes."""
+    teachers = []
+    for path in paths:
+        ckpt = Checkpoint.load(path)
+        if ckpt.classes != classes:
+            raise CheckpointError(f"teacher {path} was trained on other classes than '{data}'")
+        teachers.append((ckpt.build_model().to(device).eval(), ckpt.preprocess))
+    return teachers
+
+
+def teacher_probs(teachers: Teachers, samples: Sequence[Sample], device: torch.device, temperature: float = 1.0,
+                  flip: bool = False, **features_kw) -> torch.Tensor:  # fmt: skip
+    """The teachers' softmax at ``temperature`` on ``samples`` (each at its own view), averaged over teachers;
+    ``features_kw`` go to ``extract_features`` (amp, channels_last, workers, cache_dir)."""
+    probs = []
+    for model, pre in teachers:
+        logits = extract_features(_Logits(model), samples, pre, device, flip=flip, desc="teacher", **features_kw)
+        probs.append((logits / temperature).softmax(1))
+    return torch.stack(probs).mean(0)
