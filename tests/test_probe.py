@@ -17,6 +17,8 @@ from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.export import export_onnx
 
+from .conftest import write_images
+
 
 def separable(n: int = 240, d: int = 12, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian blobs around k random directions: linearly separable after normalisation, with noise."""
@@ -99,8 +101,12 @@ def test_auto_head_keeps_the_better_on_validation(imagefolder, tiny_config):
 
 def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_config, tmp_path):
     """A tiny budget: the head first, fine-tuning only for the epochs the rest allows; the run ends in time, and
-    RUN_DIR holds the stage with the better validation top-1."""
-    cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "budget"))
+    RUN_DIR holds the stage with the better validation top-1, with what its add-ons wrote (unlabeled.json)."""
+    unl = tmp_path / "unlabelled"
+    for c in range(4):
+        write_images(unl, c, 2, np.random.default_rng(c), start=50 + 10 * c)
+    cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "budget"), unlabeled=str(unl),
+                      pseudo_fraction=1.0)  # fmt: skip
     start = time.perf_counter()
     result = train_within_budget(cfg)
     elapsed = time.perf_counter() - start
@@ -112,6 +118,8 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
     best = Checkpoint.load(result.run_dir / "best.pt")
     assert best.metrics["val_top1"] == kept["val_top1"]
     assert (result.run_dir / "split.csv").is_file() and best.dataset().classes == best.classes
+    unlabeled = json.loads((result.run_dir / "unlabeled.json").read_text())
+    assert len(unlabeled["pseudo_labelled"]) == unlabeled["kept"] > 0
     if "finetune" in recipe["stages"]:
         assert recipe["stages"]["finetune"]["epochs"] <= recipe["decision"]["finetune_epochs"]
 

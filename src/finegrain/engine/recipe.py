@@ -32,9 +32,9 @@ from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
 
-#: the files of the kept stage that make RUN_DIR a run directory of its own
+#: the files of the kept stage that make RUN_DIR a run directory of its own, with what data add-ons report there
 STAGE_FILES = ("best.pt", "last.pt", "split.csv", "config.yaml", "environment.json", "metrics.jsonl", "curves.png",
-               "probe.json")  # fmt: skip
+               "probe.json", "unlabeled.json", "label_issues.csv", "label_noise.json")  # fmt: skip
 EVAL_COST = 0.35  # validation images cost about a third of a training image (forward only, no augmentation)
 
 
