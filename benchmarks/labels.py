@@ -6,7 +6,10 @@ and which images to label next. Each part adds its key to the JSON (``--parts``,
   mistake). ``finegrain data audit`` sees only the noisy labels; its flags are scored against the flipped set.
 - ``semi``: cub100 and plantvillage_tomato with 30% of each class's training labels kept and the other 70% given as
   unlabelled images: ``finegrain train`` (every default) with the labels only, with ``--unlabeled``, and with 100% of
-  the labels; test top-1 and the share of the gap to full labels that the unlabelled images close.
+  the labels; test top-1 and the share of the gap to full labels that the unlabelled images close. With ``--budget
+  MINUTES`` every run is the budgeted recipe (head, then fine-tuning), and the noisy student joins: the labels-only
+  run's fine-tuned ``best.pt`` pseudo-labels the unlabelled images (``--teachers``); ``--semi-settings`` picks the
+  runs (``SEMI_SETTINGS``). Finished runs are kept in the work folder and skipped on a re-run.
 - ``noisy``: cub100 with flipped labels (as ``audit``): ``finegrain train`` plain vs ``--label-noise prune``.
 - ``pretrain``: the ``semi`` setting on cub100 with and without ``finegrain pretrain`` (SimSiam from the ImageNet
   weights on the 70% unlabelled images, ``--pretrain-epochs``): test top-1 of ``finegrain train`` on the 30% labels.
@@ -19,6 +22,7 @@ serves everything (the per-image feature cache).
 
     python benchmarks/labels.py --seeds 0 1 --out benchmarks/results/labels.json
     python benchmarks/labels.py --parts semi noisy suggest --seeds 0 1
+    python benchmarks/labels.py --parts semi --budget 5 --seeds 0 1 --work-dir /tmp/fg-labels-budget
 """
 
 from __future__ import annotations
@@ -185,9 +189,19 @@ def pretrain_part(args, work: Path) -> dict:
     return {"cub100": out | {"label_fraction": args.label_fraction, "seeds": runs}}
 
 
-#: the semi part's runs: labels only, + ``--unlabeled`` (the probe teacher), 100% of the labels, and (with
-#: ``--budget``) the noisy student: ``--unlabeled`` with the labels-only run's fine-tuned ``best.pt`` as the teacher
-SEMI_SETTINGS = ("labels_only", "with_unlabeled", "full_labels", "noisy_student")
+#: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
+#: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
+#: run's fine-tuned ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0;
+#: all the fraction the judgement picks, or the top half)
+SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
+    "labels_only": ("few", "few", {}),
+    "with_unlabeled": ("semi", "few", {"unlabeled": True}),
+    "full_labels": ("full", "full", {}),
+    "noisy_student": ("student", "few", {"unlabeled": True, "teachers": True}),
+    "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": True, "kd_alpha": 0.0}),
+    "noisy_student_hard_half": ("student_hard_half", "few",
+                                {"unlabeled": True, "teachers": True, "kd_alpha": 0.0, "pseudo_fraction": 0.5}),
+}  # fmt: skip
 
 
 def semi_part(args, work: Path) -> dict:
@@ -195,24 +209,20 @@ def semi_part(args, work: Path) -> dict:
     (with ``--budget``: the budgeted recipe for each, and the noisy student)."""
     results: dict = {}
     extra = {"budget": args.budget} if args.budget else {}
-    settings = [s for s in args.semi_settings if args.budget or s != "noisy_student"]
+    settings = [s for s in args.semi_settings if args.budget or "teachers" not in SEMI_SETTINGS[s][2]]
     for name in args.semi_datasets:
         runs = []
         for seed in args.seeds:
             folder = work / "semi" / f"{name}{seed}"
             index, few, everything, unl, kept, unlabelled = few_labels(name, seed, args.label_fraction, folder)
-            how = {
-                "labels_only": (few, {}),
-                "with_unlabeled": (few, {"unlabeled": str(unl)}),
-                "full_labels": (everything, {}),
-                "noisy_student": (few, {"unlabeled": str(unl), "teachers": [str(folder / "few" / "best.pt")]}),
-            }
-            dirs = {"labels_only": "few", "with_unlabeled": "semi", "full_labels": "full", "noisy_student": "student"}
+            filled = {"unlabeled": str(unl), "teachers": [str(folder / "few" / "best.pt")]}
             row = {"labelled": len(kept), "unlabelled": len(unlabelled)}
             for setting in settings:
-                manifest, options = how[setting]
-                run_dir = folder / dirs[setting]
-                row[setting] = train_top1(manifest, run_dir, seed, args.cache_dir, **extra, **options)
+                sub, manifest, options = SEMI_SETTINGS[setting]
+                options = {k: filled.get(k, v) for k, v in options.items()}
+                run_dir = folder / sub
+                row[setting] = train_top1(few if manifest == "few" else everything, run_dir, seed, args.cache_dir,
+                                          **extra, **options)  # fmt: skip
                 if "unlabeled" in options:
                     report = json.loads((run_dir / "unlabeled.json").read_text())
                     row[f"{setting}_pseudo"] = {"fraction_chosen": report["fraction"],
@@ -227,7 +237,7 @@ def semi_part(args, work: Path) -> dict:
             results[name][k] = statistics.mean(r[k] for r in runs)
             results[name][f"{k}_sd"] = statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
         if {"labels_only", "full_labels"} <= set(settings):
-            for k in set(settings) & {"with_unlabeled", "noisy_student"}:
+            for k in [s for s in settings if "unlabeled" in SEMI_SETTINGS[s][2]]:
                 gap = [(r[k] - r["labels_only"]) / max(1e-9, r["full_labels"] - r["labels_only"]) for r in runs]
                 results[name]["gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"] = statistics.mean(gap)
     return results
@@ -304,7 +314,7 @@ def main() -> None:
     p.add_argument("--label-fraction", type=float, default=0.3, help="labels kept per class in the semi part (0.3)")
     p.add_argument("--semi-datasets", nargs="+", default=["cub100", "plantvillage_tomato"],
                    choices=["cub100", "plantvillage_tomato"])  # fmt: skip
-    p.add_argument("--semi-settings", nargs="+", default=list(SEMI_SETTINGS), choices=SEMI_SETTINGS)
+    p.add_argument("--semi-settings", nargs="+", default=list(SEMI_SETTINGS)[:4], choices=list(SEMI_SETTINGS))
     p.add_argument(
         "--budget",
         type=float,

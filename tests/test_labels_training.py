@@ -19,7 +19,7 @@ from finegrain.engine.addons.unlabeled import choose_pseudo_labels
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regression
 from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
-from finegrain.errors import DataError
+from finegrain.errors import ConfigError, DataError
 
 from .conftest import fit_killed_in_epoch, make_imagefolder, move_some_images, write_images
 
@@ -97,8 +97,9 @@ def test_unlabeled_run_reports_duplicates_and_bad_files_and_pseudo_labels_correc
 
 
 def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_path, tiny_config):
-    """``--unlabeled`` with ``--teachers``: a teacher that answers the *next* class labels the unlabelled images, so
-    its mapping, not the probe's, is in ``unlabeled.json``."""
+    """``--unlabeled`` with ``--teachers`` (``--kd-alpha 0``: no distillation, the teacher only pseudo-labels): a
+    teacher that answers the *next* class labels the unlabelled images, so its mapping, not the probe's, is in
+    ``unlabeled.json``."""
     root = make_imagefolder(tmp_path / "data", num_classes=4, per_class=6)
     unl = _unlabelled_folder(tmp_path, root)
     teacher = fit(tiny_config(root, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
@@ -106,8 +107,10 @@ def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_pa
     for key in ("head.1.weight", "head.1.bias"):
         ckpt.state_dict[key] = ckpt.state_dict[key].roll(1, dims=0)  # logit of c+1 <- evidence of c
     ckpt.save(tmp_path / "shifted.pt")
-    fit(tiny_config(root, unlabeled=str(unl), teachers=[str(tmp_path / "shifted.pt")], pseudo_fraction=1.0,
-                    epochs=1, skip_bad=True, test_fraction=0.0))  # fmt: skip
+    with pytest.raises(ConfigError, match="kd-alpha 0 leaves the teachers only"):  # nothing for them to do
+        fit(tiny_config(root, teachers=[str(tmp_path / "shifted.pt")], kd_alpha=0.0))
+    fit(tiny_config(root, unlabeled=str(unl), teachers=[str(tmp_path / "shifted.pt")], kd_alpha=0.0,
+                    pseudo_fraction=1.0, epochs=1, skip_bad=True, test_fraction=0.0))  # fmt: skip
     report = json.loads((tmp_path / "run" / "unlabeled.json").read_text())
     assert report["teacher"] == [str(tmp_path / "shifted.pt")] and len(report["pseudo_labelled"]) == 24
     shifted = [

@@ -295,7 +295,8 @@ class DistillOptions:
         nargs="+", metavar="CKPT",
     )  # fmt: skip
     kd_temperature: float = option(4.0, "distillation temperature T")
-    kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels)")
+    kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels; "
+                             "0 with --unlabeled: the teachers only pseudo-label)")  # fmt: skip
 
     def validate(self) -> None:
         _require([
@@ -440,6 +441,9 @@ class TrainConfig:
             (not q.qat or self.speed.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
             (not self.progressive.stages or not frozen_cache,
              "stages change what the network sees: add --no-cache-features or --no-freeze-backbone"),
+            (not self.distill.teachers or self.distill.kd_alpha > 0 or self.labels.unlabeled is not None,
+             "--kd-alpha 0 leaves the teachers only the pseudo-labelling of --unlabeled images: add --unlabeled DIR, "
+             "or a --kd-alpha above 0 to distil"),
         ])  # fmt: skip
         image_level = {"random_erasing": self.augment.random_erasing, "fourier_mix": self.style.fourier_mix,
                        "mixstyle": self.style.mixstyle, "sr_aug": self.sr.sr_aug}  # fmt: skip

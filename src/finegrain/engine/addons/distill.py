@@ -38,7 +38,7 @@ class DistillAddOn(AddOn):
 
     @classmethod
     def wanted(cls, cfg: TrainConfig) -> bool:
-        return bool(cfg.distill.teachers)
+        return bool(cfg.distill.teachers) and cfg.distill.kd_alpha > 0  # at 0 they only pseudo-label --unlabeled
 
     def prepare(self, ctx: Context) -> None:
         """Load the teachers, refused (before any feature extraction) when trained on other classes."""
