@@ -191,16 +191,13 @@ def pretrain_part(args, work: Path) -> dict:
 
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
-#: run's fine-tuned ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0;
-#: all the fraction the judgement picks, or the top half)
+#: run's fine-tuned ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0)
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
     "full_labels": ("full", "full", {}),
     "noisy_student": ("student", "few", {"unlabeled": True, "teachers": True}),
     "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": True, "kd_alpha": 0.0}),
-    "noisy_student_hard_half": ("student_hard_half", "few",
-                                {"unlabeled": True, "teachers": True, "kd_alpha": 0.0, "pseudo_fraction": 0.5}),
 }  # fmt: skip
 
 
