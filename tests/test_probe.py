@@ -120,6 +120,8 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
     assert (result.run_dir / "split.csv").is_file() and best.dataset().classes == best.classes
     unlabeled = json.loads((result.run_dir / "unlabeled.json").read_text())
     assert len(unlabeled["pseudo_labelled"]) == unlabeled["kept"] > 0
+    own = best.dataset().count("train")  # the epochs were planned for the images trained on, pseudo-labels included
+    assert recipe["decision"]["train_images"] == own + unlabeled["kept"]
     if "finetune" in recipe["stages"]:
         assert recipe["stages"]["finetune"]["epochs"] <= recipe["decision"]["finetune_epochs"]
 

@@ -105,12 +105,11 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
 
     device = fgdist.resolve_device(cfg.speed.device)
     speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device)
-    index = head_best.dataset()
-    n_train, n_val = len(index.split("train")), len(index.split("val"))
+    n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
     epoch_s = (n_train + EVAL_COST * n_val) / speed
     left = budget_s - (time.perf_counter() - start)
     epochs = math.floor(left / epoch_s)
-    decision = {"finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
+    decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
                 "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0)}  # fmt: skip
     if epochs >= 1:
         tqdm.write(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "

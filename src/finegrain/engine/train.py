@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,9 @@ class FitResult:
     run_dir: Path
     model: nn.Module  # the trained model, on every rank
     history: list[dict]  # one metrics row per epoch run in this call
+    #: images per split as trained, after the data add-ons (pseudo-labelled images in, pruned labels out): split.csv
+    #: lists only the dataset's own
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 SYNC_EVERY = 10  # steps between reads of the running loss (the progress bar, the NaN check)
@@ -172,7 +175,7 @@ def fit(
     if last is not None and last.resume is None:  # a probe run: nothing was left to do
         if info.is_main:
             tqdm.write(f"{run_dir} is complete (its head was solved by the probe): nothing to resume")
-        return FitResult(run_dir, last.build_model().to(device), [])
+        return FitResult(run_dir, last.build_model().to(device), [], {sp: index.count(sp) for sp in ("train", "val")})
     model = model_from_config(cfg, index.classes).to(device)
     ctx = Context(cfg, device, info, run_dir, index, model, resolve_amp(cfg.speed.amp, device), build_addons(cfg))
     for addon in ctx.addons:
@@ -197,7 +200,7 @@ def fit(
             write_recipe(ctx, row, None)
             tracker.close()
         fgdist.barrier()
-        return FitResult(run_dir, probe[0], [row])
+        return FitResult(run_dir, probe[0], [row], counts)
     seed_everything(cfg.run.seed + info.rank)  # the same training whether or not the feature cache was warm
 
     start_epoch = last.epoch + 1 if last is not None else 0
@@ -262,7 +265,7 @@ def fit(
     if tracker is not None:
         tracker.close()
     fgdist.barrier()
-    return FitResult(run_dir, model, history)
+    return FitResult(run_dir, model, history, counts)
 
 
 def _out_of_time(cfg: TrainConfig, loop_start: float, epoch_seconds: float) -> bool:
