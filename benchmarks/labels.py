@@ -110,20 +110,26 @@ def test_top1(run_dir: Path, cache_dir: str) -> float:
     return 100 * float((pred == torch.tensor([s.label for s in test])).float().mean())
 
 
-def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **options) -> float:
-    """Train (``--budget`` through the recipe) and return test top-1, saved in ``run_dir/top1.json``: a re-run of the
-    benchmark with the same ``--work-dir`` skips finished runs."""
+def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **options) -> dict:
+    """Train (``--budget``: through the recipe) and return ``{"test_top1": ...}``, with a budgeted run's test top-1
+    of each stage (``"stages"``: the head, and the fine-tuned network whether or not the recipe kept it). Saved in
+    ``run_dir/top1.json``: a re-run with the same ``--work-dir`` skips finished runs (and adds missing stages)."""
     done = run_dir / "top1.json"
-    if done.is_file():
-        return json.loads(done.read_text())["test_top1"]
-    cfg = TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options)
-    if cfg.recipe.budget is not None:
-        train_within_budget(cfg)
-    else:
-        fit(cfg)
-    top1 = test_top1(run_dir, cache_dir)
-    done.write_text(json.dumps({"test_top1": top1}))
-    return top1
+    result = json.loads(done.read_text()) if done.is_file() else {}
+    if not result:
+        cfg = TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options)
+        if cfg.recipe.budget is not None:
+            train_within_budget(cfg)
+        else:
+            fit(cfg)
+        result = {"test_top1": test_top1(run_dir, cache_dir)}
+    recipe = run_dir / "recipe.json"
+    if "stages" not in result and recipe.is_file() and "stages" in json.loads(recipe.read_text()):
+        kept = json.loads(recipe.read_text())["kept"]
+        result["stages"] = {stage: result["test_top1"] if stage == kept else test_top1(run_dir / stage, cache_dir)
+                            for stage in json.loads(recipe.read_text())["stages"]}  # fmt: skip
+    done.write_text(json.dumps(result))
+    return result
 
 
 def audit_part(args, work: Path, index, pair: np.ndarray) -> dict:
@@ -180,8 +186,9 @@ def pretrain_part(args, work: Path) -> dict:
         start = time.perf_counter()
         weights = pretrain(unl, folder / "simsiam", "tf_efficientnet_lite0", epochs=args.pretrain_epochs, seed=seed)
         pretrain_s = time.perf_counter() - start
-        row = {"imagenet": train_top1(few, folder / "imagenet", seed, args.cache_dir),
-               "pretrained": train_top1(few, folder / "pretrained", seed, args.cache_dir, weights=str(weights)),
+        row = {"imagenet": train_top1(few, folder / "imagenet", seed, args.cache_dir)["test_top1"],
+               "pretrained": train_top1(few, folder / "pretrained", seed, args.cache_dir,
+                                        weights=str(weights))["test_top1"],
                "pretrain_s": round(pretrain_s, 1), "pretrain_epochs": args.pretrain_epochs}  # fmt: skip
         runs.append(row)
         print(f"pretrain seed {seed}: {row}")
@@ -218,8 +225,11 @@ def semi_part(args, work: Path) -> dict:
                 sub, manifest, options = SEMI_SETTINGS[setting]
                 options = {k: filled.get(k, v) for k, v in options.items()}
                 run_dir = folder / sub
-                row[setting] = train_top1(few if manifest == "few" else everything, run_dir, seed, args.cache_dir,
-                                          **extra, **options)  # fmt: skip
+                result = train_top1(few if manifest == "few" else everything, run_dir, seed, args.cache_dir,
+                                    **extra, **options)  # fmt: skip
+                row[setting] = result["test_top1"]
+                if "finetune" in result.get("stages", {}):  # the fine-tuned network, kept by the recipe or not
+                    row[f"{setting}_finetuned"] = result["stages"]["finetune"]
                 if "unlabeled" in options:
                     report = json.loads((run_dir / "unlabeled.json").read_text())
                     row[f"{setting}_pseudo"] = {"fraction_chosen": report["fraction"],
@@ -230,13 +240,17 @@ def semi_part(args, work: Path) -> dict:
             runs.append(row)
             print(f"{name} seed {seed}: {row}")
         results[name] = {"label_fraction": args.label_fraction, "seeds": runs}
-        for k in settings:
-            results[name][k] = statistics.mean(r[k] for r in runs)
-            results[name][f"{k}_sd"] = statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
-        if {"labels_only", "full_labels"} <= set(settings):
-            for k in [s for s in settings if "unlabeled" in SEMI_SETTINGS[s][2]]:
-                gap = [(r[k] - r["labels_only"]) / max(1e-9, r["full_labels"] - r["labels_only"]) for r in runs]
-                results[name]["gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"] = statistics.mean(gap)
+        for suffix in ("", "_finetuned") if args.budget else ("",):
+            keys = [k + suffix for k in settings if all(k + suffix in r for r in runs)]
+            for k in keys:
+                results[name][k] = statistics.mean(r[k] for r in runs)
+                results[name][f"{k}_sd"] = statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
+            low, high = "labels_only" + suffix, "full_labels" + suffix
+            if {low, high} <= set(keys):
+                for k in [k + suffix for k in settings if "unlabeled" in SEMI_SETTINGS[k][2] and k + suffix in keys]:
+                    gap = [(r[k] - r[low]) / max(1e-9, r[high] - r[low]) for r in runs]
+                    key = "gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"
+                    results[name][key] = statistics.mean(gap)
     return results
 
 
