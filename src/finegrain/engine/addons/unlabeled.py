@@ -9,9 +9,9 @@ assigns to each class join the training split, labelled with its prediction. The
 training split: per fold a teacher pseudo-labels, the probe is refitted with each fraction, the fold is scored);
 "none" (labels only) wins ties, so unlabelled images are used only where held-out labels say they help.
 
-With ``--teachers`` (checkpoints, e.g. a fine-tuned run on the same labels) the teachers' averaged softmax labels
-the unlabelled images instead of the probe, and distillation then also trains on their soft labels: one round of
-the noisy student. The judgement is the same, with the teachers' labels fixed in every fold (the teachers saw the
+With ``--teachers`` (checkpoints, e.g. a fine-tuned run on the same labels and split) the teachers' averaged softmax
+labels the unlabelled images instead of the probe, and distillation also trains on their soft labels unless
+``--kd-alpha 0``: one round of the noisy student. The judgement is the same, with the teachers' labels fixed in every fold (the teachers saw the
 folds' labels, so the cross-validation is optimistic for them; the validation split is not). The run
 then trains as usual (probe, head on cached features, or fine-tuning) on the enlarged split, and ``--resume``
 rebuilds the same pseudo-labels (the teacher and the folds are deterministic).
