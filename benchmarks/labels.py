@@ -248,12 +248,13 @@ def semi_part(args, work: Path) -> dict:
             low, high = "labels_only" + suffix, "full_labels" + suffix
             if {low, high} <= set(keys):
                 for k in [k + suffix for k in settings if "unlabeled" in SEMI_SETTINGS[k][2] and k + suffix in keys]:
-                    gap = [(r[k] - r[low]) / max(1e-9, r[high] - r[low]) for r in runs]
                     key = "gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"
-                    results[name][key] = statistics.mean(gap)
-                    # of the means: a seed whose labels-only run matches full labels makes its own ratio explode
-                    mean = {x: results[name][x] for x in (k, low, high)}
-                    results[name][f"{key}_of_means"] = (mean[k] - mean[low]) / max(1e-9, mean[high] - mean[low])
+                    # None where labels only did as well as full labels: there is no gap to close
+                    gap = [(r[k] - r[low]) / (r[high] - r[low]) if r[high] > r[low] else None for r in runs]
+                    results[name][key] = None if None in gap else statistics.mean(gap)
+                    mean = {x: results[name][x] for x in (k, low, high)}  # of the means: defined more often
+                    results[name][f"{key}_of_means"] = ((mean[k] - mean[low]) / (mean[high] - mean[low])
+                                                        if mean[high] > mean[low] else None)  # fmt: skip
     return results
 
 
