@@ -213,7 +213,7 @@ def semi_part(args, work: Path) -> dict:
     (with ``--budget``: the budgeted recipe for each, and the noisy student)."""
     results: dict = {}
     extra = {"budget": args.budget} if args.budget else {}
-    settings = [s for s in args.semi_settings if args.budget or "teachers" not in SEMI_SETTINGS[s][2]]
+    settings = args.semi_settings
     for name in args.semi_datasets:
         runs = []
         for seed in args.seeds:
@@ -329,7 +329,8 @@ def main() -> None:
     p.add_argument("--label-fraction", type=float, default=0.3, help="labels kept per class in the semi part (0.3)")
     p.add_argument("--semi-datasets", nargs="+", default=["cub100", "plantvillage_tomato"],
                    choices=["cub100", "plantvillage_tomato"])  # fmt: skip
-    p.add_argument("--semi-settings", nargs="+", default=list(SEMI_SETTINGS)[:4], choices=list(SEMI_SETTINGS))
+    p.add_argument("--semi-settings", nargs="+", choices=list(SEMI_SETTINGS),
+                   default=["labels_only", "with_unlabeled", "full_labels", "noisy_student_hard"])  # fmt: skip
     p.add_argument(
         "--budget",
         type=float,
@@ -340,6 +341,10 @@ def main() -> None:
     p.add_argument("--work-dir")
     p.add_argument("--out", default="benchmarks/results/labels.json")
     args = p.parse_args()
+    students = [k for k in args.semi_settings if "teachers" in SEMI_SETTINGS[k][2]]
+    if not args.budget and "semi" in args.parts and students:
+        print(f"semi: {', '.join(students)} left out: the noisy student's teacher is a fine-tuned run (add --budget)")
+        args.semi_settings = [k for k in args.semi_settings if k not in students]
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fg-labels-"))
     out = Path(args.out)
     results = {k: v for k, v in json.loads(out.read_text()).items() if k != "machine"} if out.is_file() else {}
