@@ -11,10 +11,10 @@ training split: per fold a teacher pseudo-labels, the probe is refitted with eac
 
 With ``--teachers`` (checkpoints, e.g. a fine-tuned run on the same labels and split) the teachers' averaged softmax
 labels the unlabelled images instead of the probe, and distillation also trains on their soft labels unless
-``--kd-alpha 0``: one round of the noisy student. The judgement is the same, with the teachers' labels fixed in every fold (the teachers saw the
-folds' labels, so the cross-validation is optimistic for them; the validation split is not). The run
-then trains as usual (probe, head on cached features, or fine-tuning) on the enlarged split, and ``--resume``
-rebuilds the same pseudo-labels (the teacher and the folds are deterministic).
+``--kd-alpha 0``: one round of the noisy student. The judgement is the same, with the teachers' labels fixed in
+every fold (the teachers saw the folds' labels, so the cross-validation is optimistic for them; the validation split
+is not). The run then trains as usual (probe, head on cached features, or fine-tuning) on the enlarged split, and
+``--resume`` rebuilds the same pseudo-labels (the teacher and the folds are deterministic).
 """
 
 from __future__ import annotations
