@@ -123,11 +123,10 @@ def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **optio
         else:
             fit(cfg)
         result = {"test_top1": test_top1(run_dir, cache_dir)}
-    recipe = run_dir / "recipe.json"
-    if "stages" not in result and recipe.is_file() and "stages" in json.loads(recipe.read_text()):
-        kept = json.loads(recipe.read_text())["kept"]
-        result["stages"] = {stage: result["test_top1"] if stage == kept else test_top1(run_dir / stage, cache_dir)
-                            for stage in json.loads(recipe.read_text())["stages"]}  # fmt: skip
+    recipe = json.loads((run_dir / "recipe.json").read_text()) if (run_dir / "recipe.json").is_file() else {}
+    if "stages" not in result and "stages" in recipe:  # a budgeted run (a head's recipe.json has no stages)
+        result["stages"] = {s: result["test_top1"] if s == recipe["kept"] else test_top1(run_dir / s, cache_dir)
+                            for s in recipe["stages"]}  # fmt: skip
     done.write_text(json.dumps(result))
     return result
 

@@ -74,11 +74,12 @@ def image_task(ctx: Context) -> Task:
     return Task(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers, images=True)
 
 
-def run_features(ctx: Context, samples: list[Sample], pre: Preprocess, flip: bool, desc: str) -> torch.Tensor:
-    """The run's model's backbone features of ``samples`` at ``pre``, through the feature cache, with the run's
-    precision, layout and loader workers."""
+def run_features(ctx: Context, samples: list[Sample], pre: Preprocess, flip: bool, desc: str,
+                 model: nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+    """The backbone features of ``samples`` at ``pre`` of the run's model (or ``model``: a teacher), through the
+    feature cache, with the run's precision, layout and loader workers."""
     cfg = ctx.cfg
-    return extract_features(ctx.model, samples, pre, ctx.device, flip=flip, amp=ctx.amp,
+    return extract_features(model or ctx.model, samples, pre, ctx.device, flip=flip, amp=ctx.amp,
                             channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
                             cache_dir=cfg.features.cache_dir, desc=desc)  # fmt: skip
 

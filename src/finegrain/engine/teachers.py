@@ -13,7 +13,8 @@ import torch.nn as nn
 from finegrain.checkpoint import Checkpoint
 from finegrain.data import Sample
 from finegrain.data.transforms import Preprocess
-from finegrain.engine.features import extract_features
+from finegrain.engine.context import Context
+from finegrain.engine.task import run_features
 from finegrain.errors import CheckpointError
 
 Teachers = list[tuple[nn.Module, Preprocess]]
@@ -33,23 +34,20 @@ class _Logits(nn.Module):
         return self.backbone(x)
 
 
-def load_teachers(paths: Sequence[str], classes: list[str], data: str, device: torch.device) -> Teachers:
-    """The teachers as (model in eval mode, its preprocessing); refused when trained on other classes."""
+def load_teachers(ctx: Context) -> Teachers:
+    """The run's ``--teachers`` as (model in eval mode, its preprocessing); refused when trained on other classes."""
     teachers = []
-    for path in paths:
+    for path in ctx.cfg.distill.teachers:
         ckpt = Checkpoint.load(path)
-        if ckpt.classes != classes:
-            raise CheckpointError(f"teacher {path} was trained on other classes than '{data}'")
-        teachers.append((ckpt.build_model().to(device).eval(), ckpt.preprocess))
+        if ckpt.classes != ctx.index.classes:
+            raise CheckpointError(f"teacher {path} was trained on other classes than '{ctx.cfg.dataset.data}'")
+        teachers.append((ckpt.build_model().to(ctx.device).eval(), ckpt.preprocess))
     return teachers
 
 
-def teacher_probs(teachers: Teachers, samples: Sequence[Sample], device: torch.device, temperature: float = 1.0,
-                  flip: bool = False, **features_kw) -> torch.Tensor:  # fmt: skip
-    """The teachers' softmax at ``temperature`` on ``samples`` (each at its own view), averaged over teachers;
-    ``features_kw`` go to ``extract_features`` (amp, channels_last, workers, cache_dir)."""
-    probs = []
-    for model, pre in teachers:
-        logits = extract_features(_Logits(model), samples, pre, device, flip=flip, desc="teacher", **features_kw)
-        probs.append((logits / temperature).softmax(1))
+def teacher_probs(ctx: Context, teachers: Teachers, samples: Sequence[Sample], temperature: float = 1.0,
+                  flip: bool = False) -> torch.Tensor:  # fmt: skip
+    """The teachers' softmax at ``temperature`` on ``samples`` (each at its own view), averaged over teachers."""
+    probs = [(run_features(ctx, samples, pre, flip, "teacher", _Logits(model)) / temperature).softmax(1)
+             for model, pre in teachers]  # fmt: skip
     return torch.stack(probs).mean(0)

@@ -42,16 +42,13 @@ class DistillAddOn(AddOn):
 
     def prepare(self, ctx: Context) -> None:
         """Load the teachers, refused (before any feature extraction) when trained on other classes."""
-        self.teachers = load_teachers(self.cfg.distill.teachers, ctx.index.classes, self.cfg.dataset.data, ctx.device)
+        self.teachers = load_teachers(ctx)
         self.student = ctx.model  # its preprocessing now: progressive stages change the input size
 
     def cached_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool]) -> list[torch.Tensor]:
         """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers."""
-        cfg = self.cfg
-        kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
-                  cache_dir=cfg.features.cache_dir)  # fmt: skip
-        t = cfg.distill.kd_temperature
-        return [torch.cat([teacher_probs(self.teachers, samples, ctx.device, t, flip, **kw) for flip in views])]
+        t = self.cfg.distill.kd_temperature
+        return [torch.cat([teacher_probs(ctx, self.teachers, samples, t, flip) for flip in views])]
 
     @torch.no_grad()
     def _soft_labels(self, x: torch.Tensor) -> torch.Tensor:

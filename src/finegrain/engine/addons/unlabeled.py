@@ -145,10 +145,8 @@ class UnlabeledAddOn(AddOn):
         unlabeled_x = frozen_features(ctx, images.samples, "unlabelled", "--unlabeled")
         teacher = None
         if cfg.distill.teachers:  # the noisy student: the teachers pseudo-label, the probe only judges the fraction
-            teachers = load_teachers(cfg.distill.teachers, index.classes, cfg.dataset.data, ctx.device)
-            kw = dict(amp=ctx.amp, channels_last=cfg.speed.channels_last, workers=cfg.speed.workers,
-                      cache_dir=cfg.features.cache_dir)  # fmt: skip
-            teacher = fgdist.main_first(ctx.info, lambda: teacher_probs(teachers, images.samples, ctx.device, **kw))
+            teachers = load_teachers(ctx)
+            teacher = fgdist.main_first(ctx.info, lambda: teacher_probs(ctx, teachers, images.samples))
         labels = {sp: torch.tensor([s.label for s in samples]) for sp, samples in (("train", train), ("val", val))}
         choice = choose_pseudo_labels(train_x, labels["train"], val_x, labels["val"] if val else None, unlabeled_x,
                                       len(index.classes), cfg.labels.pseudo_fraction, teacher)  # fmt: skip
