@@ -197,13 +197,19 @@ def pretrain_part(args, work: Path) -> dict:
 
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
-#: run's fine-tuned ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0)
+#: run's kept ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0); with
+#: both of its stages (head and fine-tuned network) as teachers; and a second round, the first student teaching.
+#: ``teachers`` names the run folders whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
     "full_labels": ("full", "full", {}),
-    "noisy_student": ("student", "few", {"unlabeled": True, "teachers": True}),
-    "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": True, "kd_alpha": 0.0}),
+    "noisy_student": ("student", "few", {"unlabeled": True, "teachers": ("few",)}),
+    "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": ("few",), "kd_alpha": 0.0}),
+    "noisy_student_stages": ("student_stages", "few", {"unlabeled": True, "teachers": ("few/head", "few/finetune"),
+                                                       "kd_alpha": 0.0}),
+    "noisy_student_round2": ("student_round2", "few", {"unlabeled": True, "teachers": ("student_hard",),
+                                                       "kd_alpha": 0.0}),
 }  # fmt: skip
 
 
@@ -218,11 +224,12 @@ def semi_part(args, work: Path) -> dict:
         for seed in args.seeds:
             folder = work / "semi" / f"{name}{seed}"
             index, few, everything, unl, kept, unlabelled = few_labels(name, seed, args.label_fraction, folder)
-            filled = {"unlabeled": str(unl), "teachers": [str(folder / "few" / "best.pt")]}
             row = {"labelled": len(kept), "unlabelled": len(unlabelled)}
             for setting in settings:
                 sub, manifest, options = SEMI_SETTINGS[setting]
-                options = {k: filled.get(k, v) for k, v in options.items()}
+                options = {**options, "unlabeled": str(unl)} if "unlabeled" in options else options
+                if "teachers" in options:
+                    options["teachers"] = [str(folder / t / "best.pt") for t in options["teachers"]]
                 run_dir = folder / sub
                 result = train_top1(few if manifest == "few" else everything, run_dir, seed, args.cache_dir,
                                     **extra, **options)  # fmt: skip
