@@ -198,8 +198,9 @@ def pretrain_part(args, work: Path) -> dict:
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
 #: run's kept ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0); with
-#: both of its stages (head and fine-tuned network) as teachers; and a second round, the first student teaching.
-#: ``teachers`` names the run folders whose ``best.pt`` teach.
+#: both of its stages (head and fine-tuned network) as teachers; and a second round, the first student (taught by
+#: both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first student taught by the kept
+#: stage (``_kept``). ``teachers`` names the run folders whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
@@ -208,8 +209,10 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": ("few",), "kd_alpha": 0.0}),
     "noisy_student_stages": ("student_stages", "few", {"unlabeled": True, "teachers": ("few/head", "few/finetune"),
                                                        "kd_alpha": 0.0}),
-    "noisy_student_round2": ("student_round2", "few", {"unlabeled": True, "teachers": ("student_hard",),
-                                                       "kd_alpha": 0.0}),
+    "noisy_student_round2_kept": ("student_round2", "few", {"unlabeled": True, "teachers": ("student_hard",),
+                                                            "kd_alpha": 0.0}),
+    "noisy_student_round2": ("student_round2_ft", "few", {"unlabeled": True,
+                                                          "teachers": ("student_stages/finetune",), "kd_alpha": 0.0}),
 }  # fmt: skip
 
 
