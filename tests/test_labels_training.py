@@ -96,10 +96,10 @@ def test_unlabeled_run_reports_duplicates_and_bad_files_and_pseudo_labels_correc
     assert sorted(p.name for p in unl.iterdir())[0] == "broken.jpg"  # the user's folder is not touched
 
 
-def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_path, tiny_config):
+def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_path, tiny_config, capsys):
     """``--unlabeled`` with ``--teachers`` (``--kd-alpha 0``: no distillation, the teacher only pseudo-labels): a
     teacher that answers the *next* class labels the unlabelled images, so its mapping, not the probe's, is in
-    ``unlabeled.json``."""
+    ``unlabeled.json``. A second round taught by that student is warned about."""
     root = make_imagefolder(tmp_path / "data", num_classes=4, per_class=6)
     unl = _unlabelled_folder(tmp_path, root)
     teacher = fit(tiny_config(root, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
@@ -117,6 +117,11 @@ def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_pa
         label == f"class_{(int(name.split('truth')[1][0]) + 1) % 4}" for name, label, _ in report["pseudo_labelled"]
     ]
     assert sum(shifted) / len(shifted) >= 0.75
+    assert "warning: teacher" not in capsys.readouterr().out  # the first round's teacher was no student
+    fit(tiny_config(root, unlabeled=str(unl), teachers=[str(tmp_path / "run" / "best.pt")], kd_alpha=0.0,
+                    pseudo_fraction=1.0, epochs=1, skip_bad=True, test_fraction=0.0,
+                    run_dir=str(tmp_path / "round2")))  # fmt: skip
+    assert "trained on --unlabeled pseudo-labels itself" in capsys.readouterr().out
 
 
 def test_resume_with_unlabeled_images_is_exact(tmp_path, tiny_config, monkeypatch):
