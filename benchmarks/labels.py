@@ -198,9 +198,9 @@ def pretrain_part(args, work: Path) -> dict:
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
 #: run's kept ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0); with
-#: both of its stages (head and fine-tuned network) as teachers; and a second round, the first student (taught by
-#: both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first student taught by the kept
-#: stage (``_kept``). ``teachers`` names the run folders whose ``best.pt`` teach.
+#: both of its stages (head and fine-tuned network) as teachers (``_soft``: distilling too); and a second round, the
+#: first student (taught by both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first
+#: student taught by the kept stage (``_kept``). ``teachers`` names the run folders whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
@@ -209,6 +209,8 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "noisy_student_hard": ("student_hard", "few", {"unlabeled": True, "teachers": ("few",), "kd_alpha": 0.0}),
     "noisy_student_stages": ("student_stages", "few", {"unlabeled": True, "teachers": ("few/head", "few/finetune"),
                                                        "kd_alpha": 0.0}),
+    "noisy_student_stages_soft": ("student_stages_soft", "few", {"unlabeled": True,
+                                                                 "teachers": ("few/head", "few/finetune")}),
     "noisy_student_round2_kept": ("student_round2", "few", {"unlabeled": True, "teachers": ("student_hard",),
                                                             "kd_alpha": 0.0}),
     "noisy_student_round2": ("student_round2_ft", "few", {"unlabeled": True,
@@ -237,8 +239,9 @@ def semi_part(args, work: Path) -> dict:
                 result = train_top1(few if manifest == "few" else everything, run_dir, seed, args.cache_dir,
                                     **extra, **options)  # fmt: skip
                 row[setting] = result["test_top1"]
-                if "finetune" in result.get("stages", {}):  # the fine-tuned network, kept by the recipe or not
-                    row[f"{setting}_finetuned"] = result["stages"]["finetune"]
+                for stage, suffix in (("finetune", "_finetuned"), ("head", "_head")):  # kept by the recipe or not
+                    if stage in result.get("stages", {}):
+                        row[setting + suffix] = result["stages"][stage]
                 if "unlabeled" in options:
                     report = json.loads((run_dir / "unlabeled.json").read_text())
                     row[f"{setting}_pseudo"] = {"fraction_chosen": report["fraction"],
@@ -249,7 +252,7 @@ def semi_part(args, work: Path) -> dict:
             runs.append(row)
             print(f"{name} seed {seed}: {row}")
         results[name] = {"label_fraction": args.label_fraction, "seeds": runs}
-        for suffix in ("", "_finetuned") if args.budget else ("",):
+        for suffix in ("", "_finetuned", "_head") if args.budget else ("",):
             keys = [k + suffix for k in settings if all(k + suffix in r for r in runs)]
             for k in keys:
                 results[name][k] = statistics.mean(r[k] for r in runs)
