@@ -121,7 +121,7 @@ def test_teachers_pseudo_label_the_unlabelled_images_instead_of_the_probe(tmp_pa
     fit(tiny_config(root, unlabeled=str(unl), teachers=[str(tmp_path / "run" / "best.pt")], kd_alpha=0.0,
                     pseudo_fraction=1.0, epochs=1, skip_bad=True, test_fraction=0.0,
                     run_dir=str(tmp_path / "round2")))  # fmt: skip
-    assert "trained on --unlabeled pseudo-labels itself" in capsys.readouterr().out
+    assert "trained on pseudo-labels of these --unlabeled images itself" in capsys.readouterr().out
 
 
 def test_resume_with_unlabeled_images_is_exact(tmp_path, tiny_config, monkeypatch):

@@ -6,6 +6,7 @@ unlabelled images instead of a probe fitted on the labels (the noisy-student rou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,21 +42,22 @@ def load_teachers(ctx: Context) -> Teachers:
         ckpt = Checkpoint.load(path)
         if ckpt.classes != ctx.index.classes:
             raise CheckpointError(f"teacher {path} was trained on other classes than '{ctx.cfg.dataset.data}'")
-        if ctx.cfg.labels.unlabeled is not None and (warning := own_labels_warning(path, ckpt.config)):
+        if warning := own_labels_warning(path, ckpt.config, ctx.cfg.labels.unlabeled):
             ctx.log(warning)
         teachers.append((ckpt.build_model().to(ctx.device).eval(), ckpt.preprocess))
     return teachers
 
 
-def own_labels_warning(path: str, config: dict) -> str:
-    """A line for a pseudo-labelling teacher that was itself trained with ``--unlabeled``, else "": it fitted the
-    pseudo-labels it trained on and hands them back, so a second round learns nothing new (on cub100 the student's
-    head and its fine-tuned network each gave all 2,024 of the first round's labels back unchanged, docs/labels.md)."""
-    if (config.get("labels") or {}).get("unlabeled") is None:
+def own_labels_warning(path: str, config: dict, unlabeled: str | None) -> str:
+    """A line for a teacher of ``--unlabeled`` images that itself trained on pseudo-labels of the same images, else
+    "": it fitted them and hands them back, so a second round learns nothing new (on cub100 the student's head and
+    its fine-tuned network each gave all 2,024 of the first round's labels back unchanged, docs/labels.md)."""
+    own = (config.get("labels") or {}).get("unlabeled")
+    if unlabeled is None or own is None or Path(own).expanduser().resolve() != Path(unlabeled).expanduser().resolve():
         return ""
-    return (f"warning: teacher {path} trained on --unlabeled pseudo-labels itself, so on those images it mostly hands "
-            "them back (on cub100 a second round got all 2,024 of the first round's labels back unchanged): teach "
-            "with runs that did not train on them, e.g. the labels-only run's stages")  # fmt: skip
+    return (f"warning: teacher {path} trained on pseudo-labels of these --unlabeled images itself, so it mostly "
+            "hands them back (on cub100 a second round got all 2,024 of the first round's labels back unchanged): "
+            "teach with runs that did not train on them, e.g. the labels-only run's stages")  # fmt: skip
 
 
 def teacher_probs(ctx: Context, teachers: Teachers, samples: Sequence[Sample], temperature: float = 1.0,
