@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regression
-from finegrain.engine.recipe import train_within_budget
+from finegrain.engine.recipe import finetune_speed, train_within_budget
 from finegrain.engine.setup import model_from_config
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
@@ -133,6 +133,26 @@ def test_fine_tuning_from_a_probe_starts_where_the_probe_ends(imagefolder, tiny_
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(started(x), Checkpoint.load(probe).build_model()(x))
+
+
+def test_fine_tuning_speed_counts_the_distillation_teachers_pass(imagefolder, tiny_config):
+    """Distilling, the teachers run on every fine-tuning batch: the estimate the budget plans epochs with must pay
+    for them."""
+
+    class SlowTeacher(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            SlowTeacher.calls += 1
+            time.sleep(0.2)
+            return x.mean()
+
+    cfg = tiny_config(imagefolder)
+    model = model_from_config(cfg, ["a", "b", "c"])
+    alone = finetune_speed(model, 3, cfg, torch.device("cpu"))
+    taught = finetune_speed(model, 3, cfg, torch.device("cpu"), teachers=[SlowTeacher()])
+    assert SlowTeacher.calls == 4  # the warm-up step and three timed ones
+    assert taught < alone and taught <= cfg.optim.batch_size / 0.2  # every timed step waited for the teacher
 
 
 def test_fit_refuses_a_budget_it_would_ignore(imagefolder, tiny_config):

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
+from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.setup import freeze_bn_stats
 from finegrain.engine.train import FitResult, fit
@@ -38,14 +40,17 @@ STAGE_FILES = ("best.pt", "last.pt", "split.csv", "config.yaml", "environment.js
 EVAL_COST = 0.35  # validation images cost about a third of a training image (forward only, no augmentation)
 
 
-def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3) -> float:
+def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,
+                   teachers: Sequence[nn.Module] = ()) -> float:  # fmt: skip
     """Training images/s of whole-network fine-tuning on this machine, at the run's batch, input size and
-    precision: one step to warm up, then the fastest of ``steps`` timed ones.
+    precision, ``teachers`` (distillation's) run on every batch too: one step to warm up, then the fastest of
+    ``steps`` timed ones. Without the teachers' pass, a cub100 student with two teachers planned one epoch of
+    124 s that took 221 s, and its 5-minute run took 6 (2026-11-29, docs/labels.md).
 
     The fastest, not the mean: a step slowed by other work on the machine must not cancel fine-tuning. On a loaded
     2-core machine (2026-11-28) the mean of 3 steps read 4.6-7.3 img/s against 15-18 idle, and the recipe then
-    kept the head on two of four datasets. An estimate that is too high is safe: ``--time-limit`` still stops
-    before an epoch that would end past the budget."""
+    kept the head on two of four datasets. An estimate that is too high costs at most one epoch: ``--time-limit``
+    stops before any later epoch that would end past the budget, but the first one always runs."""
     model = model.to(device).train()
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -61,6 +66,9 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     for i in range(steps + 1):
         start = time.perf_counter()
         with autocast(device, resolve_amp(cfg.speed.amp, device)):
+            with torch.no_grad():
+                for teacher in teachers:
+                    teacher(x)
             out = model(x)
         loss, _ = model.compute_loss(out, y.to(device), nn.functional.cross_entropy)
         opt.zero_grad(set_to_none=True)
@@ -104,7 +112,9 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         raise ConfigError("--budget chooses on the validation split: set --val-fraction above 0 (e.g. 0.1)")
 
     device = fgdist.resolve_device(cfg.speed.device)
-    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device)
+    distilling = DistillAddOn.wanted(cfg)  # the teachers then run on every fine-tuning batch
+    teachers = [Checkpoint.load(t).build_model().to(device).eval() for t in cfg.distill.teachers] if distilling else []
+    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device, teachers=teachers)
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
     epoch_s = (n_train + EVAL_COST * n_val) / speed
     left = budget_s - (time.perf_counter() - start)
