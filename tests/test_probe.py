@@ -100,13 +100,15 @@ def test_auto_head_keeps_the_better_on_validation(imagefolder, tiny_config):
 
 
 def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_config, tmp_path):
-    """A tiny budget: the head first, fine-tuning only for the epochs the rest allows; the run ends in time, and
-    RUN_DIR holds the stage with the better validation top-1, with what its add-ons wrote (unlabeled.json)."""
+    """A tiny budget: the head first, fine-tuning only for the epochs the rest allows (a distilling teacher's pass
+    counted); the run ends in time, and RUN_DIR holds the stage with the better validation top-1, with what its
+    add-ons wrote (unlabeled.json)."""
     unl = tmp_path / "unlabelled"
     for c in range(4):
         write_images(unl, c, 2, np.random.default_rng(c), start=50 + 10 * c)
+    teacher = fit(tiny_config(imagefolder, epochs=1, run_dir=str(tmp_path / "teacher"))).run_dir / "best.pt"
     cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "budget"), unlabeled=str(unl),
-                      pseudo_fraction=1.0)  # fmt: skip
+                      pseudo_fraction=1.0, teachers=[str(teacher)])  # fmt: skip
     start = time.perf_counter()
     result = train_within_budget(cfg)
     elapsed = time.perf_counter() - start

@@ -112,9 +112,9 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         raise ConfigError("--budget chooses on the validation split: set --val-fraction above 0 (e.g. 0.1)")
 
     device = fgdist.resolve_device(cfg.speed.device)
-    distilling = DistillAddOn.wanted(cfg)  # the teachers then run on every fine-tuning batch
-    teachers = [Checkpoint.load(t).build_model().to(device).eval() for t in cfg.distill.teachers] if distilling else []
-    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device, teachers=teachers)
+    teachers = cfg.distill.teachers if DistillAddOn.wanted(cfg) else []  # distilling: they run on every batch
+    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
+                           teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
     epoch_s = (n_train + EVAL_COST * n_val) / speed
     left = budget_s - (time.perf_counter() - start)
