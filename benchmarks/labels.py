@@ -232,7 +232,9 @@ def semi_part(args, work: Path) -> dict:
             row = {"labelled": len(kept), "unlabelled": len(unlabelled)}
             for setting in settings:
                 sub, manifest, options = SEMI_SETTINGS[setting]
-                options = {**options, "unlabeled": str(unl)} if "unlabeled" in options else options
+                options = dict(options)  # filled in per seed: SEMI_SETTINGS itself stays as written
+                if "unlabeled" in options:
+                    options["unlabeled"] = str(unl)
                 if "teachers" in options:
                     options["teachers"] = [str(folder / t / "best.pt") for t in options["teachers"]]
                 run_dir = folder / sub
