@@ -198,7 +198,9 @@ def pretrain_part(args, work: Path) -> dict:
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
 #: run's kept ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0); with
-#: both of its stages (head and fine-tuned network) as teachers (``_soft``: distilling too); and a second round, the
+#: both of its stages (head and fine-tuned network) as teachers (``_soft``: distilling too, their soft labels fixed per
+#: image, as ``--kd-targets auto`` has it with ``--unlabeled``; ``_online``: the teachers run on every batch, what
+#: ``_soft`` did until 2026-11-29); and a second round, the
 #: first student (taught by both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first
 #: student taught by the kept stage (``_kept``). ``teachers`` names the run folders whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
@@ -211,6 +213,8 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
                                                        "kd_alpha": 0.0}),
     "noisy_student_stages_soft": ("student_stages_soft", "few", {"unlabeled": True,
                                                                  "teachers": ("few/head", "few/finetune")}),
+    "noisy_student_stages_online": ("student_stages_online", "few", {"unlabeled": True, "kd_targets": "online",
+                                                                     "teachers": ("few/head", "few/finetune")}),
     "noisy_student_round2_kept": ("student_round2", "few", {"unlabeled": True, "teachers": ("student_hard",),
                                                             "kd_alpha": 0.0}),
     "noisy_student_round2": ("student_round2_ft", "few", {"unlabeled": True,

@@ -108,7 +108,7 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
         write_images(unl, c, 2, np.random.default_rng(c), start=50 + 10 * c)
     teacher = fit(tiny_config(imagefolder, epochs=1, run_dir=str(tmp_path / "teacher"))).run_dir / "best.pt"
     cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "budget"), unlabeled=str(unl),
-                      pseudo_fraction=1.0, teachers=[str(teacher)])  # fmt: skip
+                      pseudo_fraction=1.0, teachers=[str(teacher)], kd_targets="online")  # fmt: skip
     start = time.perf_counter()
     result = train_within_budget(cfg)
     elapsed = time.perf_counter() - start
@@ -124,6 +124,7 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
     assert len(unlabeled["pseudo_labelled"]) == unlabeled["kept"] > 0
     own = best.dataset().count("train")  # the epochs were planned for the images trained on, pseudo-labels included
     assert recipe["decision"]["train_images"] == own + unlabeled["kept"]
+    assert recipe["decision"]["teachers_per_batch"] == 1  # --kd-targets online: timed with the teacher's pass
     if "finetune" in recipe["stages"]:
         assert recipe["stages"]["finetune"]["epochs"] <= recipe["decision"]["finetune_epochs"]
 

@@ -33,6 +33,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
 LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
+KD_TARGETS = ("auto", "online", "fixed")  # where distillation's soft labels on training images come from
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
@@ -297,11 +298,17 @@ class DistillOptions:
     kd_temperature: float = option(4.0, "distillation temperature T")
     kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels; "
                              "0 with --unlabeled: the teachers only pseudo-label)")  # fmt: skip
+    kd_targets: str = option(
+        "auto", "where the soft labels come from on training images: online (the teachers run on every batch, on "
+        "the view the student sees), fixed (computed once per image at its evaluation view, as the noisy student "
+        "does: no teacher pass per batch), auto (fixed with --unlabeled, else online)", choices=KD_TARGETS,
+    )  # fmt: skip
 
     def validate(self) -> None:
         _require([
             (self.kd_temperature > 0, "kd-temperature must be > 0"),
             (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
+            (self.kd_targets in KD_TARGETS, f"kd-targets must be one of {', '.join(KD_TARGETS)}"),
         ])  # fmt: skip
 
 

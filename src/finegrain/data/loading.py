@@ -119,7 +119,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     With ``part_groups`` (and the dataset's ``part_names``) each item also carries its part boxes, moved by the
     same random crop and flip as the image: ``{"part_boxes": (P, 4) in [0, 1], "part_visible": (P,)}``; a part
-    the crop cut out is not visible.
+    the crop cut out is not visible. With ``columns`` (tensors with a row per sample) item ``i`` carries their rows
+    ``i`` after its label: ``(image, label, *rows[, parts])``.
     """
 
     def __init__(
@@ -129,16 +130,23 @@ class ImageDataset(torch.utils.data.Dataset):
         part_groups: Mapping[str, Sequence[str]] | None = None,
         part_names: Sequence[str] | None = None,
         part_pad: float = 0.1,
+        columns: Sequence[torch.Tensor] = (),
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.part_groups, self.part_names, self.part_pad = part_groups, part_names, part_pad
+        if any(len(c) != len(self.samples) for c in columns):
+            raise ValueError(f"columns need a row per sample ({len(self.samples)}): got {[len(c) for c in columns]}")
+        self.columns = list(columns)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        return self.load(self.samples[i])
+        item = self.load(self.samples[i])
+        if not self.columns:
+            return item
+        return (*item[:2], *(c[i] for c in self.columns), *item[2:])
 
     def load(self, s: Sample):
         """One item: the image transformed, its label, and the method's targets (what ``__getitem__`` gives)."""

@@ -112,7 +112,8 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         raise ConfigError("--budget chooses on the validation split: set --val-fraction above 0 (e.g. 0.1)")
 
     device = fgdist.resolve_device(cfg.speed.device)
-    teachers = cfg.distill.teachers if DistillAddOn.wanted(cfg) else []  # distilling: they run on every batch
+    online = DistillAddOn.wanted(cfg) and DistillAddOn.online(cfg)  # distilling online: they run on every batch
+    teachers = cfg.distill.teachers if online else []
     speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
                            teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
@@ -120,7 +121,8 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     left = budget_s - (time.perf_counter() - start)
     epochs = math.floor(left / epoch_s)
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
-                "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0)}  # fmt: skip
+                "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0),
+                "teachers_per_batch": len(teachers)}  # fmt: skip
     if epochs >= 1:
         tqdm.write(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
                    f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip

@@ -53,9 +53,10 @@ def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
         return stream_datasets(
             ctx, ImageDataset([], tf, **extra).load, ImageDataset([], eval_transform(model.preprocess)).load
         )
-    val = ctx.index.split("val")
+    val, train = ctx.index.split("val"), ctx.index.split("train")
     val_set = ImageDataset(val, eval_transform(model.preprocess)) if val else None
-    return ImageDataset(ctx.index.split("train"), tf, **extra), val_set
+    columns = [c for addon in ctx.addons for c in addon.sample_columns(ctx, train, [False], images=True)]
+    return ImageDataset(train, tf, **extra, columns=columns), val_set
 
 
 def stream_datasets(ctx: Context, train_load, val_load) -> tuple[StreamDataset, StreamDataset | None]:
@@ -118,7 +119,7 @@ def feature_task(ctx: Context) -> Task:
     labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}
     views = [False, True] if ctx.cfg.features.feature_flip and ctx.cfg.augment.hflip > 0 else [False]
     train_x, val_x = split_features(ctx, ctx.model.preprocess, views)
-    columns = [c for addon in ctx.addons for c in addon.cached_columns(ctx, index.split("train"), views)]
+    columns = [c for addon in ctx.addons for c in addon.sample_columns(ctx, index.split("train"), views, images=False)]
     train_set = TensorDataset(train_x, labels["train"].repeat(len(views)), *columns)
     val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
     return Task(ctx.model.head, train_set, val_set, workers=0, images=False)
@@ -149,7 +150,7 @@ def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[
     criterion = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.optim.label_smoothing)
     for addon in ctx.addons:
         criterion = addon.criterion(criterion, x, batch, task.images)
-    targets = batch[2] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
+    targets = batch[-1] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
     with autocast(ctx.device, ctx.amp if task.images else "none"):
         kw = {} if targets is None else {"targets": {k: v.to(ctx.device) for k, v in targets.items()}}
         out = module(x, **kw)

@@ -1,7 +1,7 @@
 """The add-on contract: a few hooks, each doing nothing unless an add-on overrides it.
 
 The training loop calls them in this order: ``prepare`` (the model may change: QAT, MixStyle; teachers are
-loaded) -> ``train_transform`` (image path) or ``cached_columns`` (cached-feature path) while the task is built
+loaded) -> ``train_transform`` (image path) and ``sample_columns`` while the task is built
 -> ``attach`` (the built task) -> per epoch ``epoch_start`` / ``epoch_info`` -> per batch ``batch`` then
 ``criterion``; ``state_dict`` / ``load_state_dict`` carry an add-on's state through ``last.pt`` so ``--resume``
 is exact.
@@ -42,9 +42,11 @@ class AddOn:
         """The training images' transform (image path only)."""
         return transform
 
-    def cached_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool]) -> list[torch.Tensor]:
-        """Per-sample tensors stored beside cached features (one row per sample and view), given to ``criterion``
-        as ``batch[2:]``."""
+    def sample_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool],
+                       images: bool) -> list[torch.Tensor]:  # fmt: skip
+        """Per-sample tensors that travel with each training item, given to ``criterion`` as ``batch[2:]``: beside
+        cached features (``images`` False: one row per sample and view, ``views`` the mirrorings), or beside each
+        augmented image (``images`` True: one row per sample)."""
         return []
 
     def attach(self, ctx: Context, task) -> None:

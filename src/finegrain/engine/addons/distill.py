@@ -1,9 +1,16 @@
 """Knowledge distillation (``finegrain distill``): the averaged soft labels of teacher checkpoints, at
 temperature T, join the cross-entropy with the true labels.
 
-On images the teachers run on every batch (as the student saw it); with a frozen, cached student backbone the
-views are fixed, so the teachers' soft labels are computed once, cached like features, and stored beside them
-(``finegrain.engine.teachers``). With ``--unlabeled`` the same teachers pseudo-label the unlabelled images first.
+Where the soft labels of training images come from (``--kd-targets``):
+
+- online: on images, the teachers run on every batch, on the view the student sees (the usual distillation);
+- fixed: the teachers label each training image once, at its evaluation view, and every augmented view of it
+  learns that label: the noisy student's soft pseudo-labels (Xie et al., 2020), with no teacher pass per batch, so a
+  ``--budget`` run fine-tunes for as many epochs as without teachers (``auto``: fixed with ``--unlabeled``).
+
+With a frozen, cached student backbone the views are fixed anyway: the soft labels are computed once per view,
+cached like features, and stored beside them (``finegrain.engine.teachers``). With ``--unlabeled`` the same
+teachers pseudo-label the unlabelled images first.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import torch.nn as nn
 from finegrain.config import TrainConfig
 from finegrain.data import Sample
 from finegrain.data.transforms import Preprocess
+from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn, Criterion
 from finegrain.engine.context import Context
 from finegrain.engine.teachers import load_teachers, teacher_probs
+from finegrain.errors import ConfigError
 from finegrain.losses import distillation_loss
 
 
@@ -40,15 +49,33 @@ class DistillAddOn(AddOn):
     def wanted(cls, cfg: TrainConfig) -> bool:
         return bool(cfg.distill.teachers) and cfg.distill.kd_alpha > 0  # at 0 they only pseudo-label --unlabeled
 
+    @classmethod
+    def online(cls, cfg: TrainConfig) -> bool:
+        """Whether the teachers run on every training batch of images (``--kd-targets``, resolved)."""
+        targets = cfg.distill.kd_targets
+        return targets == "online" or (targets == "auto" and cfg.labels.unlabeled is None)
+
     def prepare(self, ctx: Context) -> None:
         """Load the teachers, refused (before any feature extraction) when trained on other classes."""
+        if not self.online(self.cfg) and ctx.index.stream is not None:
+            raise ConfigError("--kd-targets fixed labels every training image before training, which streamed "
+                              "shards (wds:) do not allow: add --kd-targets online, or train from a local shard "
+                              "folder")  # fmt: skip
         self.teachers = load_teachers(ctx)
         self.student = ctx.model  # its preprocessing now: progressive stages change the input size
 
-    def cached_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool]) -> list[torch.Tensor]:
-        """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers."""
+    def sample_columns(self, ctx: Context, samples: Sequence[Sample], views: Sequence[bool],
+                       images: bool) -> list[torch.Tensor]:  # fmt: skip
+        """Soft labels: the teachers' softmax at the distillation temperature, averaged over teachers (none where
+        the teachers run on every batch of images instead)."""
+        if images and self.online(self.cfg):
+            return []
         t = self.cfg.distill.kd_temperature
-        return [torch.cat([teacher_probs(ctx, self.teachers, samples, t, flip) for flip in views])]
+
+        def per_view() -> torch.Tensor:
+            return torch.cat([teacher_probs(ctx, self.teachers, samples, t, flip) for flip in views])
+
+        return [fgdist.main_first(ctx.info, per_view)]  # rank 0 computes and caches, the others read the cache
 
     @torch.no_grad()
     def _soft_labels(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +84,7 @@ class DistillAddOn(AddOn):
         return torch.stack(probs).mean(0)
 
     def criterion(self, base: Criterion, x: torch.Tensor, batch: Sequence, images: bool) -> Criterion:
-        soft = self._soft_labels(x) if images else batch[2].to(x.device)
+        soft = self._soft_labels(x) if images and self.online(self.cfg) else batch[2].to(x.device)
         d = self.cfg.distill
 
         def kd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
