@@ -53,13 +53,13 @@ def test_center_loss_falls_and_classes_tighten_on_a_toy_problem():
     assert loss.item() < 0.3 * first and spread() < 0.3 * before
 
 
-@pytest.mark.parametrize("targets", ["cached", "online", "fixed"])
+@pytest.mark.parametrize("targets", ["cached", "cached_fixed", "online", "fixed"])
 def test_distillation_student_follows_its_teacher_not_the_labels(tmp_path, imagefolder, tiny_config, targets,
                                                                  monkeypatch):  # fmt: skip
     """A teacher that systematically answers the *next* class: a student taught by it alone (kd_alpha=1) must
     learn the teacher's mapping, which proves the soft labels, not the true ones, drive its training: on cached
-    features, and on images with the teacher run on every batch (online) or once per image (fixed: never per
-    batch)."""
+    features (each view's soft labels, or each image's for both: fixed), and on images with the teacher run on
+    every batch (online) or once per image (fixed: never per batch)."""
     if targets == "fixed":
         monkeypatch.setattr(DistillAddOn, "_soft_labels", lambda self, x: pytest.fail("teacher run on a batch"))
     teacher = fit(tiny_config(imagefolder, epochs=6, lr=3e-3, run_dir=str(tmp_path / "teacher"))).run_dir
@@ -70,8 +70,8 @@ def test_distillation_student_follows_its_teacher_not_the_labels(tmp_path, image
     student = fit(
         tiny_config(
             imagefolder, epochs=5, lr=3e-3, teachers=[str(tmp_path / "shifted.pt")], kd_alpha=1.0,
-            kd_temperature=1.0, cache_features=targets == "cached", run_dir=str(tmp_path / "student"), input_size=48,
-            kd_targets="fixed" if targets == "fixed" else "auto",
+            kd_temperature=1.0, cache_features=targets.startswith("cached"), run_dir=str(tmp_path / "student"),
+            input_size=48, kd_targets="fixed" if targets.endswith("fixed") else "auto",
         )  # the teacher sees 64 px, the student 48: images are resized for the teacher
     )  # fmt: skip
     val = load_dataset(imagefolder, val_fraction=0.2).split("val")
