@@ -72,7 +72,7 @@ class DistillAddOn(AddOn):
         at its evaluation view, for every view: on cub100 with 2,804 training images, teaching the mirrored view too
         took 100 s of the student's head stage, and its fine-tuning missed an 8-minute budget by 6 s."""
         online, t = self.online(self.cfg), self.cfg.distill.kd_temperature
-        if images and online:
+        if self._per_batch(images):
             return []
 
         def rows() -> torch.Tensor:
@@ -82,6 +82,10 @@ class DistillAddOn(AddOn):
 
         return [fgdist.main_first(ctx.info, rows)]  # rank 0 computes and caches, the others read the cache
 
+    def _per_batch(self, images: bool) -> bool:
+        """Whether the teachers label each batch as it comes (online, on images) instead of a stored column."""
+        return images and self.online(self.cfg)
+
     @torch.no_grad()
     def _soft_labels(self, x: torch.Tensor) -> torch.Tensor:
         t = self.cfg.distill.kd_temperature
@@ -89,7 +93,7 @@ class DistillAddOn(AddOn):
         return torch.stack(probs).mean(0)
 
     def criterion(self, base: Criterion, x: torch.Tensor, batch: Sequence, images: bool) -> Criterion:
-        soft = self._soft_labels(x) if images and self.online(self.cfg) else batch[2].to(x.device)
+        soft = self._soft_labels(x) if self._per_batch(images) else batch[2].to(x.device)
         d = self.cfg.distill
 
         def kd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
