@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -78,11 +80,36 @@ def train_throughput(batch: int = 32, steps: int = 4) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def run_peer(name: str, work: Path, epochs: int, seed: int, weights: Path) -> dict:
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``; 0 where there is none)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def other_load(start_machine_s: float, start_own: resource.struct_rusage, wall: float) -> tuple[float, float]:
+    """(cores this process's children used, cores everything else on the machine used) since the starting marks."""
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_s = own.ru_utime + own.ru_stime - start_own.ru_utime - start_own.ru_stime
+    return own_s / wall, max(0.0, machine_cpu_s() - start_machine_s - own_s) / wall
+
+
+def run_peer(name: str, work: Path, epochs: int, seed: int, weights: Path, limit_s: float | None = None) -> dict:
+    """Run the peer; each epoch's test top-1 with the wall time its row appeared and the time its evaluation began.
+
+    ``limit_s`` stops the script (its whole process group) after that many seconds and keeps the epochs it finished.
+    ``cores_used`` is the CPU time the script and its loader workers got per wall second (1.76 on an idle 2-core
+    machine); ``other_cores`` what everything else on the machine used meanwhile: above 0.3 the run says ``busy``
+    (its minutes are inflated).
+    """
     data, n_classes, n_train = build_tree(name, work, seed)
     out = work / name / "out"
     summary = out / "peer" / "summary.csv"
     summary.unlink(missing_ok=True)
+    log_path = work / name / "peer.log"
     cmd = [
         sys.executable, str(SHARED / "peers" / "timm_train.py"),
         "--data-dir", str(data), "--train-split", "train", "--val-split", "validation",
@@ -92,36 +119,59 @@ def run_peer(name: str, work: Path, epochs: int, seed: int, weights: Path) -> di
         "--batch-size", "32", "--input-size", "3", "224", "224", "--seed", str(seed),
         "--output", str(out), "--experiment", "peer", "--checkpoint-hist", "1",
     ]  # fmt: skip
-    times: list[float] = []
+    times: list[float] = []  # wall time at which each epoch's row appears in summary.csv
+    eval_starts: list[float] = []  # wall time of each epoch's first "Test:" log line (training of that epoch done)
     start = time.perf_counter()
     done = threading.Event()
 
-    def watch() -> None:  # wall time at which each epoch's row appears in summary.csv
-        while not done.wait(2.0):
+    def watch() -> None:
+        while not done.wait(1.0):
+            now = time.perf_counter() - start
+            if log_path.is_file():  # an evaluation begins where a "Train:" log line is followed by a "Test:" one
+                lines = log_path.read_text(errors="replace").splitlines()
+                tests = sum(1 for a, b in zip(lines, lines[1:], strict=False) if "Train:" in a and "Test:" in b)
+                while len(eval_starts) < tests:
+                    eval_starts.append(now)
             if summary.is_file():
                 rows = summary.read_text().count("\n") - 1
                 while len(times) < rows:
-                    times.append(time.perf_counter() - start)
+                    times.append(now)
 
+    cpu0, machine0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu_s()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    with (work / name / "peer.log").open("w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work).returncode
+    stopped = False
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc, stopped = proc.wait(), True
+    time.sleep(1.5)  # one more look at the files
     done.set()
     watcher.join()
     wall = time.perf_counter() - start
-    if rc != 0:
-        raise SystemExit(f"timm_train.py failed on {name} (exit {rc}); see {work / name / 'peer.log'}")
-    with summary.open() as f:
-        rows = list(csv.DictReader(f))
-    curve = [
-        {"epoch": int(r["epoch"]) + 1, "test_top1": float(r["eval_top1"]), "wall_s": round(t, 1)}
-        for r, t in zip(rows, times + [wall] * (len(rows) - len(times)), strict=True)
-    ]
+    cores, others = other_load(machine0, cpu0, wall)
+    if rc != 0 and not stopped:
+        raise SystemExit(f"timm_train.py failed on {name} (exit {rc}); see {log_path}")
+    rows = list(csv.DictReader(summary.open())) if summary.is_file() else []
+    curve, eval_total = [], 0.0
+    for i, r in enumerate(rows):
+        t = times[i] if i < len(times) else wall
+        eval_s = max(0.0, t - eval_starts[i]) if i < len(eval_starts) else 0.0
+        eval_total += eval_s
+        curve.append({"epoch": int(r["epoch"]) + 1, "test_top1": float(r["eval_top1"]), "wall_s": round(t, 1),
+                      "train_wall_s": round(t - eval_total, 1), "eval_s": round(eval_s, 1)})  # fmt: skip
     return {
-        "top1": curve[-1]["test_top1"],
+        "top1": curve[-1]["test_top1"] if curve else None,
         "train_s": round(wall, 1),
         "epochs": epochs,
+        "epochs_done": len(curve),
+        "stopped_at_limit": stopped,
+        "cores_used": round(cores, 2),
+        "other_cores": round(others, 2),
+        "busy": others > 0.3,
         "train_images": n_train,
         "curve": curve,
         "command": " ".join(cmd[1:]),
