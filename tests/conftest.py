@@ -131,25 +131,45 @@ def _few_threads():
     yield
 
 
+def require_data(path: Path) -> None:
+    """Tests on ../shared/data: skipped on a developer's machine without it, a failure in CI (``CI`` set), where a
+    missing dataset must not turn real-data tests into quiet skips."""
+    if not path.exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real data not found at {path}")
+
+
 def needs_cub100():
-    return pytest.mark.skipif(not CUB100.is_dir(), reason=f"real data not found at {CUB100}")
+    return pytest.mark.usefixtures("_cub100_present")
 
 
-def make_checkpoint(path: Path, method: str = "baseline", classes=("a", "b", "c"), **kwargs) -> Path:
-    """An untrained (random, no download) 64-px checkpoint: for plumbing tests that need no accuracy."""
+@pytest.fixture
+def _cub100_present():
+    require_data(CUB100)
+
+
+def make_checkpoint(path: Path, method: str = "baseline", classes=("a", "b", "c"), return_model: bool = False,
+                    **kwargs):  # fmt: skip
+    """An untrained (random, no download) 64-px checkpoint: for plumbing tests that need no accuracy. Its floating
+    buffers (BatchNorm statistics, centres) are moved off their initial values, so a save or load that drops a
+    buffer gives different outputs. ``return_model``: also the model as saved, the reference for reload tests."""
     torch.manual_seed(0)
     model = create_model(method, num_classes=len(classes), pretrained=False, **kwargs).eval()
     model.preprocess = replace(model.preprocess, input_size=64)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point() and buf.numel():
+                buf.copy_(
+                    torch.rand_like(buf) + 0.5 if name.endswith("running_var") else buf + 0.1 * torch.randn_like(buf)
+                )
     Checkpoint.from_model(model, list(classes)).save(path)
-    return path
+    return (path, model) if return_model else path
 
 
 @pytest.fixture(scope="session")
 def cub10_checkpoint(tmp_path_factory) -> Path:
     """A linear head on frozen ImageNet lite0 for 10 cub100 species (real photos, 224 px), trained once per
     session and shared by the slow real-data tests."""
-    if not CUB100.is_dir():
-        pytest.skip(f"real data not found at {CUB100}")
+    require_data(CUB100)
     from finegrain.data import load_dataset
     from finegrain.engine.train import fit
 

@@ -41,8 +41,9 @@ def test_audit_flags_the_moved_images_and_changes_nothing(tmp_path, capsys):
     flagged = [r["path"] for r in rows]
     assert len(set(flagged) & set(moved)) >= 2, flagged
     assert len(set(flagged) & set(moved)) / len(flagged) >= 0.5
-    suggested = {r["path"]: r["suggested_label"] for r in rows}
-    assert suggested.get(moved[0], "class_0") == "class_0"
+    suggested = {r["path"]: r["suggested_label"] for r in rows if r["path"] in moved}
+    origin = {m: "class_" + {"class_1": "0", "class_3": "2", "class_0": "3"}[m.split("/")[0]] for m in moved}
+    assert suggested == {m: origin[m] for m in suggested}  # each flagged moved image: the class it came from
     assert (out / "label_issues.html").read_text().count("<figure>") == len(rows)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the data is not touched
 

@@ -2,14 +2,13 @@
 photo, see the predicted species and the heat-map overlay appear."""
 
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from finegrain.data import load_dataset
+
+from .conftest import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -23,38 +22,24 @@ def test_page_shows_species_and_overlay(cub10_checkpoint, tmp_path):
     index = load_dataset(cub10_checkpoint.parent.parent / "cub10.csv", val_fraction=0.0)
     photo = index.split("train")[0]
     species = index.classes[photo.label].split(".", 1)[1].replace("_", " ")
-    port = 8700 + (hash(str(tmp_path)) % 200)
-    cmd = [sys.executable, "-m", "finegrain", "serve", str(cub10_checkpoint), "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(f"server exited: {server.stderr.read()}")
-                time.sleep(0.2)
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            page.set_input_files("#file", str(photo.path))
-            page.wait_for_selector("#result.shown", timeout=30_000)
-            names = page.locator("#classes .name").all_text_contents()
-            listed = page.locator("#class-list li").all_text_contents()
-            docs_link = page.get_attribute("#about a[href='/docs']", "href")
-            src = page.get_attribute("#overlay", "src")
-            width = page.evaluate("document.getElementById('overlay').naturalWidth")
-            page.screenshot(path=str(tmp_path / "page.png"))
-            browser.close()
-        assert names[0] == species and len(names) == 5
-        assert len(listed) == len(index.classes) and species in listed and docs_link == "/docs"
-        assert src.startswith("data:image/png;base64,") and width > 100
-    finally:
-        server.terminate()
-        server.wait(10)
+    cmd = [sys.executable, "-m", "finegrain", "serve", str(cub10_checkpoint)]
+    with running_server(cmd) as base, playwright.sync_playwright() as p:  # a free port; fails if it never answers
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(f"{base}/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        page.set_input_files("#file", str(photo.path))
+        page.wait_for_selector("#result.shown", timeout=30_000)
+        names = page.locator("#classes .name").all_text_contents()
+        listed = page.locator("#class-list li").all_text_contents()
+        docs_link = page.get_attribute("#about a[href='/docs']", "href")
+        src = page.get_attribute("#overlay", "src")
+        width = page.evaluate("document.getElementById('overlay').naturalWidth")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+    assert names[0] == species and len(names) == 5
+    assert len(listed) == len(index.classes) and species in listed and docs_link == "/docs"
+    assert src.startswith("data:image/png;base64,") and width > 100
 
 
 @pytest.mark.slow

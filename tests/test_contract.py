@@ -55,13 +55,23 @@ def test_builds_and_forward_shapes(method):
         assert box.shape == (2, 4) and box.min() >= 0 and box.max() <= 1
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_KWARGS))
-def test_save_load_export_and_explain(method, tmp_path):
-    path = make_checkpoint(tmp_path / "m.pt", method, CLASSES, **METHOD_KWARGS[method])
+#: every method, plus configurations that cannot become ONNX (so the refusal path is checked too)
+SAVE_CASES = [(m, METHOD_KWARGS[m]) for m in sorted(METHOD_KWARGS)] + [
+    ("cbcnn", {"reduce_dim": 16, "sketch_dim": 256, "pooling": "tensor_sketch"}),  # Tensor Sketch: FFT has no ONNX form
+]
+
+
+def test_save_cases_include_an_export_blocker():
+    assert any(create_model(m, num_classes=3, pretrained=False, **kw).export_blocker for m, kw in SAVE_CASES)
+
+
+@pytest.mark.parametrize("method, kwargs", SAVE_CASES)
+def test_save_load_export_and_explain(method, kwargs, tmp_path):
+    path, a = make_checkpoint(tmp_path / "m.pt", method, CLASSES, return_model=True, **kwargs)
     x = torch.randn(2, 3, 64, 64)
-    a, b = Checkpoint.load(path).build_model(), Checkpoint.load(path).build_model()
+    b = Checkpoint.load(path).build_model().eval()
     with torch.inference_mode():
-        assert torch.equal(a(x), b(x))  # save -> load gives the same model
+        assert torch.equal(a(x), b(x))  # the model as saved and the model loaded back compute the same
     if a.export_blocker:
         with pytest.raises(ConfigError, match="cannot export"):
             export_onnx(path)

@@ -8,7 +8,7 @@ from finegrain.data import load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.engine.train import fit
 
-from .conftest import make_cub, make_imagefolder
+from .conftest import make_cub, make_imagefolder, require_data
 
 
 def break_files(root):
@@ -80,10 +80,12 @@ def test_broken_file_in_image_training_is_named(tmp_path, tiny_config, workers):
     from finegrain.errors import BadImageError
 
     root = make_imagefolder(tmp_path / "f", num_classes=2, per_class=6)
-    truncated, *_ = break_files(root)
+    truncated = sorted(root.rglob("*.jpg"))[0]  # the only bad file: the error must name this one
+    truncated.write_bytes(truncated.read_bytes()[:300])
     cfg = tiny_config(root, epochs=1, freeze_backbone=False, workers=workers, test_fraction=0, val_fraction=0)
-    with pytest.raises(BadImageError, match="cannot read image"):
+    with pytest.raises(BadImageError, match="cannot read image") as err:
         fit(cfg)
+    assert str(truncated) in str(err.value)
 
 
 @pytest.mark.slow
@@ -91,8 +93,7 @@ def test_real_imagefolder_flowers17_is_clean(capsys):
     from .conftest import CUB100
 
     flowers = CUB100.parent / "flowers17"
-    if not flowers.is_dir():
-        pytest.skip(f"real data not found at {flowers}")
+    require_data(flowers)
     assert main(["data", "check", str(flowers), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_classes"] == 17 and sum(report["images"].values()) == 17 * 80

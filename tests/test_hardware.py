@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import onnx
 import pytest
@@ -55,12 +56,22 @@ def test_env_json_parses_and_names_the_choices(capsys):
     assert main(["env"]) == 0 and "int8 export" in capsys.readouterr().out
 
 
-def test_threads_follow_the_cores_and_never_oversubscribe(monkeypatch):
+@pytest.mark.parametrize("local_world, expected", [(None, 8), ("2", 4), ("3", 2), ("16", 1)])
+def test_threads_follow_the_cores_and_never_oversubscribe(monkeypatch, local_world, expected):
+    """8 cores: one process takes them all; the processes torchrun starts on the machine share them (at least one
+    thread each); a user's OMP_NUM_THREADS wins."""
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(env, "physical_cores", lambda: 1)
+    monkeypatch.setattr(env, "physical_cores", lambda: 8)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     try:
-        assert env.configure_threads()["intra_op_threads"] == 1
+        assert env.configure_threads()["intra_op_threads"] == expected
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert env.configure_threads()["intra_op_threads"] == 3
     finally:
         torch.set_num_threads(before)
 
@@ -115,13 +126,24 @@ def test_vnni_int8_file_warns_on_a_cpu_without_vnni(tmp_path, cub, monkeypatch):
 
 
 def test_int8_below_the_agreement_floor_is_refused_with_the_fix(tmp_path, cub):
+    """The agreement is checked against its own count (fp32 and int8 predictors, image by image), then the floor is
+    set at it (accepted) and just above it (refused)."""
     ckpt = make_checkpoint(tmp_path / "m.pt")
     fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
     samples = [Sample(p, 0, "train") for p in sorted(cub.rglob("*.jpg"))]
-    ok = quantize_onnx(fp32, samples[:8], tmp_path / "ok.onnx", target="portable", check=samples[8:], min_agreement=0)
-    assert 0 <= ok["agreement"] <= 1 and ok["agreement_images"] == len(samples) - 8
+    calib, check = samples[:8], samples[8:]
+    ok = quantize_onnx(fp32, calib, tmp_path / "ok.onnx", target="portable", check=check, min_agreement=0)
+    paths = [s.path for s in check]
+    same = Predictor.load(fp32).probabilities_for(paths).argmax(1) == Predictor.load(ok["path"]).probabilities_for(
+        paths
+    ).argmax(1)
+    assert ok["agreement_images"] == len(check) and ok["agreement"] == pytest.approx(same.float().mean().item())
+    at = quantize_onnx(fp32, calib, tmp_path / "at.onnx", target="portable", check=check,
+                       min_agreement=ok["agreement"])  # fmt: skip
+    assert Path(at["path"]).is_file()
+    above = ok["agreement"] + 0.5 / len(check)
     with pytest.raises(ExportError, match="--int8-target vnni"):
-        quantize_onnx(fp32, samples[:8], tmp_path / "no.onnx", target="portable", check=samples[8:], min_agreement=1.1)
+        quantize_onnx(fp32, calib, tmp_path / "no.onnx", target="portable", check=check, min_agreement=above)
     assert not (tmp_path / "no.onnx").exists()
 
 

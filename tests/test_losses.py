@@ -11,7 +11,7 @@ from finegrain.errors import CheckpointError, ConfigError
 from finegrain.losses import CenterLoss, distillation_loss
 from finegrain.predict import Predictor
 
-from .conftest import make_checkpoint
+from .conftest import fit_killed_in_epoch, make_checkpoint
 
 
 def test_kd_loss_is_cross_entropy_for_a_one_hot_teacher_at_t1():
@@ -103,11 +103,21 @@ def test_center_loss_on_features_that_cannot_move_is_refused(imagefolder, tiny_c
         fit(tiny_config(imagefolder, center_loss=0.5, cache_features=cached))
 
 
-def test_center_loss_option_trains_and_its_centres_survive_resume(tmp_path, imagefolder, tiny_config):
-    cfg = tiny_config(imagefolder, epochs=3, lr=1e-3, center_loss=0.5, freeze_backbone=False)
-    result = fit(cfg)
-    assert result.history[-1]["val_top1"] >= 0.75
-    centres = Checkpoint.load(result.run_dir / "last.pt").resume["addons"]["center"]["centers"]
+def test_center_loss_option_trains_and_its_centres_survive_resume(tmp_path, imagefolder, tiny_config, monkeypatch):
+    """A run killed after its first epoch and resumed ends with the same centres as an uninterrupted run."""
+
+    def cfg(run: str):
+        return tiny_config(imagefolder, epochs=2, lr=1e-3, center_loss=0.5, freeze_backbone=False,
+                           run_dir=str(tmp_path / run))  # fmt: skip
+
+    straight = fit(cfg("straight"))
+    assert straight.history[-1]["val_top1"] >= 0.75
+    centres = Checkpoint.load(straight.run_dir / "last.pt").resume["addons"]["center"]["centers"]
     assert centres.shape[0] == 4 and torch.allclose(centres.norm(dim=1), torch.ones(4), atol=0.2)  # unit features
-    again = fit(tiny_config(imagefolder, epochs=4, run_dir=str(tmp_path / "again")), resume=result.run_dir)
-    assert len(again.history) == 1  # one more epoch, from the saved state (centres included)
+    fit_killed_in_epoch(monkeypatch, 1, cfg("killed"))
+    first = Checkpoint.load(tmp_path / "killed" / "last.pt").resume["addons"]["center"]["centers"]
+    assert not torch.equal(first, centres)  # the second epoch moves them: resume has something to restore
+    resumed = fit(None, resume=tmp_path / "killed")
+    assert [r["epoch"] for r in resumed.history] == [2]
+    again = Checkpoint.load(tmp_path / "killed" / "last.pt").resume["addons"]["center"]["centers"]
+    torch.testing.assert_close(again, centres, rtol=0, atol=0)

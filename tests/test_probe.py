@@ -1,8 +1,10 @@
 """The probe: scikit-learn's logistic regression as a linear layer, its penalty chosen on validation, as the
 default head on cached features."""
 
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,17 +30,42 @@ def separable(n: int = 240, d: int = 12, k: int = 3, seed: int = 0) -> tuple[tor
     return centres[y] + torch.randn(n, d, generator=g), y
 
 
+def regularised_loss(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """The multinomial logistic regression objective: ||W||^2 / 2 + C * summed cross-entropy (bias unpenalised)."""
+    return 0.5 * (w**2).sum() + c * torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum")
+
+
+def minimise(x: torch.Tensor, y: torch.Tensor, k: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same objective minimised independently: torch's L-BFGS in float64 to a tight tolerance."""
+    w = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = regularised_loss(x, y, w, b, c)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
 @pytest.mark.parametrize("c", [0.1, 1.0, 10.0])
-def test_logistic_regression_is_scikit_learns_as_a_linear_layer(c):
+def test_logistic_regression_minimises_the_regularised_loss(c):
+    """The probe's linear layer is the minimiser of the L2-regularised multinomial loss, checked against an
+    independent solver (not against the scikit-learn call it wraps): its loss is within 0.1% of the minimum (on
+    this problem a zero bias costs 0.7-2%) and its probabilities within 0.01."""
     x, y = separable()
     x = l2_normalise(x)
     w, b = logistic_regression(x, y, 3, c)
-    ref = LogisticRegression(C=c).fit(x.numpy(), y.numpy())
-    np.testing.assert_allclose(w.numpy(), ref.coef_, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b.numpy(), ref.intercept_, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose((x @ w.T + b).softmax(1).numpy(), ref.predict_proba(x.numpy()), atol=1e-5)
-    tight = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())  # the exact minimiser
-    assert np.array_equal((x @ w.T + b).argmax(1).numpy(), tight.predict(x.numpy()))
+    xd = x.double()
+    ref_w, ref_b = minimise(xd, y, 3, c)
+    ours, best = regularised_loss(xd, y, w.double(), b.double(), c), regularised_loss(xd, y, ref_w, ref_b, c)
+    assert (ours - best) / best < 1e-3
+    ours_p, ref_p = (xd @ w.double().T + b.double()).softmax(1), (xd @ ref_w.T + ref_b).softmax(1)
+    assert (ours_p - ref_p).abs().max() < 0.01 and torch.equal(ours_p.argmax(1), ref_p.argmax(1))
 
 
 def test_absent_classes_are_never_predicted_and_two_classes_match_the_binary_model():
@@ -127,6 +154,30 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
     assert recipe["decision"]["teachers_per_batch"] == 1  # --kd-targets online: timed with the teacher's pass
     if "finetune" in recipe["stages"]:
         assert recipe["stages"]["finetune"]["epochs"] <= recipe["decision"]["finetune_epochs"]
+
+
+@pytest.mark.parametrize("finetune_val, kept", [(2.0, "finetune"), (-1.0, "head")])
+def test_budget_keeps_the_stage_that_validates_better(imagefolder, tiny_config, tmp_path, monkeypatch, finetune_val,
+                                                      kept):  # fmt: skip
+    """The stages' validation scores are made to differ (a tie cannot tell which rule ran): RUN_DIR/best.pt must be
+    the better stage's own checkpoint, whichever it is."""
+    import finegrain.engine.recipe as recipe_module
+
+    real_fit = recipe_module.fit
+
+    def fit_scored(cfg, *args, **kwargs):  # the fine-tuning stage runs one epoch and reports the chosen score
+        if cfg.model.freeze_backbone:
+            return real_fit(cfg, *args, **kwargs)
+        result = real_fit(cfg.replace(epochs=1), *args, **kwargs)
+        return dataclasses.replace(result, history=[{**r, "val_top1": finetune_val} for r in result.history])
+
+    monkeypatch.setattr(recipe_module, "fit", fit_scored)
+    monkeypatch.setattr(recipe_module, "finetune_speed", lambda *a, **k: 1e6)  # plan fine-tuning
+    result = train_within_budget(tiny_config(imagefolder, head="auto", budget=5, run_dir=str(tmp_path / "b")))
+    recipe = json.loads((result.run_dir / "recipe.json").read_text())
+    assert set(recipe["stages"]) == {"head", "finetune"} and recipe["kept"] == kept
+    stage_best = Path(recipe["stages"][kept]["run_dir"]) / "best.pt"
+    assert (result.run_dir / "best.pt").read_bytes() == stage_best.read_bytes()
 
 
 def test_fine_tuning_from_a_probe_starts_where_the_probe_ends(imagefolder, tiny_config):

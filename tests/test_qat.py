@@ -28,8 +28,8 @@ def test_weights_round_per_channel_symmetric_as_onnx_runtime_does(target):
     assert on_int8_grid(q, qmax) and not on_int8_grid(w, qmax)
     assert torch.allclose(q.abs().amax((1, 2, 3)), w.abs().amax((1, 2, 3)))  # the extreme value is kept exactly
     assert (q - w).abs().max() <= (w.abs().amax() / qmax / 2) + 1e-6
-    if target == "portable":
-        assert not on_int8_grid(q, 127) or on_int8_grid(q, 64)  # the coarser 7-bit grid
+    if target == "portable":  # 7 bits whatever the constant says: 2 x 255 x 64 fits AVX2's int16 pair sums
+        assert on_int8_grid(q, 64) and not on_int8_grid(_fake_quant_weight(w, 127), 64)
 
 
 def test_conv_followed_by_batchnorm_rounds_the_folded_weight():
@@ -82,7 +82,8 @@ def test_cli_qat_fine_tunes_and_writes_an_int8_model(tmp_path, imagefolder, tiny
     assert (out / "best.pt").is_file() and (out / "best.int8.onnx").is_file()
     ckpt = Checkpoint.load(out / "best.pt")
     assert ckpt.train_config().quantization.qat and ckpt.method == "baseline"
-    test = [p for p in sorted(imagefolder.rglob("*.jpg"))]
-    probs = Predictor.load(out / "best.int8.onnx").probabilities_for(test)
-    labels = torch.tensor([int(p.parent.name.split("_")[1]) for p in test])
-    assert (probs.argmax(1) == labels).float().mean() > 0.5  # 4 classes: chance is 0.25
+    test = Checkpoint.load(run / "best.pt").dataset().split("test")  # images neither fine-tuning step trained on
+    probs = Predictor.load(out / "best.int8.onnx").probabilities_for([s.path for s in test])
+    labels = torch.tensor([s.label for s in test])
+    # 4 classes, 12 held-out images: a model at chance reaches 75% with probability 0.0004
+    assert len(test) == 12 and (probs.argmax(1) == labels).float().mean() >= 0.75

@@ -48,12 +48,14 @@ def test_openapi_documents_every_status_and_requires_the_file(client):
 
 @pytest.mark.parametrize(
     "kwargs, words",
-    [({"files": {"file": (None, "null")}}, "no file"), ({**upload(jpeg()), "params": {"k": "many"}}, "k:")],
+    [
+        ({"files": {"file": (None, "null")}}, ("no file", "form field 'file'")),
+        ({**upload(jpeg()), "params": {"k": "many"}}, ("k: ", "integer")),  # the field, then what it must be
+    ],
 )
 def test_wrong_fields_get_400_in_plain_words_not_422(client, kwargs, words):
     r = client.post("/v1/predict", **kwargs)
-    assert r.status_code == 400 and words in r.json()["detail"], r.text
-    assert "Input should be" not in r.json()["detail"] or words == "k:"
+    assert r.status_code == 400 and all(w in r.json()["detail"] for w in words), r.text
 
 
 def test_docs_are_served_offline(client):
@@ -82,7 +84,7 @@ def test_overload_answers_503_with_retry_after_at_once(checkpoint):
 @pytest.mark.slow
 def test_slow_clients_are_cut_off_and_normal_ones_served(checkpoint, tmp_path):
     """A real `finegrain serve`: connections that never finish their headers or stop sending their body are
-    closed after the timeouts, and meanwhile a normal client is answered."""
+    closed after the timeouts (a body that stops gets a 408 first), and meanwhile a normal client is answered."""
     options = ["--header-timeout", "1", "--body-timeout", "1"]
     with running_server([sys.executable, "-m", "finegrain", "serve", checkpoint, *options]) as base:
         port = int(base.rsplit(":", 1)[1])
@@ -98,22 +100,35 @@ def test_slow_clients_are_cut_off_and_normal_ones_served(checkpoint, tmp_path):
             slow.append(s)
         assert httpx.post(f"{base}/v1/predict", files={"file": ("b.jpg", jpeg(), "image/jpeg")}).status_code == 200
         time.sleep(2.5)
-        answers = []
-        for s in slow:
-            try:
-                answers.append(s.recv(4096))
-            except OSError:
-                answers.append(b"")
-            s.close()
+        answers = [read_until_closed(s) for s in slow]
         heads = answers[1::2]
-        assert all(a == b"" for a in heads), "connections with unfinished headers must be closed"
+        assert all(a == b"" for a in heads), f"connections with unfinished headers must be closed: {heads[:2]}"
         bodies = answers[0::2]
-        assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in bodies), bodies[:2]
+        assert all(isinstance(a, bytes) and (a == b"" or a.startswith(b"HTTP/1.1 408")) for a in bodies), bodies[:2]
         assert httpx.get(f"{base}/v1/ready").status_code == 200
 
 
-_SCHEMA_CKPT = make_checkpoint(Path(tempfile.mkdtemp()) / "m.pt")
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_SCHEMA_CKPT, ServeSettings(device="cpu")))
+def read_until_closed(s: socket.socket, wait: float = 3.0) -> bytes | str:
+    """What the server sent before closing the connection; "still open" if it has not closed within ``wait`` s
+    (a read that times out is not a closed connection)."""
+    s.settimeout(wait)
+    got = b""
+    try:
+        while chunk := s.recv(4096):
+            got += chunk
+    except TimeoutError:
+        return "still open"
+    except ConnectionError:  # reset by the server: closed
+        pass
+    finally:
+        s.close()
+    return got
+
+
+with tempfile.TemporaryDirectory() as _tmp:  # the app loads its model when created: no file is left behind
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(make_checkpoint(Path(_tmp) / "m.pt"), ServeSettings(device="cpu"))
+    )
 
 
 @pytest.mark.slow

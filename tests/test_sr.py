@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.config import TrainConfig
+from finegrain.data.loading import open_image
+from finegrain.data.transforms import eval_transform
 from finegrain.engine.sr import load_sr, psnr, train_sr
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.models.sr import ESPCN, SRAugment, SRUpscaleSmall, sr_upscale, to_tensor
@@ -104,4 +108,12 @@ def test_sr_cli_trains_upscales_and_predict_uses_it(scenes, tmp_path, tiny_confi
     ckpt = fit(cfg).run_dir / "last.pt"
     capsys.readouterr()
     assert main(["predict", str(ckpt), str(image), "--sr-model", str(run), "--sr-below", "128", "--json"]) == 0
-    assert '"class"' in capsys.readouterr().out
+    with_sr = {t["class"]: t["prob"] for t in json.loads(capsys.readouterr().out)[0]["top"]}
+    assert main(["predict", str(ckpt), str(image), "--json"]) == 0
+    plain = {t["class"]: t["prob"] for t in json.loads(capsys.readouterr().out)[0]["top"]}
+    saved = Checkpoint.load(ckpt)  # the reference: the image enlarged by the SR model by hand, then the classifier
+    enlarged = sr_upscale(load_sr(run / "sr.pt"), open_image(image))
+    with torch.inference_mode():
+        probs = saved.build_model()(eval_transform(saved.preprocess)(enlarged)[None]).softmax(1)[0]
+    assert with_sr == pytest.approx({c: float(probs[saved.classes.index(c)]) for c in with_sr}, abs=1e-5)
+    assert max(abs(with_sr[c] - plain[c]) for c in with_sr) > 1e-4  # without SR the answer is another

@@ -149,10 +149,11 @@ def test_textprior_learns_and_scores_unseen_classes_from_attributes(shapes, tiny
             seen_total += len(results)
     assert seen_hits / seen_total >= 0.8
     assert hits / total >= 0.75, f"zero-shot top-1 among unseen classes {hits}/{total}"
-    photo = open_image(next((shapes / "test" / "blue_square").iterdir()))
-    (e,) = explain(predictor, [photo], k=3)
-    if e.top[0]["class"] == "blue_square":  # the attributes that drove it are the class's own
-        assert {a["name"] for a in e.evidence[:2]} <= {"blue", "square"} and e.evidence
+    photos = [open_image(p) for p in sorted((shapes / "test" / "blue_square").iterdir())]
+    right = [e for e in explain(predictor, photos, k=3) if e.top[0]["class"] == "blue_square"]
+    assert len(right) >= 0.8 * len(photos)
+    for e in right:  # the attributes that drove each answer are the class's own
+        assert e.evidence and {a["name"] for a in e.evidence[:2]} == {"blue", "square"}
 
 
 def test_reference_image_adds_a_class_by_imprinting(shapes, tiny_config, tmp_path):

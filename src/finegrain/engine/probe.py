@@ -164,7 +164,7 @@ def run_probe(ctx: Context, task: Task, model: nn.Module, layer: nn.Linear) -> d
     if view.val_x is not None:
         loader = DataLoader(TensorDataset(view.val_x, view.val_y), batch_size=256)
         m = evaluate(model.head, loader, layer.out_features, ctx.device)
-        row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
+        row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
     seconds = time.perf_counter() - start
     fits = sum(max(1, len(r["sweep"])) for r, _ in tried)
     row.update({"lr": 0.0, "epoch_seconds": seconds, "samples_per_s": len(view.train_x) * fits / seconds})

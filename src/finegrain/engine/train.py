@@ -240,7 +240,7 @@ def fit(
         if val_loader is not None:
             m = evaluate(eval_module, val_loader, len(index.classes), device, amp=ctx.amp if task.images else "none",
                          channels_last=cfg.speed.channels_last and task.images)  # fmt: skip
-            row.update({f"val_{k}": m[k] for k in ("top1", "top5", "mean_class_acc", "loss")})
+            row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         score = row.get("val_top1", row["train_acc"])
         rng = fgdist.all_gather_objects(rng_state())  # every rank's, so each resumes its own random stream
         if info.is_main:

@@ -125,7 +125,8 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 
 class BodyTimeout:
     """ASGI middleware: a request body whose next chunk takes more than ``seconds`` ends with 408 (FastAPI re-raises
-    an HTTPException from the body reader as it is)."""
+    an HTTPException from the body reader as it is) and ``Connection: close``, so the connection is closed at once:
+    its unread body makes it unusable, and without the header uvicorn kept it open until keep-alive expired (5 s)."""
 
     def __init__(self, app, seconds: float) -> None:
         self.app, self.seconds = app, seconds
@@ -138,7 +139,8 @@ class BodyTimeout:
             try:
                 return await asyncio.wait_for(receive(), self.seconds)
             except TimeoutError:
-                raise HTTPException(408, f"the request body stopped arriving for {self.seconds:g} s") from None
+                raise HTTPException(408, f"the request body stopped arriving for {self.seconds:g} s",
+                                    headers={"Connection": "close"}) from None  # fmt: skip
 
         await self.app(scope, timed_receive, send)
 
