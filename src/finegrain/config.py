@@ -391,11 +391,17 @@ class RecipeOptions:
         None, "minutes of training after which no new epoch starts (best.pt keeps the best validated epoch)",
         type=float,
     )  # fmt: skip
+    replan_epochs: bool = option(
+        False, "with --time-limit: after each epoch, re-plan the number of epochs (and the learning-rate schedule) "
+        "from the measured epoch time, so training ends annealed at the limit; --epochs is the first plan "
+        "(--budget sets it)",
+    )  # fmt: skip
 
     def validate(self) -> None:
         _require([
             (self.budget is None or self.budget > 0, "budget is a number of minutes > 0"),
             (self.time_limit is None or self.time_limit > 0, "time-limit is a number of minutes > 0"),
+            (not self.replan_epochs or self.time_limit, "replan-epochs re-plans to fill --time-limit: set it too"),
             (self.finetune_lr > 0, "finetune-lr must be > 0"),
         ])  # fmt: skip
 

@@ -4,8 +4,9 @@ within a time budget on this machine.
 1. The head on cached frozen features (``--head auto``: the probe and the epochs' head, the better on validation).
    Cheap on any CPU, and the start of everything else.
 2. This machine's fine-tuning speed, measured (a few training steps at the run's input size and precision), gives
-   the epochs of whole-network fine-tuning (from the head, BatchNorm statistics frozen) that fit in what is left
-   of the budget; ``--time-limit`` stops it in time if epochs turn out slower.
+   the first plan of whole-network fine-tuning epochs (from the head, BatchNorm statistics frozen) that fit in what
+   is left of the budget; after each epoch the plan and its cosine schedule follow the speed the run actually has
+   (``--replan-epochs``, engine/replan.py), so a machine that slows down or speeds up still ends near the budget.
 3. The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
    ``RUN_DIR/recipe.json`` records every stage's validation numbers and time, and why the one kept was kept.
 """
@@ -91,7 +92,7 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
         run_dir=str(run_dir), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
         lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
         crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
-        time_limit=time_limit,
+        time_limit=time_limit, replan_epochs=time_limit is not None,  # the plan follows the speed the run has
     )  # fmt: skip
 
 
@@ -128,9 +129,12 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
                    f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
         ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60))
+        replans = [{"after_epoch": r["epoch"], "planned_epochs": r["planned_epochs"]}
+                   for r, before in zip(ft.history, [epochs] + [r["planned_epochs"] for r in ft.history], strict=False)
+                   if r["planned_epochs"] != before]  # fmt: skip
         stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
-                              "run_dir": str(ft.run_dir)}  # fmt: skip
+                              "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
     ranked = [(s["val_top1"], name) for name, s in stages.items() if s["val_top1"] is not None]
     kept = max(ranked, key=lambda t: (t[0], t[1] == "head"))[1]  # on ties the head: as good, and cheaper
     if len(ranked) > 1:

@@ -32,6 +32,7 @@ from finegrain.engine.context import Context
 from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore, save_epoch
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
+from finegrain.engine.replan import replan_epochs
 from finegrain.engine.setup import (
     freeze_bn_stats,
     load_run_data,
@@ -59,6 +60,7 @@ class FitResult:
 
 
 SYNC_EVERY = 10  # steps between reads of the running loss (the progress bar, the NaN check)
+clock = time.perf_counter  # the wall clock --time-limit and --replan-epochs read (tests inject a slower machine)
 
 
 def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, scheduler, ema, epoch: int) -> dict:
@@ -214,7 +216,8 @@ def fit(
         module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg)
     o, steps = cfg.optim, len(loader)
-    scheduler = CosineLRScheduler(optimizer, t_initial=o.epochs * steps, lr_min=o.min_lr, t_in_epochs=False,
+    planned = (last.resume.get("planned_epochs") if last is not None else None) or o.epochs  # --replan-epochs
+    scheduler = CosineLRScheduler(optimizer, t_initial=planned * steps, lr_min=o.min_lr, t_in_epochs=False,
                                   warmup_t=int(o.warmup_epochs * steps), warmup_lr_init=o.lr * 0.01)  # fmt: skip
     ema = ModelEmaV3(task.trainable, decay=cfg.averaging.ema_decay) if cfg.averaging.ema else None
     best = -math.inf
@@ -223,9 +226,11 @@ def fit(
         ctx.log(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
 
     history = []
-    loop_start = time.perf_counter()
-    for epoch in range(start_epoch, o.epochs):
-        if history and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
+    loop_start = clock()
+    epoch = start_epoch
+    while epoch < planned:
+        epoch_start = clock()
+        if history and not cfg.recipe.replan_epochs and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
             ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; best.pt has the "
                     "best validated epoch")  # fmt: skip
             break
@@ -241,6 +246,14 @@ def fit(
             m = evaluate(eval_module, val_loader, len(index.classes), device, amp=ctx.amp if task.images else "none",
                          channels_last=cfg.speed.channels_last and task.images)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
+        if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
+            mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start, clock() - epoch_start, epoch + 1)
+            planned = int(fgdist.all_reduce_sum(torch.tensor(float(mine if info.is_main else 0))).item())
+            if planned * steps != scheduler.t_initial:
+                ctx.log(f"epoch {epoch + 1} took {clock() - epoch_start:.0f} s: {planned} epoch(s) now fit in "
+                        f"--time-limit {cfg.recipe.time_limit:.1f} min")  # fmt: skip
+                scheduler.t_initial = planned * steps  # the cosine schedule now ends with the new plan
+            row["planned_epochs"] = planned
         score = row.get("val_top1", row["train_acc"])
         rng = fgdist.all_gather_objects(rng_state())  # every rank's, so each resumes its own random stream
         if info.is_main:
@@ -248,12 +261,14 @@ def fit(
                 "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons}, "job": fgdist.job_id(),
+                "planned_epochs": planned,
             }  # fmt: skip
             save_epoch(ctx, epoch_checkpoint(ctx, task, eval_module, row, epoch), resume_state, score >= best, tracker)
         best = max(best, score)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        epoch += 1
     if probe is not None and task.val_set is not None:  # --head auto: the probe too, and the better on validation
         row = run_probe(ctx, task, *probe)
         if row["val_top1"] > best:
@@ -272,5 +287,5 @@ def _out_of_time(cfg: TrainConfig, loop_start: float, epoch_seconds: float) -> b
     """Would another epoch (as long as the last) end past ``--time-limit``? Every rank gets the same answer."""
     if cfg.recipe.time_limit is None:
         return False
-    late = torch.tensor(float(time.perf_counter() - loop_start + epoch_seconds > 60 * cfg.recipe.time_limit))
+    late = torch.tensor(float(clock() - loop_start + epoch_seconds > 60 * cfg.recipe.time_limit))
     return fgdist.all_reduce_sum(late).item() > 0

@@ -1,0 +1,69 @@
+"""--replan-epochs (set by --budget): the plan follows the speed the run actually has, on a clock the test controls."""
+
+import pytest
+
+import finegrain.engine.train as train_module
+from finegrain.engine.replan import OVERSHOOT, replan_epochs
+from finegrain.engine.train import fit
+
+
+@pytest.mark.parametrize(
+    "elapsed, epoch_s, done, expected",
+    [
+        (10, 10, 1, 12),  # 110 s left of 120: eleven more
+        (44, 20, 4, 8),  # 3.8 epochs fit: the fourth ends 4 s late, closer than stopping 16 s early
+        (100, 40, 2, 2),  # 0.5 fit: one more would end 20 s late (over 10% of 120), so stop 20 s early
+        (130, 10, 5, 5),  # past the limit: never fewer than done
+    ],
+)
+def test_replan_picks_the_end_nearest_the_limit(elapsed, epoch_s, done, expected):
+    assert replan_epochs(120, elapsed, epoch_s, done) == expected
+
+
+class SlowingMachine:
+    """A wall clock that moves only when an epoch runs, by the seconds that epoch is given."""
+
+    def __init__(self, durations) -> None:
+        self.now, self.durations, self.epochs = 0.0, list(durations), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run_epoch(self, real_epoch):
+        def epoch(*args, **kwargs):
+            row = real_epoch(*args, **kwargs)
+            self.now += self.durations[min(self.epochs, len(self.durations) - 1)]
+            self.epochs += 1
+            return row
+
+        return epoch
+
+
+@pytest.mark.parametrize(
+    "first_plan, durations",
+    [
+        (6, [8, 8, 8, 20]),  # the machine slows 2.5x from epoch 4 on (another job starts)
+        (4, [10]),  # the probe was taken on a busy machine: epochs are 3x faster than planned
+    ],
+)
+def test_budget_ends_near_its_limit_when_the_speed_changes(imagefolder, tiny_config, monkeypatch, first_plan,
+                                                          durations):  # fmt: skip
+    machine = SlowingMachine(durations)
+    monkeypatch.setattr(train_module, "clock", machine)
+    monkeypatch.setattr(train_module, "train_one_epoch", machine.run_epoch(train_module.train_one_epoch))
+    limit_s = 120
+    result = fit(tiny_config(imagefolder, epochs=first_plan, time_limit=limit_s / 60, replan_epochs=True))
+    last_epoch = durations[min(len(result.history), len(durations)) - 1]
+    assert abs(machine.now - limit_s) <= OVERSHOOT * limit_s, [r["planned_epochs"] for r in result.history]
+    assert limit_s - machine.now < last_epoch  # never a whole epoch's time left unused
+    assert len(result.history) == result.history[-1]["planned_epochs"] != first_plan
+    lrs, floor = [r["lr"] for r in result.history], tiny_config(imagefolder).optim.min_lr
+    assert lrs[-1] == pytest.approx(floor, abs=1e-7) and lrs[-2] > 10 * floor  # annealed at the end, not before
+
+
+def test_without_replanning_the_first_plan_stands(imagefolder, tiny_config, monkeypatch):
+    machine = SlowingMachine([10])
+    monkeypatch.setattr(train_module, "clock", machine)
+    monkeypatch.setattr(train_module, "train_one_epoch", machine.run_epoch(train_module.train_one_epoch))
+    result = fit(tiny_config(imagefolder, epochs=4, time_limit=2.0))
+    assert len(result.history) == 4 and machine.now == 40  # two thirds of the limit unused: what re-planning fixes
