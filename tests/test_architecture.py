@@ -2,8 +2,10 @@
 the top of a file (an import inside a function hides a dependency, and cycles hide behind them)."""
 
 import ast
+import importlib
 from pathlib import Path
 
+import finegrain
 import finegrain.config
 from finegrain.config import TrainConfig
 
@@ -11,12 +13,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "finegrain"
 
 #: bottom to top; a unit may import units in its own layer or below, never above
 LAYERS = [
+    ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
     ["errors"],
     ["env", "torchfile", "losses"],
     ["config"],
     ["data"],
     ["models"],
-    ["__init__"],  # the package root re-exports create_model
     ["checkpoint"],
     ["engine"],
     ["export"],
@@ -25,6 +27,7 @@ LAYERS = [
     ["explain"],
     ["report"],
     ["serve"],
+    ["api"],  # finegrain.load / finegrain.train
     ["cli", "__main__"],
 ]
 MAX_FUNCTION_LEVEL_IMPORTS = 0
@@ -85,3 +88,12 @@ def test_option_names_are_unique_and_documented():
 def test_every_module_says_what_it_owns():
     missing = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_the_package_root_imports_nothing_and_names_its_lazy_modules():
+    """The root's only dependencies are the modules its lazy names point to: none at import time."""
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("finegrain")]
+    for name, module in finegrain._LAZY.items():
+        assert module.split(".")[1] in {u for layer in LAYERS for u in layer}
+        assert getattr(finegrain, name) is getattr(importlib.import_module(module), name)

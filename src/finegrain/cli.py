@@ -29,13 +29,13 @@ from finegrain.engine.suggest import suggest_labels
 from finegrain.engine.train import fit
 from finegrain.engine.tune import tune
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads, describe
-from finegrain.errors import ConfigError, FinegrainError
+from finegrain.errors import FinegrainError
 from finegrain.explain import explain
-from finegrain.export import OnnxRunner, export_onnx
+from finegrain.export import OnnxRunner
 from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
 from finegrain.models.sr import sr_upscale
-from finegrain.predict import Predictor, choose_engine, with_added_classes
+from finegrain.predict import Predictor, model_for_engine, with_added_classes
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
 from finegrain.serve.app import ServeSettings, create_app
@@ -124,20 +124,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _model_for_engine(model: str, engine: str, device: str) -> str:
-    """The file to run: an .onnx file runs in ONNX Runtime; a checkpoint in PyTorch, or in ONNX Runtime (exported
-    next to it) with --engine onnx, or with --engine auto where ONNX Runtime measured faster on this machine."""
-
-    if Path(model).suffix == ".onnx":
-        if engine == "torch":
-            raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
-        return model
-    if engine == "torch":
-        return model
-    if engine == "onnx":
-        return export_onnx(model)["path"]  # next to the checkpoint, reused by later calls
-    choice = choose_engine(model, device)
-    print(f"engine: {choice['engine']} ({choice['why']})", file=sys.stderr)
-    return choice["onnx_path"] if choice["engine"] == "onnx" else model
+    path, why = model_for_engine(model, engine, device)
+    if engine == "auto" and Path(model).suffix != ".onnx":
+        print(f"engine: {why}", file=sys.stderr)
+    return path
 
 
 def _predict(args: argparse.Namespace) -> int:

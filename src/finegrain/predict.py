@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.data.class_info import load_class_info
-from finegrain.data.loading import open_image
+from finegrain.data.loading import as_image, open_image
 from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.sr import load_sr
@@ -93,6 +93,22 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
     with contextlib.suppress(OSError):  # a read-only checkpoint folder only loses the memo
         record.write_text(json.dumps(result, indent=2))
     return result
+
+
+def model_for_engine(model: str | Path, engine: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """(the file to run, why): an .onnx file runs in ONNX Runtime; a checkpoint in PyTorch, or in ONNX Runtime
+    (exported next to it) with ``engine="onnx"``, or with ``"auto"`` where ONNX Runtime measured faster here."""
+    model = str(model)
+    if Path(model).suffix == ".onnx":
+        if engine == "torch":
+            raise ConfigError("--engine torch needs a checkpoint; an .onnx file runs with --engine onnx")
+        return model, "an ONNX file"
+    if engine == "torch":
+        return model, "asked for"
+    if engine == "onnx":
+        return export_onnx(model)["path"], "asked for"  # next to the checkpoint, reused by later calls
+    choice = choose_engine(model, device)
+    return (choice["onnx_path"] if choice["engine"] == "onnx" else model), f"{choice['engine']} ({choice['why']})"
 
 
 def with_added_classes(checkpoint: str | Path, class_info: str | Path) -> tuple[Path, list[str]]:
@@ -218,6 +234,13 @@ class Predictor:
             [{"class": self.classes[i], "index": int(i), "prob": float(v)} for v, i in zip(vs, ix, strict=True)]
             for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)
         ]
+
+    def predict(self, x, k: int = 5) -> list[dict] | list[list[dict]]:
+        """Top-``k`` ``[{"class", "index", "prob"}]`` for one image (a path, a PIL image or an ``H x W x 3`` uint8
+        array), or a list of those for a list of images."""
+        one = not isinstance(x, list | tuple)
+        tops = self.topk(self.probabilities([as_image(i) for i in ([x] if one else x)]), k)
+        return tops[0] if one else tops
 
     def predict_files(
         self, paths: Sequence[str | Path], k: int = 5, batch_size: int = 32, skip_bad: bool = False

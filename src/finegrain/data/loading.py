@@ -94,6 +94,20 @@ def open_image(path: str | Path) -> Image.Image:
     return decode_image(path)
 
 
+def as_image(x) -> Image.Image:
+    """What a Python caller hands to ``predict``: a path, a PIL image, or an ``H x W x 3`` (or ``H x W``) uint8
+    array (numpy or anything ``np.asarray`` reads, e.g. OpenCV's BGR arrays after ``[..., ::-1]``) -> RGB."""
+    if isinstance(x, str | Path):
+        return open_image(x)
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    a = np.asarray(x)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise DataError(f"an image array must be uint8, H x W or H x W x 3 (RGB); got {a.dtype} of shape {a.shape}: "
+                        "convert it with (array * 255).clip(0, 255).astype('uint8') or pass a file path")  # fmt: skip
+    return to_rgb(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a))
+
+
 def open_sample(sample: Sample) -> Image.Image:
     """A dataset image (a file, or a member of a shard) as RGB; errors name its ``key``."""
     if sample.member is None and sample.data is None:

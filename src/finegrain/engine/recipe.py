@@ -149,4 +149,5 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
               "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
     (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
     tqdm.write(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
-    return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), [])
+    history = ft.history if kept == "finetune" else head.history
+    return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), history, head.counts)
