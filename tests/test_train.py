@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,3 +165,18 @@ def test_bad_stages_are_refused_with_the_fix(cub, tiny_config):
         tiny_config(cub, cache_features=False, stages=[{"epochs": 1, "size": 3}])
     with pytest.raises(ConfigError, match="jigsaw"):
         tiny_config(cub, cache_features=False, stages=[{"epochs": 1, "jigsaw": 0}])
+
+
+def test_logs_off_a_terminal_have_no_bar_frames_and_quiet_prints_nothing(tmp_path, imagefolder):
+    """Output to a file (not a terminal): plain lines, no carriage-return frames of progress bars; --quiet: only
+    errors, so a successful run prints nothing."""
+    args = [sys.executable, "-m", "finegrain", "train", "--data", str(imagefolder), "--input-size", "64",
+            "--epochs", "2", "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--head", "sgd",
+            "--no-cache-features"]  # fmt: skip  # images each epoch: the epoch's bar runs
+    for extra, name in (([], "plain"), (["--quiet"], "quiet")):
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            cmd = [*args, "--run-dir", str(tmp_path / name), *extra]
+            assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+    plain, quiet = (tmp_path / "plain.log").read_bytes(), (tmp_path / "quiet.log").read_bytes()
+    assert b"\r" not in plain and b"epoch 2/2" in plain and len(plain.splitlines()) < 12
+    assert quiet == b""

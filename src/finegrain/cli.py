@@ -10,7 +10,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 from finegrain import __version__
 from finegrain.compress.recipes import prune_and_finetune, qat_finetune
@@ -36,6 +35,7 @@ from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
 from finegrain.models.sr import sr_upscale
 from finegrain.predict import Predictor, model_for_engine, with_added_classes
+from finegrain.progress import progress_bar, say, set_verbosity
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
 from finegrain.serve.app import ServeSettings, create_app
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _config(args)
         run_dir = (train_within_budget(cfg) if cfg.recipe.budget else fit(cfg)).run_dir
-    print(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
+    say(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
     return 0
 
 
@@ -116,17 +116,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if r["skipped_bad"]:
         print(f"skipped {r['skipped_bad']} unreadable image(s) (--skip-bad)")
     out = Path(args.out or Path(r["checkpoint"]).parent)
-    print(f"written: {out / f'eval_{args.split}.json'}")
+    say(f"written: {out / f'eval_{args.split}.json'}")
     if args.report:
-        print(f"report: {r['report']}")
-    print(f"model card: {after_evaluation(r, out, args.split)}")
+        say(f"report: {r['report']}")
+    say(f"model card: {after_evaluation(r, out, args.split)}")
     return 0
 
 
 def _model_for_engine(model: str, engine: str, device: str) -> str:
     path, why = model_for_engine(model, engine, device)
     if engine == "auto" and Path(model).suffix != ".onnx":
-        print(f"engine: {why}", file=sys.stderr)
+        say(f"engine: {why}", stderr=True)
     return path
 
 
@@ -178,7 +178,7 @@ def _explain(args: argparse.Namespace) -> int:
     predictor = Predictor.load(args.model, device=args.device)
     files = list_images(args.target)
 
-    for i in tqdm(range(0, len(files), args.batch_size), desc="explain", disable=len(files) <= args.batch_size):
+    for i in progress_bar(range(0, len(files), args.batch_size), desc="explain", disable=len(files) <= args.batch_size):
         chunk = files[i : i + args.batch_size]
         images = [open_image(f) for f in chunk]
         for f, img, e in zip(chunk, images, explain(predictor, images, args.topk), strict=True):
@@ -617,8 +617,23 @@ def _clean_message(e: Exception) -> str:
     return text
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``-q``/``-v`` on every command and sub-command (declared once, here)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for command in action.choices.values():
+            if command._subparsers is not None:
+                _add_output_options(command)
+            else:
+                group = command.add_argument_group("output")
+                group.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+                group.add_argument("-v", "--verbose", action="store_true", help="also the library's debug log")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_output_options(parser)
+    args = parser.parse_args(argv)
+    set_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", False))
     configure_threads()
     try:
         return args.func(args)

@@ -9,12 +9,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from finegrain.data.loading import open_sample
 from finegrain.data.records import DatasetIndex, Sample
 from finegrain.data.stream import iter_samples
 from finegrain.errors import BadImageError
+from finegrain.progress import progress_bar
 
 
 @dataclass
@@ -60,7 +60,7 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
     widths, heights, bad = [], [], []
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)  # (key, split): never the bytes of a stream
     total = sum(index.count(sp) for sp in splits)
-    for s in tqdm(samples, desc="checking", disable=not progress, unit="img", total=total):
+    for s in progress_bar(samples, desc="checking", disable=not progress, unit="img", total=total):
         counts[s.split][s.label] += 1
         data = s.read_bytes()
         by_hash[hashlib.sha1(data).hexdigest()].append((s.key, s.split))

@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 from finegrain.data.parts import part_boxes
 from finegrain.data.records import Sample
 from finegrain.errors import BadImageError, DataError, ImageTooLargeError, NotAnImageError
+from finegrain.progress import progress_bar
 
 #: what counts as an image where a folder is scanned for them (predict, unlabelled images, class references)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -117,10 +118,9 @@ def open_sample(sample: Sample) -> Image.Image:
 
 def find_bad_images(samples: Sequence[Sample], progress: bool = False) -> list[tuple[Sample, str]]:
     """Return (sample, reason) for every image that does not decode."""
-    from tqdm import tqdm
 
     bad = []
-    for s in tqdm(samples, desc="checking images", disable=not progress, leave=False):
+    for s in progress_bar(samples, desc="checking images", disable=not progress, leave=False):
         try:
             open_sample(s)
         except BadImageError as e:

@@ -19,11 +19,10 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from finegrain.data.loading import IMAGE_SUFFIXES
 from finegrain.data.records import SPLITS, DatasetIndex, Sample
 from finegrain.errors import DataError
+from finegrain.progress import progress_bar
 
 FORMAT = "finegrain-shards/1"
 INFO = "_info.json"  # what makes a folder a shard folder
@@ -59,7 +58,7 @@ def write_shards(index: DatasetIndex, out: str | Path, shard_size: int = 1000, p
     }
     header = {"format": FORMAT, "classes": index.classes, "part_names": index.part_names,
               "splits": {sp: len(v) for sp, v in by_split.items()}}  # fmt: skip
-    bar = tqdm(total=len(index.samples), desc="sharding", unit="img", disable=not progress)
+    bar = progress_bar(total=len(index.samples), desc="sharding", unit="img", disable=not progress)
     for sp, samples in by_split.items():
         for i, start in enumerate(range(0, len(samples), shard_size)):
             chunk, name = samples[start : start + shard_size], shard_name(sp, i)

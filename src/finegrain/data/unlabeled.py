@@ -14,12 +14,11 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from finegrain.data.datasets import read_text
 from finegrain.data.loading import find_bad_images, list_images
 from finegrain.data.records import DatasetIndex, Sample
 from finegrain.errors import DataError
+from finegrain.progress import progress_bar
 
 #: the split name unlabelled samples carry (their label is -1)
 UNLABELED = "unlabeled"
@@ -77,7 +76,7 @@ def load_unlabeled(path: str | Path, index: DatasetIndex, skip_bad: bool = False
         raise DataError(f"{len(missing)} unlabelled image(s) do not exist, e.g. '{missing[0]}': fix the list")
     seen = {digest(s.read_bytes()): f"{index.relpath(s)} ({s.split})" for s in index.samples}
     kept, duplicates = [], []
-    for f in tqdm(files, desc="unlabelled images", disable=not progress, leave=False):
+    for f in progress_bar(files, desc="unlabelled images", disable=not progress, leave=False):
         d = digest(f.read_bytes())
         if d in seen:
             duplicates.append((f, f"the same bytes as {seen[d]}"))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from finegrain.data import DatasetIndex, Sample
 from finegrain.engine.distributed import resolve_device
@@ -24,6 +23,7 @@ from finegrain.engine.features import extract_features
 from finegrain.engine.probe import l2_normalise, logistic_regressions
 from finegrain.errors import ConfigError, DataError
 from finegrain.models import create_model
+from finegrain.progress import progress_bar
 
 #: the probe's penalty for the audit (no validation split to choose it on: every image is scored out of fold);
 #: the middle of the probe's grid, where its choice fell on the development datasets (docs/training.md)
@@ -51,7 +51,7 @@ def out_of_fold_probabilities(feats: torch.Tensor, labels: np.ndarray, num_class
     probs = np.zeros((len(labels), num_classes), dtype=np.float32)
     held = [torch.as_tensor(fold == f) for f in range(folds)]
     fits = logistic_regressions([(x[~h], y[~h], AUDIT_C) for h in held], num_classes)
-    for h, (w, b) in zip(held, tqdm(fits, total=folds, desc="out-of-fold probes", leave=False), strict=True):
+    for h, (w, b) in zip(held, progress_bar(fits, total=folds, desc="out-of-fold probes", leave=False), strict=True):
         probs[h.numpy()] = (x[h] @ w.T + b).softmax(1).numpy()
     return probs
 

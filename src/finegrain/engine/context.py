@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex
 from finegrain.engine.distributed import DistInfo
+from finegrain.progress import say
 
 
 @dataclass
@@ -27,4 +27,4 @@ class Context:
 
     def log(self, message: str) -> None:
         if self.info.is_main:
-            tqdm.write(message)
+            say(message)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import torch.nn as nn
-from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine.context import Context
 from finegrain.engine.setup import set_rng_state
 from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
+from finegrain.progress import say
 
 
 def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_best: bool, tracker: RunTracker) -> None:
@@ -30,7 +30,7 @@ def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_b
     tracker.epoch(row)
     val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
     epochs = "probe" if resume_state is None else f"epoch {record.epoch + 1}/{ctx.cfg.optim.epochs}"
-    tqdm.write(f"{epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}{val} "
+    say(f"{epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}{val} "
                f"({row['epoch_seconds']:.1f}s, {row['samples_per_s']:.1f}/s)")  # fmt: skip
 
 

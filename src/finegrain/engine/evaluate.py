@@ -8,10 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from finegrain.engine.distributed import all_reduce_sum
 from finegrain.env import resolve_amp
+from finegrain.progress import progress_bar
 
 
 def autocast(device: torch.device, amp: str):
@@ -51,7 +51,7 @@ def evaluate(
     top5 = torch.zeros((), dtype=torch.long)
     loss_sum = torch.zeros((), dtype=torch.float64)
     k = min(5, num_classes)
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for x, y in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
             logits = module(x).float().cpu()

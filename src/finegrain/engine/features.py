@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
 from finegrain.checkpoint import save_atomic
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import Preprocess, eval_transform
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.env import resolve_amp
+from finegrain.progress import progress_bar
 from finegrain.torchfile import load_tensors
 
 
@@ -103,7 +103,7 @@ def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, devic
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     model.eval()
     chunks = []
-    for x, _ in tqdm(loader, desc=desc + (" (mirrored)" if flip else ""), unit="batch"):
+    for x, _ in progress_bar(loader, desc=desc + (" (mirrored)" if flip else ""), unit="batch"):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
             chunks.append(model.backbone_features(x).float().cpu())

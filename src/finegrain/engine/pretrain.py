@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
-from tqdm import tqdm
 
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import INTERPOLATION, Preprocess
@@ -29,6 +28,7 @@ from finegrain.engine.setup import seed_everything
 from finegrain.env import configure_threads, machine_info
 from finegrain.errors import ConfigError
 from finegrain.models import create_model
+from finegrain.progress import progress_bar
 
 
 def two_views(pre: Preprocess):
@@ -91,7 +91,7 @@ def pretrain(images: str | Path, out: str | Path, backbone: str, epochs: int = 2
     for epoch in range(epochs):
         net.train()
         total, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"pretrain {epoch + 1}/{epochs}")
+        bar = progress_bar(loader, desc=f"pretrain {epoch + 1}/{epochs}")
         for views, _ in bar:
             for g in opt.param_groups:  # cosine decay; the predictor keeps a fixed rate (SimSiam, sec. 4.2)
                 g["lr"] = scaled_lr if g.get("fixed_lr") else scaled_lr * 0.5 * (1 + torch.cos(torch.tensor(

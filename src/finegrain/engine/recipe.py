@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
@@ -34,6 +33,7 @@ from finegrain.engine.setup import freeze_bn_stats
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
+from finegrain.progress import say
 
 #: the files of the kept stage that make RUN_DIR a run directory of its own, with what data add-ons report there
 STAGE_FILES = ("best.pt", "last.pt", "split.csv", "config.yaml", "environment.json", "metrics.jsonl", "curves.png",
@@ -125,7 +125,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
                 "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0),
                 "teachers_per_batch": len(teachers)}  # fmt: skip
     if epochs >= 1:
-        tqdm.write(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
+        say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
                    f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
         ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60))
@@ -148,6 +148,6 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     recipe = {"budget_min": cfg.recipe.budget, "stages": stages, "decision": decision, "kept": kept, "why": why,
               "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
     (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    tqdm.write(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
+    say(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
     history = ft.history if kept == "finetune" else head.history
     return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), history, head.counts)

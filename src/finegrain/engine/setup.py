@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
@@ -25,6 +24,7 @@ from finegrain.env import machine_info, precision_name
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.models import create_model, needs_class_info
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
+from finegrain.progress import say
 
 
 def seed_everything(seed: int) -> None:
@@ -101,7 +101,7 @@ def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex
         index.samples = [s for s in index.samples if s.key not in dropped]
         if info.is_main:
             (run_dir / "skipped.txt").write_text("".join(f"{s.key}\t{why}\n" for s, why in bad))
-            tqdm.write(f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
+            say(f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
     return index
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from finegrain.checkpoint import save_atomic
 from finegrain.data import load_dataset, open_sample
 from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.models.sr import ESPCN, downscale, to_tensor
+from finegrain.progress import progress_bar
 from finegrain.torchfile import load_tensors
 
 
@@ -88,7 +88,7 @@ def train_sr(
     pick = np.random.default_rng(seed)
     train = [train[i] for i in sorted(pick.permutation(len(train))[:max_images])]
     held = [held[i] for i in sorted(pick.permutation(len(held))[:eval_images])]
-    images = [open_sample(s) for s in tqdm(train, desc="loading", leave=False)]
+    images = [open_sample(s) for s in progress_bar(train, desc="loading", leave=False)]
     small = [im for im in images if min(im.size) < patch]
     if small:
         raise DataError(f"{len(small)} training image(s) are smaller than the {patch}-px patch: lower --patch")
@@ -99,7 +99,7 @@ def train_sr(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"sr x{scale}")
+    bar = progress_bar(range(steps), desc=f"sr x{scale}")
     for _ in bar:
         lr_batch, hr = _patches(images, batch_size, patch, scale, gen)
         loss = F.l1_loss(model(lr_batch), hr)

@@ -21,7 +21,6 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
@@ -47,6 +46,7 @@ from finegrain.engine.task import Task, build_task, step
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import configure_threads, resolve_amp
 from finegrain.errors import CheckpointError, ConfigError
+from finegrain.progress import progress_bar, say
 
 
 @dataclass
@@ -70,7 +70,7 @@ def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, schedul
         freeze_bn_stats(module)
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct: kept where the model is
     count, steps, start = 0, len(loader), time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not ctx.info.is_main, leave=False)
+    bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not ctx.info.is_main, leave=False)
     for i, batch in enumerate(bar):
         loss, logits = step(ctx, task, module, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +176,7 @@ def fit(
     index = load_run_data(cfg, run_dir, last is not None, info)
     if last is not None and last.resume is None:  # a probe run: nothing was left to do
         if info.is_main:
-            tqdm.write(f"{run_dir} is complete (its head was solved by the probe): nothing to resume")
+            say(f"{run_dir} is complete (its head was solved by the probe): nothing to resume")
         return FitResult(run_dir, last.build_model().to(device), [], {sp: index.count(sp) for sp in ("train", "val")})
     model = model_from_config(cfg, index.classes).to(device)
     ctx = Context(cfg, device, info, run_dir, index, model, resolve_amp(cfg.speed.amp, device), build_addons(cfg))

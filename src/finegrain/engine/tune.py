@@ -18,11 +18,11 @@ from pathlib import Path
 
 import matplotlib
 import yaml
-from tqdm import tqdm
 
 from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
+from finegrain.progress import progress_bar
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,7 +73,7 @@ def tune(base: TrainConfig, study_dir: str | Path, budget_min: float, trials: in
     )  # fmt: skip
     deadline = time.perf_counter() + 60 * budget_min
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]  # a killed trial is run again
-    bar = tqdm(total=trials, initial=len(done), desc="tune", unit="trial")
+    bar = progress_bar(total=trials, initial=len(done), desc="tune", unit="trial")
 
     def objective(trial) -> float:
         best_head = _best_run(study, "head")
