@@ -226,3 +226,46 @@ def test_predict_on_a_folder_predicts_the_rest_and_lists_the_bad_ones(tmp_path, 
     assert code == 2 and "Traceback" not in captured.err
     assert "broken.jpg" in captured.err and "1 of 4" in captured.err
     assert len(json.loads(captured.out)) == 3
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--lr", "inf"], "lr: expected a finite number"),
+        (["--weight-decay", "nan"], "weight_decay: expected a finite number"),
+        (["--clip-grad", "nan"], "clip_grad: expected a finite number"),
+        (["--input-size", "-5"], "input_size: -5 is outside 32-1024"),
+        (["--input-size", "0"], "input_size: 0 is outside 32-1024"),  # it silently became the backbone's 224
+        (["--input-size", "10000"], "input_size: 10000 is outside 32-1024"),
+        (["--workers", "-1"], "workers: -1 is outside 0-64"),  # silently accepted before
+    ],
+)
+def test_bad_values_on_the_command_line_are_refused_with_the_key(tmp_path, imagefolder, capsys, args, words):
+    code, err = run_cli(["train", "--data", imagefolder, "--run-dir", tmp_path / "run", *args], capsys)
+    assert code == 2 and words in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (b'epochs: "three"\n', "epochs: expected a whole number, got 'three'"),
+        (b"epochs: 1.7\n", "epochs: expected a whole number, got 1.7"),
+        (b"epochs: true\n", "epochs: expected a whole number, got True"),  # silently 1 epoch before
+        (b"lr: [1, 2]\n", "lr: expected a number, got [1, 2]"),
+        (b'input_size: "224"\n', "input_size: expected a whole number or none, got '224'"),
+        (b"model_kwargs: pooling=rm\n", "model_kwargs: expected a dict"),
+        (b"epochs: [\n", "is not valid YAML"),
+        (b"epochs: 3\n# \xff\xfe caf\xe9\n", "is not UTF-8"),
+    ],
+)
+def test_bad_values_in_a_config_file_are_refused_with_the_key(tmp_path, imagefolder, capsys, text, words):
+    (tmp_path / "c.yaml").write_bytes(text)
+    code, err = run_cli(["train", "--config", tmp_path / "c.yaml", "--data", imagefolder], capsys)
+    assert code == 2 and words in err, err
+
+
+def test_good_values_pass_through_the_check(tiny_config, imagefolder):
+    cfg = tiny_config(imagefolder).replace(epochs=3.0, lr=1, clip_grad=None, input_size=None)
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.optim.clip_grad, cfg.model.input_size) == (3, 1.0, None, None)
+    assert isinstance(cfg.optim.epochs, int) and isinstance(cfg.optim.lr, float)

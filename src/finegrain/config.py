@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -70,6 +71,42 @@ def option(default: Any, help: str, **cli: Any) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+#: the range of every size-like option: a value outside it is refused with the range (0 or 10,000 px is a typo)
+BOUNDS = {"input_size": (32, 1024), "batch_size": (1, 4096), "epochs": (1, 100_000), "workers": (0, 64)}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
+
+
+def check_value(key: str, value: Any, annotation: str) -> Any:
+    """``value`` as option ``key`` declares it (``int | None``, ``float`` ...), from the command line or a YAML file:
+    whole numbers for counts (3.0 is 3; 1.7 and true are refused), finite numbers, no quoted numbers; else a
+    :class:`ConfigError` naming the key, what it got and what it takes."""
+    kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    want = next((_TYPES[k] for k in kinds if k in _TYPES), None)
+    if want is None:
+        return value
+    kind = {int: "a whole number", float: "a number"}.get(want, f"a {want.__name__}")
+    bad = ConfigError(f"{key}: expected {kind}{' or none' if 'None' in kinds else ''}, got {value!r} "
+                      f"({type(value).__name__})")  # fmt: skip
+    if want in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise bad
+    if want is int:
+        if not float(value).is_integer():
+            raise bad
+        value = int(value)
+    elif want is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+    elif not isinstance(value, want):
+        raise bad
+    low, high = BOUNDS.get(key, (None, None))
+    if low is not None and not low <= value <= high:
+        raise ConfigError(f"{key}: {value} is outside {low}-{high}")
+    return value
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -498,6 +535,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Grouped, flat or mixed mappings; unknown names are refused with the known ones listed."""
         home = {f.name: g for g, f in cls.options()}
+        declared = {f.name: f.type for _, f in cls.options()}
         groups = {f.name for f in fields(cls)}
         values: dict[str, dict] = {g: {} for g in groups}
         unknown = []
@@ -507,11 +545,11 @@ class TrainConfig:
                 for k, v in value.items():
                     k = k.replace("-", "_")
                     if home.get(k) == key:
-                        values[key][k] = v
+                        values[key][k] = check_value(k, v, declared[k])
                     else:
                         unknown.append(f"{key}.{k}")
             elif key in home:
-                values[home[key]][key] = value
+                values[home[key]][key] = check_value(key, value, declared[key])
             else:
                 unknown.append(key)
         if unknown:
@@ -528,7 +566,13 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]} "
+                              f"({getattr(e, 'problem_mark', '') or 'see the file'})") from None  # fmt: skip
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of option: value")
         return cls.from_dict(data)
