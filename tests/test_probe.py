@@ -168,7 +168,7 @@ def test_budget_keeps_the_stage_that_validates_better(imagefolder, tiny_config, 
     def fit_scored(cfg, *args, **kwargs):  # the fine-tuning stage runs one epoch and reports the chosen score
         if cfg.model.freeze_backbone:
             return real_fit(cfg, *args, **kwargs)
-        result = real_fit(cfg.replace(epochs=1), *args, **kwargs)
+        result = real_fit(cfg.replace(epochs=1, time_limit=None, replan_epochs=False), *args, **kwargs)
         return dataclasses.replace(result, history=[{**r, "val_top1": finetune_val} for r in result.history])
 
     monkeypatch.setattr(recipe_module, "fit", fit_scored)

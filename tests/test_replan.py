@@ -14,6 +14,7 @@ from finegrain.engine.train import fit
         (44, 20, 4, 8),  # 3.8 epochs fit: the fourth ends 4 s late, closer than stopping 16 s early
         (100, 40, 2, 2),  # 0.5 fit: one more would end 20 s late (over 10% of 120), so stop 20 s early
         (130, 10, 5, 5),  # past the limit: never fewer than done
+        (1, 0.01, 1, 300),  # a tiny dataset's 0.01 s epochs: at most MAX_EPOCHS, not 11,900
     ],
 )
 def test_replan_picks_the_end_nearest_the_limit(elapsed, epoch_s, done, expected):

@@ -29,6 +29,7 @@ from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
+from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import freeze_bn_stats
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
@@ -120,7 +121,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
     epoch_s = (n_train + EVAL_COST * n_val) / speed
     left = budget_s - (time.perf_counter() - start)
-    epochs = math.floor(left / epoch_s)
+    epochs = min(math.floor(left / epoch_s), MAX_EPOCHS)
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
                 "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0),
                 "teachers_per_batch": len(teachers)}  # fmt: skip
@@ -129,9 +130,12 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
                    f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
         ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60))
-        replans = [{"after_epoch": r["epoch"], "planned_epochs": r["planned_epochs"]}
-                   for r, before in zip(ft.history, [epochs] + [r["planned_epochs"] for r in ft.history], strict=False)
-                   if r["planned_epochs"] != before]  # fmt: skip
+        plans = [r.get("planned_epochs", epochs) for r in ft.history]  # (absent where --replan-epochs is off)
+        replans = [
+            {"after_epoch": r["epoch"], "planned_epochs": now}
+            for r, now, before in zip(ft.history, plans, [epochs, *plans], strict=False)
+            if now != before
+        ]
         stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
                               "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip

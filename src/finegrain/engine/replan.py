@@ -14,12 +14,16 @@ import math
 
 #: how far past the limit a re-plan may end its last epoch rather than stop short by more (a share of the limit)
 OVERSHOOT = 0.1
+#: the most epochs a plan holds: on a tiny dataset a long budget would otherwise buy thousands of epochs of
+#: fine-tuning a pretrained network, which no schedule here needs (the budget is then not all used)
+MAX_EPOCHS = 300
 
 
 def replan_epochs(limit_s: float, elapsed_s: float, epoch_s: float, done: int) -> int:
     """The total number of epochs that ends closest to ``limit_s`` seconds, ``done`` epochs having taken
     ``elapsed_s`` and the last of them ``epoch_s``: whole epochs that fit, plus one more where it would end at most
-    ``OVERSHOOT`` of the limit late and closer to the limit than stopping would. Never fewer than ``done``."""
+    ``OVERSHOOT`` of the limit late and closer to the limit than stopping would. Never fewer than ``done``, nor more
+    than ``MAX_EPOCHS``."""
     if epoch_s <= 0:
         return done
     fits = (limit_s - elapsed_s) / epoch_s
@@ -28,4 +32,4 @@ def replan_epochs(limit_s: float, elapsed_s: float, epoch_s: float, done: int) -
     late = (n + 1 - fits) * epoch_s  # seconds past the limit with one more
     if fits >= 0 and late <= OVERSHOOT * limit_s and late < short:
         n += 1
-    return done + n
+    return max(done, min(done + n, MAX_EPOCHS))
