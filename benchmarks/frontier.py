@@ -48,14 +48,17 @@ from peer_timm import (  # noqa: E402
     train_throughput,
 )
 
-from finegrain.env import cpu_model  # noqa: E402
+from finegrain.env import cpu_family_model, cpu_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 EVAL_SPEEDUP = 3.0  # the peer's test pass runs forward only: about 3x its training images/s (measured on cub100)
 
 
 def cpu_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "_", cpu_model().lower()).strip("_") or "unknown_cpu"
+    """The pieces' folder: model name plus family/model (a VM's bare "Intel(R) Xeon(R) Processor" names several
+    generations), so a later session on another CPU starts its own frontier instead of mixing machines."""
+    name = f"{cpu_model()} {cpu_family_model() or ''}"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unknown_cpu"
 
 
 def piece_path(dataset: str, part: str) -> Path:
@@ -63,7 +66,7 @@ def piece_path(dataset: str, part: str) -> Path:
 
 
 def save_piece(dataset: str, part: str, row: dict) -> None:
-    row.update({"cpu": cpu_model(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    row.update({"cpu": f"{cpu_model()}, {cpu_family_model()}", "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_json(piece_path(dataset, part), row)
 
 
