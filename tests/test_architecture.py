@@ -16,7 +16,7 @@ LAYERS = [
     ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
     ["errors"],
     ["env", "torchfile", "losses", "progress"],
-    ["config"],
+    ["config", "option_values"],
     ["data"],
     ["models"],
     ["checkpoint"],

