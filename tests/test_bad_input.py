@@ -16,7 +16,7 @@ from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.data.loading import decode_image
 from finegrain.engine.train import fit
-from finegrain.errors import CheckpointError, DataError
+from finegrain.errors import CheckpointError, DataError, ImageTooLargeError
 from finegrain.export import export_onnx, read_onnx_metadata
 from finegrain.export.onnx import METADATA_KEY, save_with_metadata
 from finegrain.predict import Predictor
@@ -269,3 +269,29 @@ def test_good_values_pass_through_the_check(tiny_config, imagefolder):
     cfg = tiny_config(imagefolder).replace(epochs=3.0, lr=1, clip_grad=None, input_size=None)
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.optim.clip_grad, cfg.model.input_size) == (3, 1.0, None, None)
     assert isinstance(cfg.optim.epochs, int) and isinstance(cfg.optim.lr, float)
+
+
+def thin_png(width: int, height: int) -> bytes:
+    """A tiny file of a huge, thin picture (PNG compresses a flat image to almost nothing)."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(400_000, 100), (40_000_000, 1), (100, 400_000)])
+def test_thin_images_are_refused_from_the_header(size, tmp_path, capsys):
+    """Before: a 39 KB 400,000 x 100 PNG took 9 s and 1.3 GB once resized for the model, and 40,000,000 x 1
+    overflowed the resize (a 500 in the server). Now the header is enough to refuse them, with the limit named."""
+    data = thin_png(*size)
+    with pytest.raises(ImageTooLargeError, match="times longer than wide, above the limit of 50:1"):
+        decode_image(io.BytesIO(data), "thin.png")
+    (tmp_path / "thin.png").write_bytes(data)
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    code, err = run_cli(["predict", ckpt, tmp_path / "thin.png", "--engine", "torch"], capsys)
+    assert code == 2 and "thin.png" in err and "50:1" in err
+
+
+def test_a_wide_photo_within_the_aspect_limit_still_predicts(tmp_path):
+    Image.new("RGB", (2000, 100), (200, 30, 30)).save(tmp_path / "banner.png")  # 20:1
+    (row,) = Predictor.load(make_checkpoint(tmp_path / "m.pt")).predict_files([tmp_path / "banner.png"], k=1)
+    assert row["top"][0]["prob"] > 0

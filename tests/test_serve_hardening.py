@@ -73,6 +73,28 @@ def test_ready_and_metrics(client):
     assert "finegrain_request_seconds_bucket" in text and "finegrain_batch_size_count" in text
 
 
+def test_thin_images_get_413_naming_the_limit_and_its_flag(client):
+    from .test_bad_input import thin_png
+
+    for size in ((400_000, 100), (40_000_000, 1)):  # before: 9 s and 1.3 GB; a 500 (OverflowError)
+        r = client.post("/v1/predict", files={"file": ("thin.png", thin_png(*size), "image/png")})
+        assert r.status_code == 413 and "--max-aspect" in r.json()["detail"], r.text
+    r = client.post("/v1/explain", files={"file": ("thin.png", thin_png(400_000, 100), "image/png")})
+    assert r.status_code == 413
+
+
+def test_a_request_that_fails_is_counted_as_500_in_metrics(checkpoint, monkeypatch):
+    import finegrain.serve.app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "decode_upload", broken)
+    with TestClient(create_app(checkpoint, ServeSettings(device="cpu")), raise_server_exceptions=False) as c:
+        assert c.post("/v1/predict", **upload(jpeg())).status_code == 500
+        assert 'finegrain_requests_total{path="/v1/predict",status="500"} 1.0' in c.get("/metrics").text
+
+
 def test_overload_answers_503_with_retry_after_at_once(checkpoint):
     with TestClient(create_app(checkpoint, ServeSettings(device="cpu", max_inflight=0))) as c:
         r = c.post("/v1/predict", **upload(jpeg()))

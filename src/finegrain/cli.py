@@ -18,7 +18,7 @@ from finegrain.data import list_images, load_dataset
 from finegrain.data.check import check_dataset
 from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.datasets import FORMATS
-from finegrain.data.loading import open_image
+from finegrain.data.loading import MAX_ASPECT, open_image
 from finegrain.data.shards import write_shards
 from finegrain.engine.audit import audit_labels, write_audit_csv
 from finegrain.engine.pretrain import pretrain
@@ -193,8 +193,8 @@ def _explain(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-        max_pixels=args.max_pixels, threads=args.threads, device=args.device, max_inflight=args.max_inflight,
-        body_timeout_s=args.body_timeout, class_info=args.class_info,
+        max_pixels=args.max_pixels, max_aspect=args.max_aspect, threads=args.threads, device=args.device,
+        max_inflight=args.max_inflight, body_timeout_s=args.body_timeout, class_info=args.class_info,
     )  # fmt: skip
     app = create_app(args.model, settings)
     print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
@@ -491,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up (5 ms)")
     p.add_argument("--max-body-mb", type=float, default=10.0, help="largest accepted request body (10 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (40M)")
+    p.add_argument("--max-aspect", type=float, default=MAX_ASPECT,
+                   help=f"largest accepted ratio of an image's long to short side ({MAX_ASPECT:g})")  # fmt: skip
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
     p.add_argument("--max-inflight", type=int, default=64, help="uploads in progress before 503 + Retry-After (64)")

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from finegrain import __version__
 from finegrain.config import DEFAULT_BACKBONE
-from finegrain.data.loading import decode_image
+from finegrain.data.loading import MAX_ASPECT, decode_image
 from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 from finegrain.explain import explain
 from finegrain.explain.render import png_bytes
@@ -69,6 +69,7 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_body_mb: float = 10.0
     max_pixels: int = 40_000_000
+    max_aspect: float = MAX_ASPECT  # longest side over shortest (thin images cost gigabytes once resized)
     threads: int | None = None  # ONNX Runtime intra-op threads (None: all cores)
     device: str = "auto"
     preprocess_threads: int = 2  # image decoding and resizing, first-come first-served
@@ -109,16 +110,17 @@ def release_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, max_pixels: int, max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Uploaded bytes -> RGB image (the same decoding as training data), or an HTTP 4xx that says why not."""
     if not data:
         raise HTTPException(400, "the uploaded file is empty: send an image file")
     try:
-        return decode_image(io.BytesIO(data), "upload", max_pixels)
+        return decode_image(io.BytesIO(data), "upload", max_pixels, max_aspect)
     except NotAnImageError as e:
         raise HTTPException(400, "the uploaded file is not an image PIL can read (JPEG, PNG, WebP ...)") from e
     except ImageTooLargeError as e:
-        raise HTTPException(413, f"image has too many pixels ({e.reason}); the limit is {max_pixels:,}") from e
+        raise HTTPException(413, f"image too large or too thin ({e.reason}); the server's limits: {max_pixels:,} "
+                                 f"pixels (--max-pixels), {max_aspect:g}:1 (--max-aspect)") from e  # fmt: skip
     except BadImageError as e:
         raise HTTPException(400, f"the image is truncated or corrupt: {e.reason}") from e
 
@@ -252,9 +254,20 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        """Size and concurrency limits before any work, and the metrics of every answer."""
+        """Size and concurrency limits before any work, and the metrics of every answer (a request that raised
+        is counted as the 500 it becomes: those were missing from /metrics)."""
         start, path = time.perf_counter(), request.url.path
         route = path if path in known_paths else "other"
+        try:
+            response = await admit(request, call_next)
+        except Exception:
+            requests_total.labels(route, "500").inc()
+            raise
+        requests_total.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    async def admit(request: Request, call_next):
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None:
@@ -273,13 +286,11 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
                     inflight["n"] -= 1
         else:
             response = await call_next(request)
-        requests_total.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - start)
         return response
 
     def decode(data: bytes, large: bool) -> Image.Image:
         try:
-            return decode_upload(data, settings.max_pixels)
+            return decode_upload(data, settings.max_pixels, settings.max_aspect)
         finally:
             if large:
                 release_memory()  # the decoder's buffers, and the whole image when it failed
