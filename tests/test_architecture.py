@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "finegrain"
 #: bottom to top; a unit may import units in its own layer or below, never above
 LAYERS = [
     ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
-    ["errors"],
+    ["errors", "escape"],
     ["env", "torchfile", "losses", "progress"],
     ["config", "option_values"],
     ["data"],

@@ -1,6 +1,7 @@
 """Careless and hostile inputs: each one gets a message that names the problem and the fix (exit 2, no
 traceback), or is handled correctly; nothing is silently lost."""
 
+import csv
 import io
 import json
 import pickle
@@ -20,8 +21,9 @@ from finegrain.errors import CheckpointError, DataError, ImageTooLargeError
 from finegrain.export import export_onnx, read_onnx_metadata
 from finegrain.export.onnx import METADATA_KEY, save_with_metadata
 from finegrain.predict import Predictor
+from finegrain.report.card import read_confusion
 
-from .conftest import make_checkpoint, make_imagefolder
+from .conftest import make_checkpoint, make_imagefolder, synthetic_image
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -295,3 +297,46 @@ def test_a_wide_photo_within_the_aspect_limit_still_predicts(tmp_path):
     Image.new("RGB", (2000, 100), (200, 30, 30)).save(tmp_path / "banner.png")  # 20:1
     (row,) = Predictor.load(make_checkpoint(tmp_path / "m.pt")).predict_files([tmp_path / "banner.png"], k=1)
     assert row["top"][0]["prob"] > 0
+
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "=HYPERLINK(\"http://x\",\"y\")",
+           "@SUM(1+1)"]  # fmt: skip
+
+
+def test_hostile_class_names_are_escaped_in_the_card_and_csv_files(tmp_path, capsys):
+    """Class names from a manifest go into MODEL_CARD.md (escaped: no HTML a Markdown renderer would run) and into
+    the CSV files (no cell a spreadsheet reads as a formula); the confusion CSV still reads back as the names."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for c, name in enumerate(HOSTILE):
+        for i in range(8):
+            synthetic_image(c, rng).save(tmp_path / f"{c}_{i}.jpg")
+            quoted = '"' + name.replace('"', '""') + '"'
+            rows.append(f"{c}_{i}.jpg,{quoted},{'train' if i < 5 else 'test'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    args = ["train", "--data", tmp_path / "manifest.csv", "--input-size", "64", "--epochs", "2", "--workers", "0",
+            "--run-dir", run, "--cache-dir", tmp_path / "cache", "--head", "sgd"]  # fmt: skip
+    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(["evaluate", run, "--workers", "0", "--report"], capsys)[0] == 0
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "<script" not in card and "<img" not in card and "&lt;script&gt;" in card
+    for name in ("predictions_test.csv", "confusion_test.csv"):
+        cells = [c for row in csv.reader((run / name).open()) for c in row]
+        assert not [c for c in cells if c.startswith(("=", "+", "-", "@"))], name
+    assert read_confusion(run / "confusion_test.csv")[0] == sorted(HOSTILE)
+    assert sorted(json.loads((run / "eval_test.json").read_text())["per_class_acc"]) == sorted(HOSTILE)
+
+
+def test_a_class_folder_linked_from_outside_the_dataset_is_refused_unless_asked(tmp_path, capsys):
+    """Before: `data check` followed a link to /etc and read it as a class. Now the link is named; the flag reads it."""
+    root = make_imagefolder(tmp_path / "data", num_classes=2, per_class=6)
+    outside = make_imagefolder(tmp_path / "elsewhere", num_classes=1, per_class=6) / "class_0"
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    code, err = run_cli(["data", "check", root], capsys)
+    assert code == 2 and "'" + str(root / "linked") + "' is a link to" in err and "--follow-symlinks" in err
+    assert run_cli(["data", "check", root, "--follow-symlinks", "--json"], capsys)[0] == 0
+    assert load_dataset(root, follow_symlinks=True).classes == ["class_0", "class_1", "linked"]
+    (root / "inside").symlink_to(root / "class_0", target_is_directory=True)  # a link within the dataset is fine
+    (root / "linked").unlink()
+    assert load_dataset(root).classes == ["class_0", "class_1", "inside"]

@@ -169,7 +169,8 @@ class Checkpoint:
         d = cfg.dataset if cfg else TrainConfig().dataset
         seed = cfg.run.seed if cfg else 0
         split_file = self.run_dir / "split.csv" if self.run_dir else None
-        index = load_dataset(data, d.format, d.val_fraction, d.test_fraction, seed, split_file=split_file)
+        index = load_dataset(data, d.format, d.val_fraction, d.test_fraction, seed, split_file=split_file,
+                             follow_symlinks=d.follow_symlinks)  # fmt: skip
         if index.classes != self.classes:
             raise DataError(
                 f"the classes of '{data}' ({len(index.classes)}) differ from the checkpoint's "

@@ -29,6 +29,7 @@ from finegrain.engine.train import fit
 from finegrain.engine.tune import tune
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads, describe
 from finegrain.errors import FinegrainError
+from finegrain.escape import csv_cell
 from finegrain.explain import explain
 from finegrain.export import OnnxRunner
 from finegrain.export.quantize import export_checkpoint
@@ -149,7 +150,8 @@ def _predict(args: argparse.Namespace) -> int:
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "rank", "class", "prob"])
         for r in results:
-            writer.writerows([r["path"], i + 1, t["class"], f"{t['prob']:.6f}"] for i, t in enumerate(r["top"]))
+            writer.writerows([csv_cell(r["path"]), i + 1, csv_cell(t["class"]), f"{t['prob']:.6f}"]
+                             for i, t in enumerate(r["top"]))  # fmt: skip
     else:
         table = Table("image", "rank", "class", "probability")
         for r in results:
@@ -235,8 +237,8 @@ def _data_suggest(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-
-    index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed)
+    index = load_dataset(args.path, args.format, args.val_fraction, args.test_fraction, args.seed,
+                         follow_symlinks=args.follow_symlinks)  # fmt: skip
     report = check_dataset(index)
     info_dir = find_class_info(args.path, args.class_info)
     if info_dir is not None:
@@ -567,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-info", help="class_info folder to report on (default: PATH/class_info when it exists)")
+    p.add_argument("--follow-symlinks", action="store_true", help="read class folders linked from outside the data")
     p.add_argument("--json", action="store_true", help="JSON report")
     p.set_defaults(func=_data_check)
 

@@ -86,6 +86,9 @@ class DataOptions:
     val_fraction: float = option(0.1, "fraction of each class's training images held out for validation")
     test_fraction: float = option(0.2, "fraction of each class held out as test when the dataset has no test split")
     skip_bad: bool = option(False, "skip unreadable images (and report them) instead of stopping")
+    follow_symlinks: bool = option(
+        False, "read ImageFolder class folders that are links to places outside the dataset (off: refused, named)"
+    )
     class_info: str | None = option(
         None,
         "folder of class descriptions / reference images / attributes "

@@ -253,8 +253,10 @@ def load_dataset(
     seed: int = 0,
     split_file: str | Path | None = None,
     check_files: bool = True,
+    follow_symlinks: bool = False,
 ) -> DatasetIndex:
-    """Read a dataset, then complete its splits.
+    """Read a dataset, then complete its splits. An ImageFolder class folder that is a link to a place outside the
+    dataset is refused unless ``follow_symlinks`` (``data check`` read all of /etc as a class named after a link).
 
     The official split is kept. Where there is no test split, ``test_fraction`` of each class becomes
     test; ``val_fraction`` of each class's training images becomes validation. ``split_file`` (written by
@@ -271,6 +273,14 @@ def load_dataset(
     if not path.exists():
         raise DataError(f"dataset path '{path}' does not exist")
     index = read_shards(path) if fmt == "shards" else READERS[fmt](path)
+    if fmt == "imagefolder" and not follow_symlinks:
+        inside = path.resolve()
+        for name in index.classes:
+            target = (path / name).resolve()
+            if not target.is_relative_to(inside):
+                raise DataError(f"class folder '{path / name}' is a link to '{target}', outside the dataset '{path}': "
+                                "links out of a dataset are not followed unless asked. Pass --follow-symlinks if it "
+                                "is meant, or copy the images in")  # fmt: skip
     if split_file is not None and Path(split_file).is_file():
         index.samples = _apply_split_file(index, Path(split_file))
     else:

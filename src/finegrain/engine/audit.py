@@ -22,6 +22,7 @@ from finegrain.engine.distributed import resolve_device
 from finegrain.engine.features import extract_features
 from finegrain.engine.probe import l2_normalise, logistic_regressions
 from finegrain.errors import ConfigError, DataError
+from finegrain.escape import csv_cell
 from finegrain.models import create_model
 from finegrain.progress import progress_bar
 
@@ -103,5 +104,5 @@ def write_audit_csv(issues: list[LabelIssue], index: DatasetIndex, path: Path) -
         w = csv.writer(f)
         w.writerow(["rank", "path", "given_label", "suggested_label", "p_given", "p_suggested"])
         for rank, e in enumerate(issues, 1):
-            w.writerow([rank, index.relpath(e.sample), e.given, e.suggested, f"{e.p_given:.4f}",
+            w.writerow([rank, *map(csv_cell, (index.relpath(e.sample), e.given, e.suggested)), f"{e.p_given:.4f}",
                         f"{e.p_suggested:.4f}"])  # fmt: skip

@@ -82,7 +82,7 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo
     d = cfg.dataset
     split_file = run_dir / "split.csv"
     index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
-                         split_file=split_file if resumed else None)  # fmt: skip
+                         split_file=split_file if resumed else None, follow_symlinks=d.follow_symlinks)  # fmt: skip
     if not index.count("train"):
         raise DataError(f"'{d.data}' has no training images after the split")
     if info.is_main:

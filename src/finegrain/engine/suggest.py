@@ -21,6 +21,7 @@ from finegrain.engine.distributed import resolve_device
 from finegrain.engine.features import extract_features
 from finegrain.engine.probe import l2_normalise
 from finegrain.errors import ConfigError
+from finegrain.escape import csv_cell
 
 #: the uncertain pool is this many times the number of images asked for; diversity picks from it
 POOL = 3
@@ -81,5 +82,5 @@ def suggest_labels(checkpoint: str | Path, unlabeled: str | Path, n: int, out: s
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)  # a spreadsheet opens it
     return rows

@@ -17,6 +17,7 @@ import numpy as np
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
+from finegrain.escape import csv_value, markdown
 from finegrain.export.onnx import MODEL_CARD_FILE
 from finegrain.report.html import confused_pairs
 
@@ -27,11 +28,16 @@ CARD_FILE = "MODEL_CARD.md"
 def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
-    return [r[0] for r in rows[1:]], np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+    return [csv_value(r[0]) for r in rows[1:]], np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+
+
+def _plain(name: str) -> str:
+    return name.split(".", 1)[1].replace("_", " ") if name[:3].isdigit() and "." in name else name.replace("_", " ")
 
 
 def _pretty(name: str) -> str:
-    return name.split(".", 1)[1].replace("_", " ") if name[:3].isdigit() and "." in name else name.replace("_", " ")
+    """A class name as the card's Markdown shows it (escaped: names come from folders and manifests)."""
+    return markdown(_plain(name))
 
 
 def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict]:
@@ -54,8 +60,8 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
     few = sorted(c for c in classes if counts.get("train", Counter()).get(c, 0) < FEW_IMAGES) if counts else []
     per_class = sorted(result.get("per_class_acc", {}).items(), key=lambda kv: kv[1])[:5]
     pairs = confused_pairs(confmat, 5)
-    description = (
-        f"Tells apart {len(classes)} fine-grained classes ({', '.join(_pretty(c) for c in classes[:4])}"
+    description = (  # plain text (JSON, ONNX metadata, the page's textContent); escaped where Markdown shows it
+        f"Tells apart {len(classes)} fine-grained classes ({', '.join(_plain(c) for c in classes[:4])}"
         f"{', ...' if len(classes) > 4 else ''}) in photos, with {ckpt.method} on {backbone}."
     )
     short = {
@@ -77,12 +83,12 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         f"precision {env.get('amp_used', '?')}"
     )
     lines = [
-        f"# Model card: {run_dir.name}",
+        f"# Model card: {markdown(run_dir.name)}",
         "",
-        description,
+        markdown(description),
         "",
         "## Data",
-        f"- dataset: `{cfg.dataset.data}` ({cfg.dataset.format} layout), {len(classes)} classes",
+        f"- dataset: {markdown(cfg.dataset.data)} ({cfg.dataset.format} layout), {len(classes)} classes",
         f"- images per split: {split_counts} (the exact split is in `split.csv`)",
         "",
         "## Model and training",

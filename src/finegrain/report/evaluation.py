@@ -25,6 +25,7 @@ from finegrain.engine.evaluate import evaluate
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import machine_info, precision_name
 from finegrain.errors import ConfigError, DataError
+from finegrain.escape import csv_cell
 from finegrain.models.regions import box_iou
 from finegrain.report.card import CARD_FILE, read_confusion, write_model_card
 from finegrain.report.html import confusion_png, write_report
@@ -83,8 +84,8 @@ def evaluate_checkpoint(
     confmat = metrics.pop("confusion_matrix")
     with (out / f"confusion_{split}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *index.classes])
-        writer.writerows([name, *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
+        writer.writerow(["true \\ predicted", *map(csv_cell, index.classes)])
+        writer.writerows([csv_cell(name), *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
     predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
     result = {**metrics, "checkpoint": str(ckpt.path), "data": str(data)}
     result["engine"] = "onnxruntime" if runner else "torch"
@@ -97,7 +98,7 @@ def evaluate_checkpoint(
             writer = csv.writer(f)
             writer.writerow(["path", "true", "predicted", "probability"])
             writer.writerows(
-                [s.key, index.classes[s.label], index.classes[p], f"{c:.6f}"]
+                [csv_cell(s.key), csv_cell(index.classes[s.label]), csv_cell(index.classes[p]), f"{c:.6f}"]
                 for s, p, c in zip(samples, predicted, confidence, strict=True)
             )
         result["report"] = str(write_report(
