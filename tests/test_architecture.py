@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "finegrain"
 LAYERS = [
     ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
     ["errors", "escape"],
+    ["atomic"],
     ["env", "torchfile", "losses", "progress"],
     ["config", "option_values"],
     ["data"],

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -340,3 +341,38 @@ def test_a_class_folder_linked_from_outside_the_dataset_is_refused_unless_asked(
     (root / "inside").symlink_to(root / "class_0", target_is_directory=True)  # a link within the dataset is fine
     (root / "linked").unlink()
     assert load_dataset(root).classes == ["class_0", "class_1", "inside"]
+
+
+def test_a_full_disk_while_saving_is_exit_2_and_keeps_the_last_checkpoint(tmp_path, imagefolder, capsys, monkeypatch):
+    """The second epoch's checkpoint meets a full disk the way PyTorch's zip writer does (a RuntimeError that never
+    says so): exit 2 with "no space left", the first epoch's last.pt intact, no temporary file left behind."""
+    import shutil as shutil_module
+
+    import finegrain.checkpoint as checkpoint_module
+
+    real_save, saves = torch.save, []
+
+    def filling_save(obj, path, *args, **kwargs):
+        saves.extend([path] if Path(path).name.startswith(".last.pt.") else [])
+        if len(saves) < 2:  # the feature cache, and epoch 1's last.pt and best.pt
+            return real_save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"PK partial")
+        monkeypatch.setattr(shutil_module, "disk_usage", lambda p: shutil_module._ntuple_diskusage(10**9, 10**9, 0))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", filling_save)
+    run = tmp_path / "run"
+    args = ["train", "--data", imagefolder, "--input-size", "64", "--epochs", "2", "--workers", "0", "--head", "sgd",
+            "--run-dir", run, "--cache-dir", tmp_path / "cache"]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "no space left on" in err and "last.pt" in err and "--run-dir" in err, err
+    assert Checkpoint.load(run / "last.pt").epoch == 0  # the first epoch's, whole
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_temp_files_of_a_killed_run_are_removed_when_it_resumes(tmp_path, imagefolder, tiny_config):
+    fit(tiny_config(imagefolder, epochs=1))
+    run = tmp_path / "run"
+    (run / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what a kill during torch.save leaves
+    fit(tiny_config(imagefolder, epochs=2), resume=run)
+    assert not list(run.glob(".*.tmp"))

@@ -11,8 +11,6 @@ Files are written atomically (temp file + rename) so a killed run never leaves h
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from finegrain import __version__
+from finegrain.atomic import atomic_path
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex, Sample, load_dataset
 from finegrain.data.calibration import evenly_spaced
@@ -33,17 +32,21 @@ from finegrain.torchfile import load_tensors
 FORMAT_VERSION = 1
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) record: about the size ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """``torch.save`` whole or not at all (finegrain.atomic): a full disk is a clear error, the old file stays."""
+    with atomic_path(path, tensor_bytes(obj)) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass

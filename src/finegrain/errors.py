@@ -44,3 +44,14 @@ class CheckpointError(FinegrainError):
 
 class ExportError(FinegrainError):
     """An exported model would not be what it claims (e.g. int8 that disagrees with fp32)."""
+
+
+class DiskFullError(FinegrainError):
+    """A write ran out of disk space; the previous version of the file is intact."""
+
+    def __init__(self, path, mount, needed_bytes: int, free_bytes: int) -> None:
+        need = f"needs ~{max(needed_bytes, 1 << 20) / 2**20:,.0f} MB, " if needed_bytes else ""
+        super().__init__(
+            f"no space left on {mount} writing '{path}' ({need}{free_bytes / 2**20:,.1f} MB free): "
+            "free some space or write elsewhere (--run-dir, --cache-dir, --out), then run again"
+        )

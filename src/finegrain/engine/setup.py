@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
+from finegrain.atomic import remove_stale_temps
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex, find_bad_images, load_dataset, save_split
@@ -60,6 +61,8 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
             probe = run_dir / ".write-test"
             probe.write_text("")
             probe.unlink()
+            for stale in remove_stale_temps(run_dir):  # a run killed while it wrote a checkpoint
+                say(f"removed {stale.name}, a partial file of an interrupted run")
         except OSError as e:
             raise ConfigError(
                 f"run directory '{run_dir}' is not writable ({e.strerror}): pass --run-dir to a folder you can write"

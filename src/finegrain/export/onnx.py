@@ -8,7 +8,6 @@ the same preprocessing code to it as to a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same_arg
 
 from finegrain import __version__
+from finegrain.atomic import TEMP_SUFFIX, atomic_path, disk_full
 from finegrain.checkpoint import Checkpoint
 from finegrain.env import cpu_model, has_vnni
 from finegrain.errors import CheckpointError, ConfigError
@@ -101,15 +101,23 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     size = ckpt.preprocess.input_size
     static_same_padding(model, size)
     x = torch.randn(2, 3, size, size)
-    raw = out.with_name(f".{out.name}.raw")  # the exporter's output, before the metadata goes in
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        # The TorchScript-based exporter needs no extra packages and handles every registered method.
-        torch.onnx.export(
-            model, (x,), str(raw), dynamo=False, opset_version=opset, input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        )  # fmt: skip
-    proto = onnx.load(str(raw))
+    raw = out.with_name(f".{out.name}.raw{TEMP_SUFFIX}")  # the exporter's output, before the metadata goes in
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            # The TorchScript-based exporter needs no extra packages and handles every registered method.
+            torch.onnx.export(
+                model, (x,), str(raw), dynamo=False, opset_version=opset, input_names=["image"],
+                output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            )  # fmt: skip
+        proto = onnx.load(str(raw))
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, out)
+        if full is not None:
+            raise full from e
+        raise
+    finally:
+        raw.unlink(missing_ok=True)  # a partial one too (it stayed behind on a full disk)
     meta = {
         "classes": ckpt.classes,
         "preprocess": ckpt.preprocess.to_dict(),
@@ -125,7 +133,6 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         except (OSError, json.JSONDecodeError):
             warnings.warn(f"{card} is unreadable: the ONNX file carries no model card", stacklevel=2)
     save_with_metadata(proto, meta, out)
-    raw.unlink()
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
@@ -144,9 +151,8 @@ def save_with_metadata(proto, meta: dict, out: Path) -> None:
             del proto.metadata_props[i]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out, proto.ByteSize()) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 REQUIRED_METADATA = {"classes": list, "preprocess": dict, "method": str}
