@@ -201,7 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(args.model, settings)
     print(f"finegrain serving {args.model} on http://{args.host}:{args.port}/  (API docs: /docs)")
     run(app, args.host, args.port, args.log_level, header_timeout=args.header_timeout,
-        max_connections=args.max_connections)  # fmt: skip
+        max_connections=args.max_connections, max_waiting=args.max_waiting,
+        max_waiting_per_client=args.max_waiting_per_client)  # fmt: skip
     return 0
 
 
@@ -500,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=64, help="uploads in progress before 503 + Retry-After (64)")
     p.add_argument("--max-connections", type=int, default=256, help="open connections before 503 (256)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=128,
+        help="connections still sending their headers, all clients; past it the oldest is closed (128)",
+    )
+    p.add_argument("--max-waiting-per-client", type=int, default=64,
+                   help="the same, per client address (64)")  # fmt: skip
     p.add_argument("--body-timeout", type=float, default=30.0, help="longest pause inside a request body, s (30)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--class-info", help="class_info folder: also serve its classes the checkpoint was not trained "

@@ -5,6 +5,14 @@ headers never finish: 1,000 such connections stayed open against finegrain 0.1. 
 gives every request ``header_timeout`` seconds from its first byte (or from the connection's start) to complete
 its headers, then closes the connection; the app's :class:`finegrain.serve.app.BodyTimeout` does the same for a
 body that stops arriving. ``limit_concurrency`` bounds open connections (uvicorn answers 503 past it).
+
+The deadline alone did not keep the service up: 300 connections that send a partial request line, reopened as soon
+as they were cut, kept the open-connection count at uvicorn's limit, and 221 of 222 ordinary requests got 503 over
+45 s (the hostile-files issue). So connections still sending their head are also capped, all clients together
+(``max_waiting``) and per client address (``max_waiting_per_client``); a new connection past a cap closes the oldest
+waiting one, which is the slowest: an ordinary request completes its head in milliseconds and leaves the waiting
+set at once, so it is admitted ahead of the slow ones, and slow clients can never hold more than ``max_waiting`` of
+the ``limit_concurrency`` connections.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ class DeadlineH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus a deadline for receiving a complete request head."""
 
     header_timeout: float = 10.0
+    max_waiting: int = 128
+    max_waiting_per_client: int = 64
+    #: connections whose head is incomplete, oldest first (one dict per server: :func:`run` gives each its own)
+    waiting: dict = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -29,14 +41,26 @@ class DeadlineH11Protocol(H11Protocol):
     def _arm(self) -> None:
         if self._head_deadline is None:
             self._head_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+            self.waiting[self] = None
+            self._evict()
+
+    def _evict(self) -> None:
+        """Past a cap, the oldest waiting connections (the slowest) are closed: first this client's, then anyone's."""
+        address = (self.client or ("",))[0]  # (host, port): the host alone is the client
+        mine = [p for p in self.waiting if (p.client or ("",))[0] == address]
+        for oldest in mine[: max(0, len(mine) - self.max_waiting_per_client)]:
+            oldest._too_slow()
+        for oldest in list(self.waiting)[: max(0, len(self.waiting) - self.max_waiting)]:
+            oldest._too_slow()
 
     def _disarm(self) -> None:
+        self.waiting.pop(self, None)
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
 
     def _too_slow(self) -> None:
-        self._head_deadline = None
+        self._disarm()
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -61,8 +85,12 @@ def run(
     header_timeout: float = 10.0,
     keep_alive: float = 5.0,
     max_connections: int = 256,
+    max_waiting: int = 128,
+    max_waiting_per_client: int = 64,
 ) -> None:
-    protocol = type("FinegrainH11", (DeadlineH11Protocol,), {"header_timeout": header_timeout})
+    limits = {"header_timeout": header_timeout, "max_waiting": max_waiting,
+              "max_waiting_per_client": max_waiting_per_client, "waiting": {}}  # fmt: skip
+    protocol = type("FinegrainH11", (DeadlineH11Protocol,), limits)
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=False, http=protocol,
         timeout_keep_alive=keep_alive, limit_concurrency=max_connections,
