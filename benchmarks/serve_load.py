@@ -8,8 +8,9 @@ posting real test photos as multipart uploads to POST /v1/predict from ``--concu
     python benchmarks/serve_load.py --models runs/default/best.int8.onnx runs/default/best.onnx
 
 ``--hostile`` adds, beside the same normal traffic and against the same server, clients that never finish their
-headers (``--slow-clients`` connections, reopened as the server closes them) and uploads of 36-megapixel photos
-(within the default 40M-pixel limit) from 2 more clients. It reports the normal traffic's requests and p99, the
+headers (``--slow-clients`` connections, reopened as the server closes them), uploads of 36-megapixel photos
+(within the default 40M-pixel limit) from 2 more clients, and thin images (400,000 x 100 and 40,000,000 x 1 PNGs of
+a few KB) from one more. It reports the normal traffic's requests and p99, the
 5xx answers of every client (must be 0), how many slow connections the server cut, and the server's peak and
 final resident memory.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -91,11 +93,23 @@ def big_photo(side: int = 6000) -> bytes:
     return buf.getvalue()
 
 
+def thin_png(width: int, height: int) -> bytes:
+    """A few KB on the wire, a huge thin picture once decoded and resized (the hostile-files issue's class 1)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def hostile(port: int, stop: threading.Event, slow_clients: int, big: bytes) -> dict:
-    """Slow clients and huge uploads until ``stop``; returns what the server answered them."""
+    """Slow clients, huge uploads and thin images until ``stop``; returns what the server answered them."""
     import httpx
 
-    counts = {"slow_opened": 0, "slow_cut": 0, "big_sent": 0, "big_status": {}}
+    counts = {"slow_opened": 0, "slow_cut": 0, "big_sent": 0, "big_status": {}, "thin_sent": 0, "thin_status": {}}
+    thin = [thin_png(400_000, 100), thin_png(40_000_000, 1)]
     lock = threading.Lock()
 
     def slow() -> None:
@@ -129,7 +143,17 @@ def hostile(port: int, stop: threading.Event, slow_clients: int, big: bytes) -> 
                     counts["big_sent"] += 1
                     counts["big_status"][r.status_code] = counts["big_status"].get(r.status_code, 0) + 1
 
-    threads = [threading.Thread(target=slow), *(threading.Thread(target=uploads) for _ in range(2))]
+    def thin_uploads() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                data = thin[counts["thin_sent"] % 2]
+                r = http.post(f"http://127.0.0.1:{port}/v1/predict", files={"file": ("thin.png", data, "image/png")})
+                with lock:
+                    counts["thin_sent"] += 1
+                    counts["thin_status"][r.status_code] = counts["thin_status"].get(r.status_code, 0) + 1
+
+    threads = [threading.Thread(target=slow), *(threading.Thread(target=uploads) for _ in range(2)),
+               threading.Thread(target=thin_uploads)]  # fmt: skip
     for t in threads:
         t.start()
     stop.wait()
@@ -151,6 +175,8 @@ def main() -> None:
     p.add_argument("--slow-clients", type=int, default=200, help="connections that never finish their headers")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,000 slow sockets need more than the usual 1,024
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk")
 
@@ -179,8 +205,12 @@ def main() -> None:
                     stop.set()
                     attacker.join()
                     time.sleep(2)  # let the last big image's memory go
-                    big_5xx = sum(n for code, n in attack["big_status"].items() if code >= 500)
-                    row |= {"attack": attack, "server_5xx": row["status"] + big_5xx, **memory_mb(server.pid)}
+                    other_5xx = sum(n for k in ("big_status", "thin_status") for code, n in attack[k].items()
+                                    if code >= 500)  # fmt: skip
+                    tried = row["requests"] + sum(row[k] for k in ("connect", "read", "write", "timeout"))
+                    ok = (row["requests"] - row["status"]) / max(tried, 1)  # 2xx answers of all requests tried
+                    row |= {"attack": attack, "server_5xx": row["status"] + other_5xx, **memory_mb(server.pid),
+                            "ordinary_success": round(ok, 4)}  # fmt: skip
             finally:
                 server.terminate()
                 server.wait(30)
@@ -199,12 +229,15 @@ def main() -> None:
         if r.get("hostile"):
             a = r["attack"]
             print(f"hostile: {a['slow_opened']} slow connections opened, {a['slow_cut']} cut by the server; "
-                  f"{a['big_sent']} 36-MP uploads answered {a['big_status']}; normal p99 {r['p99_ms']:.1f} ms; "
-                  f"5xx {r['server_5xx']}; RSS peak {r['peak_rss_mb']:.0f} MB, after {r['rss_mb']:.0f} MB")  # fmt: skip
+                  f"{a['big_sent']} 36-MP uploads answered {a['big_status']}; {a['thin_sent']} thin images answered "
+                  f"{a['thin_status']}; ordinary requests answered {100 * r['ordinary_success']:.1f}%, p99 "
+                  f"{r['p99_ms']:.1f} ms; 5xx {r['server_5xx']}; RSS peak {r['peak_rss_mb']:.0f} MB, after "
+                  f"{r['rss_mb']:.0f} MB")  # fmt: skip
     meta = {"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "concurrency": args.concurrency,
             "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(), "images": len(files), "client": "wrk"}  # fmt: skip
     write_json(args.out, {"meta": meta, "rows": rows})
-    if any(r["errors"] or r.get("server_5xx") for r in rows):
+    # under attack the issue's bar: at least 95% of ordinary requests answered and no 5xx; otherwise no error at all
+    if any(r.get("server_5xx") or (r["ordinary_success"] < 0.95 if r.get("hostile") else r["errors"]) for r in rows):
         sys.exit(1)
 
 
