@@ -376,3 +376,12 @@ def test_temp_files_of_a_killed_run_are_removed_when_it_resumes(tmp_path, imagef
     (run / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what a kill during torch.save leaves
     fit(tiny_config(imagefolder, epochs=2), resume=run)
     assert not list(run.glob(".*.tmp"))
+
+
+def test_a_failed_train_leaves_no_run_folder_and_names_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the default dataset is not there
+    code, err = run_cli(["train", "--run-dir", tmp_path / "new" / "run"], capsys)
+    assert code == 2 and "pass --data PATH" in err
+    assert not (tmp_path / "new").exists()
+    code, err = run_cli(["train"], capsys)  # the default runs/METHOD-TIMESTAMP folder too
+    assert code == 2 and not (tmp_path / "runs").exists()

@@ -53,9 +53,9 @@ def disk_full(error: BaseException, path: Path, expected_bytes: int = 0) -> Disk
     return None
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path, len(text.encode())) as tmp:
-        tmp.write_text(text)
+def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    with atomic_path(path, len(text.encode(encoding))) as tmp:
+        tmp.write_text(text, encoding=encoding)
     return Path(path)
 
 

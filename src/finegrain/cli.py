@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finegrain import __version__
+from finegrain.atomic import write_text
 from finegrain.compress.recipes import prune_and_finetune, qat_finetune
 from finegrain.config import DEFAULT_BACKBONE, TrainConfig, default_cache_dir
 from finegrain.data import list_images, load_dataset
@@ -23,6 +25,7 @@ from finegrain.data.shards import write_shards
 from finegrain.engine.audit import audit_labels, write_audit_csv
 from finegrain.engine.pretrain import pretrain
 from finegrain.engine.recipe import train_within_budget
+from finegrain.engine.setup import run_dir_for
 from finegrain.engine.sr import load_sr, train_sr
 from finegrain.engine.suggest import suggest_labels
 from finegrain.engine.train import fit
@@ -34,6 +37,7 @@ from finegrain.explain import explain
 from finegrain.export import OnnxRunner
 from finegrain.export.quantize import export_checkpoint
 from finegrain.models import list_models
+from finegrain.models.registry import describe_model
 from finegrain.models.sr import sr_upscale
 from finegrain.predict import Predictor, model_for_engine, with_added_classes
 from finegrain.progress import progress_bar, say, set_verbosity
@@ -90,7 +94,15 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = fit(TrainConfig().replace(epochs=epochs) if epochs else None, resume=args.resume).run_dir
     else:
         cfg = _config(args)
-        run_dir = (train_within_budget(cfg) if cfg.recipe.budget else fit(cfg)).run_dir
+        cfg = cfg.replace(run_dir=str(run_dir_for(cfg)))
+        made = [d for d in (Path(cfg.run.run_dir), *Path(cfg.run.run_dir).parents) if not d.exists()]
+        try:
+            run_dir = (train_within_budget(cfg) if cfg.recipe.budget else fit(cfg)).run_dir
+        except FinegrainError:  # a run that failed before writing anything leaves no folder behind
+            for folder in made:  # (the run folder, then the parents it created, while empty)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     say(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
     return 0
 
@@ -213,7 +225,7 @@ def _data_audit(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_audit_csv(issues, index, out / "label_issues.csv")
     page = write_audit_page(issues, index, summary, out / "label_issues.html")
-    (out / "audit.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "audit.json", json.dumps(summary, indent=2))
     print(f"{summary['flagged']} of {summary['images']} labelled images look mislabelled (out-of-fold top-1 "
           f"{100 * summary['out_of_fold_top1']:.1f}%): {out / 'label_issues.csv'}, {page}.")  # fmt: skip
     return 0
@@ -374,8 +386,8 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-
-    print("\n".join(list_models()))
+    width = max(map(len, list_models()))
+    print("\n".join(f"{m:{width}s}  {describe_model(m)}" for m in list_models()))
     return 0
 
 

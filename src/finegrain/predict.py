@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.transforms import v2
 
+from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.data.class_info import load_class_info
 from finegrain.data.loading import as_image, open_image
@@ -91,7 +92,7 @@ def choose_engine(checkpoint: str | Path, device: str = "auto", amp: str = "auto
                f"{batch} on {key['cpu_model']}" + ("" if fp32_diff < 1e-3 else "; ONNX logits differ: PyTorch kept"),
     }  # fmt: skip
     with contextlib.suppress(OSError):  # a read-only checkpoint folder only loses the memo
-        record.write_text(json.dumps(result, indent=2))
+        write_text(record, json.dumps(result, indent=2))
     return result
 
 

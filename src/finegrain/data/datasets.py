@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finegrain.atomic import atomic_path
 from finegrain.data.records import SPLITS, DatasetIndex, Sample
 from finegrain.data.shards import INFO, read_shards
 from finegrain.data.stream import is_stream, open_stream
@@ -27,11 +28,16 @@ INFO_DIR = "class_info"  # class side-information beside the images (finegrain.d
 MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too
 
 
+def missing_dataset(path: Path) -> DataError:
+    return DataError(f"dataset path '{path}' does not exist: pass --data PATH (a dataset folder, a CSV manifest or "
+                     "shards; `finegrain data check PATH` shows what it finds)")  # fmt: skip
+
+
 def detect_format(path: Path) -> str:
     if path.is_file():
         return "manifest"
     if not path.is_dir():
-        raise DataError(f"dataset path '{path}' does not exist. Pass the folder (or CSV file) of your dataset.")
+        raise missing_dataset(path)
     if (path / INFO).is_file():
         return "shards"
     if (path / "images.txt").is_file() and (path / "image_class_labels.txt").is_file():
@@ -271,7 +277,7 @@ def load_dataset(
         raise DataError(f"unknown dataset format '{format}': choose one of {', '.join(FORMATS)}")
     fmt = detect_format(path) if format == "auto" else format
     if not path.exists():
-        raise DataError(f"dataset path '{path}' does not exist")
+        raise missing_dataset(path)
     index = read_shards(path) if fmt == "shards" else READERS[fmt](path)
     if fmt == "imagefolder" and not follow_symlinks:
         inside = path.resolve()
@@ -309,7 +315,7 @@ def save_split(index: DatasetIndex, path: str | Path) -> None:
     """Write ``relpath,label,split`` rows: the exact assignment a run used."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split"])
         for s in index.samples:

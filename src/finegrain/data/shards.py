@@ -19,6 +19,7 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
+from finegrain.atomic import write_text
 from finegrain.data.loading import IMAGE_SUFFIXES
 from finegrain.data.records import SPLITS, DatasetIndex, Sample
 from finegrain.errors import DataError
@@ -76,7 +77,7 @@ def write_shards(index: DatasetIndex, out: str | Path, shard_size: int = 1000, p
     bar.close()
     info = {"format": FORMAT, "name": str(index.root), "classes": index.classes, "part_names": index.part_names,
             "splits": splits}  # fmt: skip
-    (out / INFO).write_text(json.dumps(info, indent=2))
+    write_text(out / INFO, json.dumps(info, indent=2))
     return info
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finegrain.atomic import atomic_path
 from finegrain.data import DatasetIndex, Sample
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.features import extract_features
@@ -100,7 +101,7 @@ def audit_labels(index: DatasetIndex, folds: int = 5, seed: int = 0, cache_dir: 
 
 
 def write_audit_csv(issues: list[LabelIssue], index: DatasetIndex, path: Path) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "path", "given_label", "suggested_label", "p_given", "p_suggested"])
         for rank, e in enumerate(issues, 1):

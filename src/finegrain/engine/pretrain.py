@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
+from finegrain.atomic import write_text
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import INTERPOLATION, Preprocess
 from finegrain.data.unlabeled import UNLABELED, read_unlabeled_paths
@@ -113,5 +114,5 @@ def pretrain(images: str | Path, out: str | Path, backbone: str, epochs: int = 2
     torch.save({k: v.detach().cpu() for k, v in net.backbone.state_dict().items()}, path)
     report = {"backbone": backbone, "images": len(files), "epochs": history, "batch_size": batch_size, "lr": lr,
               "threads": threads, "machine": machine_info(), "use": f"finegrain train --weights {path}"}  # fmt: skip
-    (out / "pretrain.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "pretrain.json", json.dumps(report, indent=2))
     return path

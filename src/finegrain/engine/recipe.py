@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
-from finegrain.engine.setup import freeze_bn_stats
+from finegrain.engine.setup import freeze_bn_stats, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
@@ -103,7 +104,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         raise ConfigError("--budget decides from one process's timing: run it without torchrun (or set --epochs)")
     budget_s = 60 * cfg.recipe.budget
     start = time.perf_counter()
-    run_dir = Path(cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_dir_for(cfg)
     stages: dict[str, dict] = {}
 
     head = fit(head_config(cfg, run_dir / "head"))
@@ -151,7 +152,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
             shutil.copy2(source, run_dir / name)
     recipe = {"budget_min": cfg.recipe.budget, "stages": stages, "decision": decision, "kept": kept, "why": why,
               "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
-    (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    write_text(run_dir / "recipe.json", json.dumps(recipe, indent=2))
     say(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
     history = ft.history if kept == "finetune" else head.history
     return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), history, head.counts)

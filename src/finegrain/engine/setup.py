@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from finegrain.atomic import remove_stale_temps
+from finegrain.atomic import remove_stale_temps, write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex, find_bad_images, load_dataset, save_split
@@ -50,8 +50,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
 
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """``--run-dir``, or a new ``runs/METHOD-TIMESTAMP``."""
+    return Path(cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    name = [cfg.run.run_dir or f"runs/{cfg.model.method}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    name = [str(run_dir_for(cfg))]
     if info.enabled:
         dist.broadcast_object_list(name, src=0)  # every rank must agree on the folder
     run_dir = Path(name[0])
@@ -76,7 +81,7 @@ def write_environment(run_dir: Path, cfg: TrainConfig, amp: str, device, threads
                    "amp_used": precision_name(amp, device), "threads": threads,
                    "dataloader_workers": cfg.speed.workers, "world_size": info.world_size,
                    "ddp": info.enabled}  # fmt: skip
-    (run_dir / "environment.json").write_text(json.dumps(environment, indent=2))
+    write_text(run_dir / "environment.json", json.dumps(environment, indent=2))
     return environment
 
 
@@ -90,7 +95,7 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo
         raise DataError(f"'{d.data}' has no training images after the split")
     if info.is_main:
         save_split(index, split_file)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if d.skip_bad and index.stream is None:  # a stream skips (and names) them as it reads
         index = drop_bad(index, run_dir, info)
     return index
@@ -103,7 +108,7 @@ def drop_bad(index: DatasetIndex, run_dir: Path, info: DistInfo) -> DatasetIndex
         dropped = {s.key for s, _ in bad}
         index.samples = [s for s in index.samples if s.key not in dropped]
         if info.is_main:
-            (run_dir / "skipped.txt").write_text("".join(f"{s.key}\t{why}\n" for s, why in bad))
+            write_text(run_dir / "skipped.txt", "".join(f"{s.key}\t{why}\n" for s, why in bad))
             say(f"--skip-bad: skipped {len(bad)} unreadable image(s), listed in {run_dir / 'skipped.txt'}")
     return index
 

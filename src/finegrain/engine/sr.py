@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from finegrain.atomic import write_text
 from finegrain.checkpoint import save_atomic
 from finegrain.data import load_dataset, open_sample
 from finegrain.errors import CheckpointError, ConfigError, DataError
@@ -114,7 +115,7 @@ def train_sr(
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"method": "sr", "scale": scale, "state_dict": model.state_dict(), "data": str(data), "metrics": metrics}
     save_atomic(record, run_dir / "sr.pt")
-    (run_dir / "sr_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(run_dir / "sr_metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

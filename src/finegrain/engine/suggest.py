@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from finegrain.atomic import atomic_path
 from finegrain.checkpoint import Checkpoint
 from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine.distributed import resolve_device
@@ -79,7 +80,7 @@ def suggest_labels(checkpoint: str | Path, unlabeled: str | Path, n: int, out: s
                      "p_guess": round(float(p), 4), "margin": round(float(margin[i]), 4), "label": ""})  # fmt: skip
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
+    with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)  # a spreadsheet opens it

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from finegrain.atomic import atomic_path, write_text
 from finegrain.config import TRACKERS
 from finegrain.errors import ConfigError
 
@@ -59,7 +60,8 @@ def write_curves(run_dir: Path) -> Path | None:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out
 
@@ -111,7 +113,7 @@ class RunTracker:
             exp_id = experiment.experiment_id if experiment else self.client.create_experiment("finegrain")
             run = self.client.create_run(exp_id, run_name=self.run_dir.name)
             self.run_id = run.info.run_id
-            record.write_text(json.dumps({"tracking_uri": uri, "mlflow_run_id": self.run_id}, indent=2))
+            write_text(record, json.dumps({"tracking_uri": uri, "mlflow_run_id": self.run_id}, indent=2))
 
     def params(self, config: dict) -> None:
         flat = _flatten(config)

@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib
 import yaml
 
+from finegrain.atomic import atomic_path, write_text
 from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
@@ -133,7 +134,7 @@ def _write_outputs(study, study_dir: Path) -> None:
     rows = [{"trial": t.number, "state": t.state.name, "kind": t.user_attrs.get("kind"), "val_top1": t.value,
              "seconds": round(t.user_attrs.get("seconds", 0), 1), **t.params} for t in study.trials]  # fmt: skip
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with (study_dir / "trials.csv").open("w", newline="") as f:
+    with atomic_path(study_dir / "trials.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
@@ -154,8 +155,9 @@ def _write_outputs(study, study_dir: Path) -> None:
     ax.set(xlabel="trial", ylabel="validation top-1", title=f"finegrain tune ({len(pruned)} pruned)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(study_dir / "search.png", dpi=110)
+    with atomic_path(study_dir / "search.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     config = dict(study.best_trial.user_attrs["config"])
     config["run"] = {**config["run"], "run_dir": None}
-    (study_dir / "best.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text(study_dir / "best.yaml", yaml.safe_dump(config, sort_keys=False))

@@ -46,4 +46,5 @@ class Baseline(FGVCModel):
 
 @register_model("baseline")
 def baseline(num_classes: int, **kwargs) -> Baseline:
+    """Backbone + linear head (the default; frozen features cached, or fine-tuned whole)."""
     return Baseline(num_classes=num_classes, **kwargs)

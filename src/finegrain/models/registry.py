@@ -35,6 +35,11 @@ def list_models() -> list[str]:
     return sorted(_METHODS)
 
 
+def describe_model(method: str) -> str:
+    """The first line of the method's factory docstring (``finegrain models`` prints it)."""
+    return ((_METHODS[method].__doc__ or "").strip().splitlines() or [""])[0]
+
+
 def create_model(method: str = "baseline", **kwargs) -> nn.Module:
     """Build a registered method, e.g. ``create_model("baseline", backbone="tf_efficientnet_lite0",
     num_classes=200)``. The keyword arguments are stored in checkpoints to rebuild the same model."""

@@ -95,4 +95,5 @@ class TextPrior(Baseline):
 
 @register_model("textprior", needs_class_info=True)
 def textprior(num_classes: int, **kwargs) -> TextPrior:
+    """Classifier built from class descriptions or attributes (class_info/): zero-shot and added classes."""
     return TextPrior(num_classes=num_classes, **kwargs)

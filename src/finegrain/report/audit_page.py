@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from finegrain.atomic import write_text
 from finegrain.data import DatasetIndex
 from finegrain.engine.audit import LabelIssue
 from finegrain.report.html import thumbnail_uri
@@ -30,5 +31,5 @@ def write_audit_page(issues: list[LabelIssue], index: DatasetIndex, summary: dic
             f"top-1 {100 * summary['out_of_fold_top1']:.1f}%, {summary['folds']} folds). Nothing was changed: "
             "check each photo and fix its label in the data.")  # fmt: skip
     body = "\n".join(figures) or "<p>No suspicious labels.</p>"
-    out.write_text(PAGE.format(title=esc(f"label audit: {index.root}"), summary=esc(text), figures=body), "utf-8")
+    write_text(out, PAGE.format(title=esc(f"label audit: {index.root}"), summary=esc(text), figures=body), "utf-8")
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.escape import csv_value, markdown
@@ -130,7 +131,7 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
 
 def write_model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> Path:
     text, short = model_card(ckpt, result, out_dir)
-    (out_dir / MODEL_CARD_FILE).write_text(json.dumps(short, indent=2))
+    write_text(out_dir / MODEL_CARD_FILE, json.dumps(short, indent=2))
     path = out_dir / CARD_FILE
-    path.write_text(text)
+    write_text(path, text)
     return path

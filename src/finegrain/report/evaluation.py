@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from finegrain.atomic import atomic_path, write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.data import ImageDataset, find_bad_images
 from finegrain.data.stream import StreamDataset
@@ -82,7 +83,7 @@ def evaluate_checkpoint(
     out = Path(out_dir) if out_dir else ckpt.run_dir
     out.mkdir(parents=True, exist_ok=True)
     confmat = metrics.pop("confusion_matrix")
-    with (out / f"confusion_{split}.csv").open("w", newline="") as f:
+    with atomic_path(out / f"confusion_{split}.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *map(csv_cell, index.classes)])
         writer.writerows([csv_cell(name), *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
@@ -92,9 +93,9 @@ def evaluate_checkpoint(
     result["amp_used"] = precision_name("none" if runner else amp, dev)
     result["machine"] = machine_info()
     result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
-    (out / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
+    write_text(out / f"eval_{split}.json", json.dumps(result, indent=2))
     if report:
-        with (out / f"predictions_{split}.csv").open("w", newline="") as f:
+        with atomic_path(out / f"predictions_{split}.csv") as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "true", "predicted", "probability"])
             writer.writerows(

@@ -16,6 +16,7 @@ import numpy as np
 import torch.nn as nn
 from PIL import Image
 
+from finegrain.atomic import write_text
 from finegrain.data.loading import open_sample
 from finegrain.data.records import DatasetIndex, Sample
 from finegrain.explain import explain
@@ -156,7 +157,7 @@ def write_report(
         pairs="\n".join(pair_html) or "<p>No confusions.</p>",
         errors="\n".join(error_html) or "<p>No mistakes.</p>",
     )
-    out.write_text(page, encoding="utf-8")
+    write_text(out, page, encoding="utf-8")
     return out
 
 

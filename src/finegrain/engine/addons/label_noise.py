@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from finegrain.atomic import write_text
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.audit import find_issues, require_folds, write_audit_csv
 from finegrain.engine.context import Context
@@ -43,7 +44,7 @@ class LabelNoiseAddOn(AddOn):
             kept_issues = [e for e in issues if e.sample.key in dropped]
             write_audit_csv(kept_issues, index, ctx.run_dir / "label_issues.csv")
             summary["left_out"] = len(dropped)
-            (ctx.run_dir / "label_noise.json").write_text(json.dumps(summary, indent=2))
+            write_text(ctx.run_dir / "label_noise.json", json.dumps(summary, indent=2))
             ctx.log(f"--label-noise prune: {len(dropped)} of {len(train)} training images left out as probably "
                     f"mislabelled (out-of-fold top-1 {summary['out_of_fold_top1']:.3f}); RUN_DIR/label_issues.csv "
                     "lists them")  # fmt: skip

@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 from sklearn.model_selection import StratifiedKFold
 
+from finegrain.atomic import write_text
 from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn
@@ -160,7 +161,7 @@ class UnlabeledAddOn(AddOn):
                       "fractions_tried": choice["tried"], "fraction": choice["fraction"], "why": choice["why"],
                       "pseudo_labelled": [[str(images.samples[i].path), index.classes[int(choice["labels"][i])],
                                            round(float(choice["confidence"][i]), 4)] for i in used]}  # fmt: skip
-            (ctx.run_dir / "unlabeled.json").write_text(json.dumps(report, indent=2))
+            write_text(ctx.run_dir / "unlabeled.json", json.dumps(report, indent=2))
             f = choice["fraction"]
             ctx.log(f"--unlabeled: {images.summary()}; "
                     + (f"{len(used)} pseudo-labelled (each predicted class's {f:g} most confident) join the training "
