@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
     p.add_argument("--max-inflight", type=int, default=64, help="uploads in progress before 503 + Retry-After (64)")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections before 503 (256)")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (1024)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
     p.add_argument(
         "--max-waiting",

@@ -12,12 +12,15 @@ as they were cut, kept the open-connection count at uvicorn's limit, and 221 of 
 (``max_waiting``) and per client address (``max_waiting_per_client``); a new connection past a cap closes the oldest
 waiting one, which is the slowest: an ordinary request completes its head in milliseconds and leaves the waiting
 set at once, so it is admitted ahead of the slow ones, and slow clients can never hold more than ``max_waiting`` of
-the ``limit_concurrency`` connections.
+the ``limit_concurrency`` connections. That limit (``--max-connections``) is 1,024: with it at 256, connections
+the cap had closed but the event loop had not yet released still counted, and under 1,000 slow clients reopening
+at once a few ordinary requests got uvicorn's own 503, which the app never sees and /metrics cannot count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 
 import uvicorn
 from fastapi import FastAPI
@@ -84,10 +87,13 @@ def run(
     log_level: str = "info",
     header_timeout: float = 10.0,
     keep_alive: float = 5.0,
-    max_connections: int = 256,
+    max_connections: int = 1024,
     max_waiting: int = 128,
     max_waiting_per_client: int = 64,
 ) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a socket each, plus the files the server opens
+    want = max_connections + 256 if hard == resource.RLIM_INFINITY else min(hard, max_connections + 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
     limits = {"header_timeout": header_timeout, "max_waiting": max_waiting,
               "max_waiting_per_client": max_waiting_per_client, "waiting": {}}  # fmt: skip
     protocol = type("FinegrainH11", (DeadlineH11Protocol,), limits)
