@@ -385,3 +385,16 @@ def test_a_failed_train_leaves_no_run_folder_and_names_data(tmp_path, capsys, mo
     assert not (tmp_path / "new").exists()
     code, err = run_cli(["train"], capsys)  # the default runs/METHOD-TIMESTAMP folder too
     assert code == 2 and not (tmp_path / "runs").exists()
+
+
+def test_files_a_manifest_names_outside_its_folder_are_allowed_and_listed(tmp_path, capsys):
+    data = make_imagefolder(tmp_path / "elsewhere", num_classes=2, per_class=4)
+    (tmp_path / "m").mkdir()
+    files = sorted(data.rglob("*.jpg"))
+    rows = [f"{p},{p.parent.name},train" for p in files]  # absolute paths, outside m/
+    (tmp_path / "m" / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    assert main(["data", "check", str(tmp_path / "m" / "manifest.csv"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and sorted(report["outside_the_dataset_folder"]) == sorted(map(str, files))
+    assert main(["data", "check", str(tmp_path / "m" / "manifest.csv")]) == 0
+    assert f"outside the dataset folder: {files[0]}" in capsys.readouterr().out

@@ -269,6 +269,8 @@ def _data_check(args: argparse.Namespace) -> int:
               f"height {h['min']}-{h['max']} (median {h['median']:.0f})")  # fmt: skip
     for note in report.notes:
         print(f"  note: {note}")
+    for path in report.outside:
+        print(f"  outside the dataset folder: {path}")
     if report.class_info:
         c = report.class_info
         kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in c["classes_with"].items())

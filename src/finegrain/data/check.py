@@ -27,6 +27,8 @@ class CheckReport:
     leaks: list[list[str]] = field(default_factory=list)  # duplicate groups that span train/val and test
     notes: list[str] = field(default_factory=list)
     class_info: dict | None = None  # ClassInfo.coverage when the dataset has class side-information
+    #: files a manifest names outside its own folder: allowed (a manifest lists them on purpose), but listed
+    outside: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -45,6 +47,7 @@ class CheckReport:
             "train_test_leaks": self.leaks,
             "notes": self.notes,
             "class_info": self.class_info,
+            "outside_the_dataset_folder": self.outside,
         }
 
 
@@ -77,6 +80,12 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
         return {"min": int(min(v)), "median": float(np.median(v)), "max": int(max(v))} if v else {}
 
     notes = list(index.notes)
+    outside = []
+    if index.format == "manifest":
+        home = (index.root if index.root.is_dir() else index.root.parent).resolve()
+        outside = [str(s.path) for s in index.samples if not s.path.resolve().is_relative_to(home)]
+        if outside:
+            notes.append(f"{len(outside)} file(s) named by the manifest are outside its folder '{home}' (listed)")
     for sp, c in counts.items():
         empty = [index.classes[i] for i, n in enumerate(c) if n == 0]
         if empty and sp != "val":
@@ -89,4 +98,5 @@ def check_dataset(index: DatasetIndex, progress: bool = True) -> CheckReport:
         duplicates=[[key for key, _ in g] for g in groups],
         leaks=[[f"{sp}:{key}" for key, sp in g] for g in leaks],
         notes=notes,
+        outside=outside,
     )
