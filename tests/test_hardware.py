@@ -181,3 +181,17 @@ def test_auto_engine_keeps_pytorch_for_a_model_onnx_cannot_express(tmp_path, cub
     image = sorted(cub.rglob("*.jpg"))[0]
     assert main(["predict", str(ckpt), str(image), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 3
+
+
+def test_cpu_flags_come_from_cpuid_as_the_kernels_see_them(monkeypatch):
+    """An emulator or VM that presents an AVX2-only CPU: CPUID (PyTorch's cpuinfo) says so even where
+    /proc/cpuinfo shows the host's VNNI, and the int8 target follows CPUID."""
+    zen3 = {"architecture": "x86_64", "avx2": True, "fma3": True, "avx512_f": False, "avx512_vnni": False,
+            "avx_vnni": False, "amx_int8": False, "num_physical_cores": 2}  # fmt: skip
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: zen3)
+    env.cpu_flags_with_source.cache_clear()
+    try:
+        assert env.cpu_flags_with_source() == (("avx2", "fma"), "cpuid")
+        assert not env.has_vnni() and env.resolve_int8_target("auto") == "portable"
+    finally:
+        env.cpu_flags_with_source.cache_clear()

@@ -63,9 +63,24 @@ def cpu_family_model() -> str | None:
     return f"family {found['cpu family']} model {found['model']}" if len(found) == 2 else None
 
 
+#: PyTorch's CPUID names (``torch.cpu.get_capabilities``, from the cpuinfo library) -> the names of CPU_FLAGS
+_CPUID_NAMES = {"avx2": "avx2", "fma3": "fma", "avx512_f": "avx512f", "avx512_bf16": "avx512_bf16",
+                "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "amx_bf16": "amx_bf16",
+                "amx_int8": "amx_int8"}  # fmt: skip
+
+
 @functools.cache
-def cpu_flags() -> tuple[str, ...]:
-    """The flags of :data:`CPU_FLAGS` this CPU has."""
+def cpu_flags_with_source() -> tuple[tuple[str, ...], str]:
+    """The flags of :data:`CPU_FLAGS` this CPU has, as the kernels see them, and where that came from.
+
+    On x86 from CPUID through PyTorch (the cpuinfo library its kernels and oneDNN's choices rest on): inside an
+    emulator, a container or a VM that masks CPUID, ``/proc/cpuinfo`` still shows the host's flags, so under QEMU
+    presenting an AVX2-only Zen 3 ``finegrain env`` said "VNNI present, int8 target vnni" while the kernels ran
+    AVX2 code (the hardware issue). ``/proc/cpuinfo`` is the fallback elsewhere (ARM's asimd, bf16)."""
+    caps = dict(getattr(torch.cpu, "get_capabilities", dict)())
+    if caps.get("architecture") == "x86_64":
+        seen = {_CPUID_NAMES[k] for k, v in caps.items() if v is True and k in _CPUID_NAMES}
+        return tuple(f for f in CPU_FLAGS if f in seen), "cpuid"
     found: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -75,7 +90,11 @@ def cpu_flags() -> tuple[str, ...]:
                     break
     except OSError:
         pass
-    return tuple(f for f in CPU_FLAGS if f in found)
+    return tuple(f for f in CPU_FLAGS if f in found), "/proc/cpuinfo"
+
+
+def cpu_flags() -> tuple[str, ...]:
+    return cpu_flags_with_source()[0]
 
 
 def has_vnni() -> bool:
@@ -213,6 +232,7 @@ def machine_info() -> dict:
         "cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "cpu_flags": list(cpu_flags()),
+        "cpu_flags_source": cpu_flags_with_source()[1],  # cpuid: as the kernels see them (emulators, VMs)
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen runs (AVX2, AVX512...)
         "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
         "cpu_bf16_native": cpu_bf16_native(),
