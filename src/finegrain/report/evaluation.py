@@ -134,7 +134,8 @@ def after_evaluation(result: dict, out: Path, split: str) -> Path:
     ckpt = Checkpoint.load(result["checkpoint"])
     _, confmat = read_confusion(out / f"confusion_{split}.csv")
     picture = out / f"confusion_{split}.png"
-    picture.write_bytes(confusion_png(np.asarray(confmat)))
+    with atomic_path(picture) as tmp:
+        tmp.write_bytes(confusion_png(np.asarray(confmat)))
     card = write_model_card(ckpt, result, out)
     cfg = ckpt.train_config()
     if cfg is not None and cfg.run.log:
