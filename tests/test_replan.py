@@ -68,3 +68,17 @@ def test_without_replanning_the_first_plan_stands(imagefolder, tiny_config, monk
     monkeypatch.setattr(train_module, "train_one_epoch", machine.run_epoch(train_module.train_one_epoch))
     result = fit(tiny_config(imagefolder, epochs=4, time_limit=2.0))
     assert len(result.history) == 4 and machine.now == 40  # two thirds of the limit unused: what re-planning fixes
+
+
+def test_resume_extends_with_epochs_and_a_replanned_run_keeps_its_plan(imagefolder, tiny_config, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    run = fit(tiny_config(imagefolder, epochs=1, run_dir=str(tmp_path / "a"))).run_dir
+    again = fit(tiny_config(imagefolder, epochs=3, run_dir=str(run)), resume=run)  # --resume RUN --epochs 3
+    assert [r["epoch"] for r in again.history] == [2, 3]
+    machine = SlowingMachine([10])
+    monkeypatch.setattr(train_module, "clock", machine)
+    monkeypatch.setattr(train_module, "train_one_epoch", machine.run_epoch(train_module.train_one_epoch))
+    cfg = tiny_config(imagefolder, epochs=2, time_limit=0.5, replan_epochs=True, run_dir=str(tmp_path / "b"))
+    planned = fit(cfg).history[-1]["planned_epochs"]  # 30 s of 10-s epochs: 3
+    assert planned == 3
+    assert fit(cfg, resume=tmp_path / "b").history == []  # its plan is done: nothing left to run

@@ -30,7 +30,6 @@ def progress_bar(iterable=None, disable: bool = False, **kwargs) -> tqdm:
 
 def say(message: str, stderr: bool = False) -> None:
     """One status line on stdout (``stderr``: there, beside a command whose stdout is data, e.g. ``--json``), above
-    any bar; silent with ``--quiet``; also the library's debug log."""
-    logger.debug(message)
+    any bar; silent with ``--quiet``."""
     if not _state["quiet"]:
         tqdm.write(message, file=sys.stderr if stderr else None)

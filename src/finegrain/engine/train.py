@@ -216,7 +216,9 @@ def fit(
         module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg)
     o, steps = cfg.optim, len(loader)
-    planned = (last.resume.get("planned_epochs") if last is not None else None) or o.epochs  # --replan-epochs
+    planned = o.epochs  # --epochs; with --replan-epochs, a resumed run continues its last plan
+    if last is not None and cfg.recipe.replan_epochs:
+        planned = last.resume.get("planned_epochs") or planned
     scheduler = CosineLRScheduler(optimizer, t_initial=planned * steps, lr_min=o.min_lr, t_in_epochs=False,
                                   warmup_t=int(o.warmup_epochs * steps), warmup_lr_init=o.lr * 0.01)  # fmt: skip
     ema = ModelEmaV3(task.trainable, decay=cfg.averaging.ema_decay) if cfg.averaging.ema else None
