@@ -86,11 +86,13 @@ PNG_KINDS = [(0, (1, 2, 4, 8, 16)), (2, (8, 16)), (3, (1, 2, 4, 8)), (4, (8, 16)
 
 
 def png(w: int, h: int, depth: int = 8, colour: int = 0, rows: int | None = None) -> bytes:
-    """A PNG claiming ``w`` x ``h``, with ``rows`` rows of (flat, highly compressible) pixels; None: all of them."""
+    """A PNG claiming ``w`` x ``h``, with ``rows`` rows of (flat, highly compressible) pixels; None: all of them (the
+    caller keeps those small). A truncated file's rows are at most 4 KB: the header may claim 2^31 pixels a row."""
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
     ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)
     plte = _chunk(b"PLTE", bytes(range(48))) if colour == 3 else b""
-    row = b"\x00" + bytes((w * depth * channels + 7) // 8)
+    width_bytes = (w * depth * channels + 7) // 8
+    row = b"\x00" + bytes(width_bytes if rows is None else min(width_bytes, 4096))  # a truncated file: a few KB
     idat = zlib.compress(row * (h if rows is None else min(rows, h)))
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + plte + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
