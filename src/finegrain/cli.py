@@ -375,8 +375,14 @@ def _env(args: argparse.Namespace) -> int:
     caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
     print(f"torch kernels  {info['torch_cpu_capability']}" + (f" (capped: {caps})" if caps else ""))
     print(f"CUDA devices   {gpus}")
+    print(
+        f"finegrain      {info['finegrain']} on Python {info['python']}; extras "
+        + ", ".join(f"{e} {'yes' if ok else 'no'}" for e, ok in info["extras"].items())
+    )
     print(f"libraries      torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}, "
           f"onnxruntime {info['onnxruntime']} ({', '.join(info['onnxruntime_providers'])})")  # fmt: skip
+    weights = [f"{p} {v}" for p, v in info["weight_packages"].items() if v]
+    print(f"weights        {', '.join(weights) or 'none of ' + ', '.join(info['weight_packages'])} (offline)")
     t = info["threads"]
     print(f"threads        {t['intra_op_threads']} intra-op, {t['inter_op_threads']} inter-op; "
           f"{info['default_workers']} DataLoader worker(s)")  # fmt: skip

