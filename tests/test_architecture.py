@@ -29,6 +29,7 @@ LAYERS = [
     ["report"],
     ["serve"],
     ["api"],  # finegrain.load / finegrain.train
+    ["commands"],  # what each command does
     ["cli", "__main__"],
 ]
 MAX_FUNCTION_LEVEL_IMPORTS = 0
