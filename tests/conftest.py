@@ -102,9 +102,8 @@ def cub(tmp_path: Path) -> Path:
     return make_cub(tmp_path / "cub")
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path):
-    """A config factory for fast runs: 64 px inputs, no workers, caches inside the test's folder."""
+def tiny_config_factory(folder: Path):
+    """A config factory for fast runs: 64 px inputs, no workers, caches and run inside ``folder``."""
 
     def make(data: Path, **overrides) -> TrainConfig:
         base = dict(
@@ -114,8 +113,8 @@ def tiny_config(tmp_path: Path):
             batch_size=8,
             workers=0,
             amp="none",
-            cache_dir=str(tmp_path / "cache"),
-            run_dir=str(tmp_path / "run"),
+            cache_dir=str(folder / "cache"),
+            run_dir=str(folder / "run"),
             val_fraction=0.2,
             head="sgd",  # epochs: what most tests exercise (test_probe.py covers the probe and auto)
         )
@@ -123,6 +122,12 @@ def tiny_config(tmp_path: Path):
         return TrainConfig().replace(**base)
 
     return make
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """:func:`tiny_config_factory` in the test's folder."""
+    return tiny_config_factory(tmp_path)
 
 
 @pytest.fixture(autouse=True)

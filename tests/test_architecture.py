@@ -17,7 +17,7 @@ LAYERS = [
     ["errors", "escape"],
     ["atomic"],
     ["env", "torchfile", "losses", "progress"],
-    ["config", "option_values"],
+    ["config", "addon_options", "option_values"],
     ["data"],
     ["models"],
     ["checkpoint"],

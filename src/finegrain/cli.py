@@ -7,6 +7,7 @@ import sys
 
 from finegrain import __version__
 from finegrain.commands import (  # the handlers the parser dispatches to
+    _classes_add,
     _data_audit,
     _data_check,
     _data_shard,
@@ -251,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="image file or folder")
     p.add_argument("--out", default="upscaled", help="output folder (default: upscaled)")
     p.set_defaults(func=_sr_upscale)
+
+    classes = sub.add_parser("classes", help="add classes to a trained model").add_subparsers(
+        dest="classes_command", required=True
+    )
+    p = classes.add_parser(
+        "add", help="add new classes from words and a reference photo each (class_info folder)",
+        description="Add the classes of a class_info folder (CLASS.jpg reference photo, CLASS.txt / classes.csv "
+        "words) to a model trained with the default head; refuses, exit 2, if the known classes would lose more "
+        "than --max-loss points of top-1 on their validation photos.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    p.add_argument("class_info", help="class_info folder describing the new classes (and, for words, the known)")
+    p.add_argument("--out", help="output checkpoint (default: STEM_added_classes.pt beside the checkpoint)")
+    p.add_argument("--data", help="the training data, where it moved (default: the checkpoint's)")
+    p.add_argument("--max-loss", type=float, default=3.0, help="known-class top-1 points it may cost (3)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_classes_add)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")

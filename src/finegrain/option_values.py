@@ -1,4 +1,6 @@
-"""One check of every option's value, wherever it comes from (command line, YAML, Python): the option's declared type
+"""How an option is declared (:func:`option`), read from a command-line word, and checked.
+
+One check of every option's value, wherever it comes from (command line, YAML, Python): the option's declared type
 decides. Before it, ``--lr inf``, ``--input-size -5`` and YAML ``epochs: "three"`` crashed with a traceback deep in
 training, and ``--input-size 0``, ``epochs: true`` and ``--workers -1`` were silently taken (the hostile-files
 issue); now each is refused with the key, what it got and what it takes.
@@ -6,8 +8,13 @@ issue); now each is refused with the key, what it got and what it takes.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import math
+from dataclasses import field
 from typing import Any
+
+import yaml
 
 from finegrain.errors import ConfigError
 
@@ -45,3 +52,39 @@ def check_value(key: str, value: Any, annotation: str) -> Any:
     if low is not None and not low <= value <= high:
         raise ConfigError(f"{key}: {value} is outside {low}-{high}")
     return value
+
+
+# How a command-line word becomes a value, for the options whose type is not a plain number or string.
+
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def parse_yaml_list(text: str) -> list:
+    value = yaml.safe_load(text)
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a YAML list such as '[{{epochs: 2}}, {{epochs: 3}}]', got '{text}'")
+    return value
+
+
+def parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "0", "off") else float(text)
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its help text; ``cli`` holds argparse settings (``type``, ``nargs``, ``choices``, ``metavar``)
+    for options whose default does not say how to read them."""
+    meta = {"help": help, "cli": cli}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

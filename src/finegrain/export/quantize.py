@@ -49,6 +49,22 @@ def int8_agreement(fp32_path: str | Path, int8_path: str | Path, samples: Sequen
     return same / max(total, 1)
 
 
+_CALIBRATIONS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile, "entropy": lambda m: m.Entropy}
+
+
+def float_nodes(path: str | Path, parts: Sequence[str]) -> list[str]:
+    """Names of the graph's nodes that stay float: ``stem`` (the first convolution, which sees the raw image) and
+    ``head`` (the last Gemm/MatMul, whose outputs are the logits)."""
+    import onnx
+
+    if not parts:
+        return []
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    found = {"stem": next((n.name for n in nodes if n.op_type == "Conv"), None),
+             "head": next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)}  # fmt: skip
+    return [found[p] for p in parts if found.get(p)]
+
+
 def quantize_onnx(
     fp32_path: str | Path,
     samples: Sequence[Sample],
@@ -57,6 +73,9 @@ def quantize_onnx(
     target: str = "auto",
     check: Sequence[Sample] = (),
     min_agreement: float = MIN_AGREEMENT,
+    calibration: str = "minmax",
+    keep_float: Sequence[str] = (),
+    **options,
 ) -> dict:
     """Write an int8 QDQ copy of an exported fp32 model, calibrated on ``samples`` (a few hundred suffice).
 
@@ -77,8 +96,9 @@ def quantize_onnx(
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph clean-up for quantization
         quantize_static(
             str(prepared), str(Path(tmp) / "int8.onnx"), _ImageReader(samples, pre), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, reduce_range=target == "portable",
+            **{"per_channel": per_channel, "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
+               "calibrate_method": _CALIBRATIONS[calibration](CalibrationMethod), "reduce_range": target == "portable",
+               "nodes_to_exclude": float_nodes(prepared, keep_float), **options},
         )  # fmt: skip
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
         candidate = Path(tmp) / out.name

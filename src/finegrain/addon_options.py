@@ -1,0 +1,183 @@
+"""The option groups of the training add-ons (``engine/addons``), one each: ``averaging`` (EMA), ``style`` (Fourier
+mix, MixStyle), ``sr``, ``progressive`` (stages, jigsaw), ``center``, ``distill``, ``labels`` (unlabelled images,
+noisy labels) and ``quantization`` (QAT). ``TrainConfig`` (config.py) gathers them with the core groups; a new
+add-on's options are one dataclass here plus one field there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finegrain.env import INT8_TARGETS
+from finegrain.errors import ConfigError
+from finegrain.option_values import option, parse_optional_float, parse_yaml_list, require
+
+LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
+KD_TARGETS = ("auto", "online", "fixed")  # where distillation's soft labels on training images come from
+
+
+@dataclass
+class AveragingOptions:
+    ema: bool = option(False, "keep an exponential moving average of the weights and evaluate/save it")
+    ema_decay: float = option(0.999, "EMA decay per step")
+
+    def validate(self) -> None:
+        require([(0 < self.ema_decay < 1, "ema-decay must be in (0, 1)")])
+
+
+@dataclass
+class StyleOptions:
+    """Style augmentation add-ons: what a class looks like should not depend on the photo's colours and texture."""
+
+    fourier_mix: float = option(
+        0.0, "probability of mixing low-frequency Fourier amplitude with another training image (style)"
+    )
+    fourier_beta: float = option(0.1, "half-size of the mixed low-frequency band, as a fraction of the image side")
+    mixstyle: float = option(
+        0.0, "probability of MixStyle (feature statistics mixed between samples) after backbone stages 1-2"
+    )
+
+    def validate(self) -> None:
+        require([
+            (0 <= self.fourier_mix <= 1 and 0 < self.fourier_beta < 0.5,
+             "fourier-mix in [0, 1], fourier-beta in (0, 0.5)"),
+            (0 <= self.mixstyle <= 1, "mixstyle is a probability in [0, 1]"),
+        ])  # fmt: skip
+
+
+@dataclass
+class SROptions:
+    sr_aug: float = option(
+        0.0, "probability of reducing a training image by the SR model's scale and restoring it with that model"
+    )
+    sr_model: str | None = option(None, "super-resolution checkpoint (finegrain sr train) used by --sr-aug")
+
+    def validate(self) -> None:
+        require([
+            (0 <= self.sr_aug <= 1, "sr-aug is a probability in [0, 1]"),
+            (not self.sr_aug or self.sr_model, "sr-aug needs --sr-model (train one: finegrain sr train DATA)"),
+        ])  # fmt: skip
+
+
+@dataclass
+class ProgressiveOptions:
+    STAGE_KEYS = ("epochs", "input_size", "jigsaw", "model")
+
+    stages: list = option(
+        [], "progressive training as a YAML list, e.g. '[{epochs: 2, input_size: 160, jigsaw: 4}, {epochs: 3}]'; "
+        "each stage may set input_size, jigsaw (n x n shuffled patches) and model (method settings); "
+        "with stages, epochs is their sum",
+        type=parse_yaml_list, metavar="YAML",
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        for i, stage in enumerate(self.stages, 1):
+            if not isinstance(stage, dict):
+                raise ConfigError(f"stage {i} must be a mapping such as {{epochs: 2, input_size: 320}}, got {stage!r}")
+            unknown = sorted(set(stage) - set(self.STAGE_KEYS))
+            if unknown:
+                raise ConfigError(f"stage {i}: unknown key(s) {unknown}; known: {', '.join(self.STAGE_KEYS)}")
+            if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
+                raise ConfigError(f"stage {i} needs epochs: a whole number >= 1")
+            size = stage.get("input_size")
+            if size is not None and (not isinstance(size, int) or size < 32):
+                raise ConfigError(f"stage {i}: input_size must be a whole number >= 32")
+            if not isinstance(stage.get("jigsaw", 1), int) or stage.get("jigsaw", 1) < 1:
+                raise ConfigError(f"stage {i}: jigsaw is the grid side n (n x n patches), a whole number >= 1")
+            if not isinstance(stage.get("model", {}), dict):
+                raise ConfigError(f"stage {i}: model must map method settings to values, e.g. {{augment: true}}")
+
+    def stage_at(self, epoch: int) -> int | None:
+        """Index of the stage that epoch ``epoch`` (0-based) belongs to; None without stages."""
+        if not self.stages:
+            return None
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage["epochs"]
+            if epoch < end:
+                return i
+        return len(self.stages) - 1
+
+
+@dataclass
+class CenterOptions:
+    """Center loss (Wen et al. 2016) on the features the classifier reads."""
+
+    center_loss: float = option(0.0, "weight of the center loss on the features the classifier reads (0: off)")
+    center_beta: float = option(0.05, "rate at which class centres follow their features")
+
+    def validate(self) -> None:
+        require([(self.center_loss >= 0 and 0 < self.center_beta <= 1, "center-loss >= 0, center-beta in (0, 1]")])
+
+
+@dataclass
+class DistillOptions:
+    """Knowledge distillation (``finegrain distill``): checkpoints whose averaged soft labels teach this run."""
+
+    teachers: list = option(
+        [], "finegrain checkpoints that teach this run (knowledge distillation; see `finegrain distill`); with "
+        "--unlabeled they also pseudo-label the unlabelled images",
+        nargs="+", metavar="CKPT",
+    )  # fmt: skip
+    kd_temperature: float = option(4.0, "distillation temperature T")
+    kd_alpha: float = option(0.5, "weight of the teachers' soft labels (1 - kd_alpha: cross-entropy with the labels; "
+                             "0 with --unlabeled: the teachers only pseudo-label)")  # fmt: skip
+    kd_targets: str = option(
+        "auto", "where the soft labels come from on training images: online (the teachers run on every batch, on "
+        "the view the student sees), fixed (computed once per image at its evaluation view, as the noisy student "
+        "does: no teacher pass per batch), auto (fixed with --unlabeled, else online)", choices=KD_TARGETS,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        require([
+            (self.kd_temperature > 0, "kd-temperature must be > 0"),
+            (0 <= self.kd_alpha <= 1, "kd-alpha must be in [0, 1]"),
+            (self.kd_targets in KD_TARGETS, f"kd-targets must be one of {', '.join(KD_TARGETS)}"),
+        ])  # fmt: skip
+
+
+@dataclass
+class QuantizationOptions:
+    """Quantization-aware training (``finegrain qat``): fake int8 rounding as ONNX Runtime will run the model."""
+
+    qat: bool = option(False, "quantization-aware training: simulate the int8 model (see `finegrain qat`)")
+    calib_images: int = option(256, "training images that calibrate int8 activation ranges")
+    int8_target: str = option(
+        "auto", "int8 rounding for: portable (any x86 CPU: 7-bit weights; what auto picks), vnni (full-range "
+        "weights, right only on CPUs with VNNI/AMX)", choices=INT8_TARGETS,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        require([
+            (self.calib_images >= 1, "calib-images must be >= 1"),
+            (self.int8_target in INT8_TARGETS,
+             f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'"),
+        ])  # fmt: skip
+
+
+@dataclass
+class LabelOptions:
+    """Training with fewer or imperfect labels (``engine/addons/unlabeled.py``, ``engine/addons/label_noise.py``)."""
+
+    unlabeled: str | None = option(
+        None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
+        "labelled images (or --teachers, e.g. a fine-tuned run: the noisy student) pseudo-labels those it is "
+        "confident about, used only if held-out labelled images (validation and 5-fold cross-validation) say they help "
+        "(RUN_DIR/unlabeled.json says what was used)",
+    )  # fmt: skip
+    pseudo_fraction: float | None = option(
+        None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "
+        "confident first (default: chosen on held-out labelled images among 0.25, 0.5, 1 and none)",
+        type=parse_optional_float,
+    )  # fmt: skip
+    label_noise: str = option(
+        "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
+        "confident learning flag as probably wrong (listed in RUN_DIR/label_issues.csv; the data is not changed)",
+        choices=LABEL_NOISE,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        require([
+            (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),
+            (self.label_noise in LABEL_NOISE, f"label-noise must be one of {', '.join(LABEL_NOISE)}"),
+        ])  # fmt: skip
