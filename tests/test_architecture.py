@@ -16,7 +16,7 @@ LAYERS = [
     ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
     ["errors", "escape"],
     ["atomic"],
-    ["env", "torchfile", "losses", "progress"],
+    ["env", "torchfile", "losses", "progress", "cpu_load"],
     ["config", "addon_options", "option_values"],
     ["data"],
     ["models"],

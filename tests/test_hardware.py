@@ -1,6 +1,7 @@
 """Precision, threads and int8 settings chosen from the hardware (finegrain.env), and the record of them."""
 
 import json
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -11,16 +12,17 @@ import torch
 from onnx import numpy_helper
 
 import finegrain
-from finegrain import env
+from finegrain import cpu_load, env
 from finegrain.cli import main
 from finegrain.data import Sample
+from finegrain.engine import train as train_module
 from finegrain.engine.train import fit
 from finegrain.errors import ExportError
 from finegrain.export import export_onnx
 from finegrain.export.quantize import quantize_onnx
 from finegrain.predict import Predictor, choose_engine
 
-from .conftest import make_checkpoint
+from .conftest import make_checkpoint, make_imagefolder
 
 CPU = torch.device("cpu")
 
@@ -201,3 +203,42 @@ def test_cpu_flags_come_from_cpuid_as_the_kernels_see_them(monkeypatch):
         assert not env.has_vnni() and env.resolve_int8_target("auto") == "portable"
     finally:
         env.cpu_flags_with_source.cache_clear()
+
+
+def test_a_head_on_cached_features_trains_with_one_thread_and_gives_them_back(tmp_path, tiny_config, monkeypatch):
+    """Two threads on a head's tiny matrix products ran at 1% of their idle speed beside another PyTorch job, one
+    thread at 65% (env.HEAD_THREADS): the head's epochs run with one thread, image epochs and the caller keep theirs."""
+    seen = []
+    real = train_module.train_one_epoch
+
+    def spy(ctx, task, *rest):
+        seen.append((task.images, torch.get_num_threads()))
+        return real(ctx, task, *rest)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    torch.set_num_threads(2)
+    data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=6)
+    fit(tiny_config(data, head="sgd", epochs=2))
+    assert seen == [(False, 1), (False, 1)] and torch.get_num_threads() == 2
+    seen.clear()
+    fit(tiny_config(data, freeze_backbone=False, epochs=1, run_dir=str(tmp_path / "run2")))
+    assert seen == [(True, 2)] and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("share, expected", [(0.9, "PASSIVE"), (0.05, None), (None, None)])
+def test_openmp_threads_sleep_only_when_the_cpus_are_busy_at_start(monkeypatch, share, expected):
+    """Spinning OpenMP threads collapsed beside a busy neighbour (fine-tuning at 24% of its idle speed, 57% passive)
+    but passive waiting cost 22% alone: the policy follows the load at start; the user's OMP_WAIT_POLICY wins."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("FINEGRAIN_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cpu_load, "busy_share", lambda seconds=0.1: share)
+    said = cpu_load.choose_wait_policy()
+    assert os.environ.get("OMP_WAIT_POLICY") == expected
+    assert said.startswith("passive" if expected else "spinning")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cpu_load.choose_wait_policy().startswith("active") and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_busy_share_reads_this_machine():
+    share = cpu_load.busy_share(0.05)
+    assert share is None or 0.0 <= share <= 1.0

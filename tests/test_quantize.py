@@ -21,7 +21,8 @@ AS_AVX2 = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "as-
 def test_int8_agrees_with_fp32_on_real_cub_images(tmp_path, cub10_checkpoint, cpu):
     """A head trained on 10 cub100 species; the default int8 file's top-1 against fp32's on their real test photos,
     the int8 file run on this CPU or under QEMU as an AVX2-only Zen 3, whose int8 kernels add pairs of products in
-    saturating 16-bit sums (a full-range file lost 4 pt of top-1 there). Under QEMU this test takes ~1 min."""
+    saturating 16-bit sums (a full-range file lost 4 pt of top-1 there). Under QEMU this test took 111 s on a busy
+    2-core AMD EPYC Zen 3 (2026-12-02)."""
     ckpt = cub10_checkpoint
     fp32 = export_onnx(ckpt, tmp_path / "m.onnx")["path"]
     calib = Checkpoint.load(ckpt).calibration_samples(64)

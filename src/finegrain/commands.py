@@ -374,8 +374,9 @@ def _env(args: argparse.Namespace) -> int:
     weights = [f"{p} {v}" for p, v in info["weight_packages"].items() if v]
     print(f"weights        {', '.join(weights) or 'none of ' + ', '.join(info['weight_packages'])} (offline)")
     t = info["threads"]
-    print(f"threads        {t['intra_op_threads']} intra-op, {t['inter_op_threads']} inter-op; "
-          f"{info['default_workers']} DataLoader worker(s)")  # fmt: skip
+    print(f"threads        {t['intra_op_threads']} intra-op ({t['head_on_cached_features']} for a head on cached "
+          f"features), {t['inter_op_threads']} inter-op; "
+          f"{info['default_workers']} DataLoader worker(s); OpenMP waiting: {t['omp_wait_policy']}")  # fmt: skip
     why = "native bf16" if info["amp_auto"] == "bf16" else "bf16 is not native here: emulated bf16 is ~10x slower"
     print(f"training       {info['amp_auto']} on {info['device']} (--amp auto: {why})")
     vnni = "VNNI present" if info["vnni"] else "no VNNI"

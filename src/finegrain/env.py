@@ -202,11 +202,33 @@ def configure_threads(threads: int | None = None) -> dict:
     return thread_settings()
 
 
+#: intra-op threads for training a head on cached features: its matrix products are tiny (batch 32 x 1,280 x
+#: classes), so threads buy little alone and cost everything beside a neighbour. Measured with
+#: benchmarks/contention.py (AMD EPYC Zen 3, 2 cores, 2026-12-02), AdamW on a linear head: two threads 21,236
+#: samples/s alone but 289/s beside another PyTorch job (OpenMP threads spinning against each other), one thread
+#: 19,429 alone and 12,634 beside it (65% of its idle speed). The probe already fits with one thread per solve.
+HEAD_THREADS = 1
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """The block runs with ``count`` intra-op threads (None: as configured); the count is restored after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def thread_settings() -> dict:
     return {
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "head_on_cached_features": HEAD_THREADS,
+        "omp_wait_policy": os.environ.get("FINEGRAIN_WAIT_POLICY") or os.environ.get("OMP_WAIT_POLICY") or "default",
     }
 
 

@@ -44,7 +44,7 @@ from finegrain.engine.setup import (
 )  # fmt: skip
 from finegrain.engine.task import Task, build_task, step
 from finegrain.engine.tracking import RunTracker
-from finegrain.env import configure_threads, resolve_amp
+from finegrain.env import HEAD_THREADS, configure_threads, intra_op_threads, resolve_amp
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.progress import progress_bar, say
 
@@ -241,7 +241,8 @@ def fit(
         sampler.set_epoch(epoch)
         loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
-        row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
+        with intra_op_threads(None if task.images else HEAD_THREADS):  # (why: env.HEAD_THREADS)
+            row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
         scheduler.step(epoch + 1)
         eval_module = ema.module if ema is not None else task.trainable
         if val_loader is not None:

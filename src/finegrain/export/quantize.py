@@ -53,16 +53,17 @@ _CALIBRATIONS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percent
 
 
 def float_nodes(path: str | Path, parts: Sequence[str]) -> list[str]:
-    """Names of the graph's nodes that stay float: ``stem`` (the first convolution, which sees the raw image) and
-    ``head`` (the last Gemm/MatMul, whose outputs are the logits)."""
+    """Names of the graph's nodes that stay float: ``stem`` (the first convolution, which sees the raw image),
+    ``head`` (the last Gemm/MatMul, whose outputs are the logits), or any other text: the convolutions and matrix
+    products whose node name contains it (e.g. ``blocks.6``, ``conv_dw``)."""
     import onnx
 
     if not parts:
         return []
-    nodes = onnx.load(str(path), load_external_data=False).graph.node
-    found = {"stem": next((n.name for n in nodes if n.op_type == "Conv"), None),
-             "head": next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)}  # fmt: skip
-    return [found[p] for p in parts if found.get(p)]
+    nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul")]  # fmt: skip
+    named = {"stem": nodes[:1], "head": nodes[-1:]}
+    return [n.name for p in parts for n in named.get(p, [n for n in nodes if p in n.name])]
 
 
 def quantize_onnx(
