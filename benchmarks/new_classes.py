@@ -30,7 +30,7 @@ from finegrain.config import default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.data.class_info import load_class_info
 from finegrain.engine.features import extract_features
-from finegrain.engine.new_classes import class_means, fit_calibration, harmonic, new_class_rows, word_map
+from finegrain.engine.new_classes import features_from_words, fit_calibration, harmonic, new_class_rows
 from finegrain.engine.probe import fit_probe
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
 
@@ -83,7 +83,7 @@ def one_seed(feats: dict, embed: torch.Tensor, seed: int, splits: int, max_drop:
     calibrate_s = time.perf_counter() - started
     picks = [int((ty == c).nonzero().flatten()[rng.integers(int((ty == c).sum()))]) for c in range(k, n)]
     refs = F.normalize(tx[picks] + feats["train_mirrored"][picks], dim=1) if mirrored else tx[picks]
-    words = emb[k:] @ word_map(emb[:k], class_means(tx[tk], ty[tk], list(range(k))))
+    words = features_from_words(emb[:k], emb[k:], tx[tk], ty[tk], list(range(k)))
     held_out = vx[vk] @ w.T + b  # the known classes' validation photos: the head's logit units
     rows, biases = new_class_rows(cal, refs, words, vx[vk], held_out)
     logits_known = ex @ w.T + b

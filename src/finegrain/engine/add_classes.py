@@ -22,7 +22,7 @@ from finegrain.data.class_info import load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.transforms import eval_transform
 from finegrain.engine.features import extract_features
-from finegrain.engine.new_classes import class_means, fit_calibration, new_class_rows, word_map
+from finegrain.engine.new_classes import features_from_words, fit_calibration, new_class_rows
 from finegrain.errors import ConfigError, DataError, FinegrainError
 from finegrain.models.baseline import LinearHead
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
@@ -115,7 +115,7 @@ def add_classes(checkpoint: str | Path, class_info: str | Path, out: str | Path 
             feats = model.backbone_features(batch).float()
         photos = torch.zeros(len(new), feats.shape[1])
         photos[rows_with] = feats
-    words = embed_new @ word_map(embed_known, class_means(tx, ty, list(range(len(known))))) if words_used else None
+    words = features_from_words(embed_known, embed_new, tx, ty, list(range(len(known)))) if words_used else None
     val = index.split("val") or index.split("train")  # held-out photos where the run has them
     vx, vy = _features(model, val, ckpt)
     with torch.no_grad():

@@ -73,6 +73,13 @@ def class_means(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.T
     return torch.stack([x[y == c].mean(0) for c in classes])
 
 
+def features_from_words(embed_known: torch.Tensor, embed_new: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        known: list[int], ridge: float = RIDGE) -> torch.Tensor:  # fmt: skip
+    """Where the new classes' photos should lie, from their words: the ridge map fitted from the known classes'
+    embeddings (rows of ``embed_known``, classes ``known`` of labels ``y``) to their mean features ``x``."""
+    return embed_new @ word_map(embed_known, class_means(x, y, known), ridge)
+
+
 def prototypes(photos: torch.Tensor | None, words: torch.Tensor | None, beta: float,
                centre: torch.Tensor | float = 0.0) -> torch.Tensor:  # fmt: skip
     """Unit-length prototypes from reference-photo features and/or word predictions (rows: new classes), both
@@ -146,7 +153,7 @@ def fit_calibration(x: torch.Tensor, y: torch.Tensor, embed: torch.Tensor | None
         in_known = torch.isin(fy, torch.tensor(known))
         w, b = logistic_regression(fx[in_known], relabel[fy[in_known]], len(known), c)
         photos = torch.stack([fx[(fy == k).nonzero().flatten()[rng.integers(int((fy == k).sum()))]] for k in new])
-        words = None if embed is None else embed[new] @ word_map(embed[known], class_means(fx, fy, known), ridge)
+        words = None if embed is None else features_from_words(embed[known], embed[new], fx, fy, known, ridge)
         ex, ey = x[torch.tensor(eval_rows)], relabel[y[torch.tensor(eval_rows)]]
         known_logits = standardised(ex @ w.T + b)
         for beta in betas:
