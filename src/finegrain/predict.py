@@ -23,6 +23,7 @@ from finegrain.engine.sr import load_sr
 from finegrain.env import cpu_model, physical_cores, resolve_amp
 from finegrain.errors import BadImageError, ConfigError, DataError
 from finegrain.export import OnnxRunner, export_onnx
+from finegrain.extras import has
 from finegrain.models.base import no_class_prior
 from finegrain.models.class_embed import embed_classes
 from finegrain.models.sr import SRUpscaleSmall
@@ -108,6 +109,8 @@ def model_for_engine(model: str | Path, engine: str = "auto", device: str = "aut
         return model, "asked for"
     if engine == "onnx":
         return export_onnx(model)["path"], "asked for"  # next to the checkpoint, reused by later calls
+    if not has("export"):
+        return model, "torch (ONNX Runtime is in the 'export' extra, not installed)"
     choice = choose_engine(model, device)
     return (choice["onnx_path"] if choice["engine"] == "onnx" else model), f"{choice['engine']} ({choice['why']})"
 

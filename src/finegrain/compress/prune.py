@@ -20,6 +20,7 @@ import torch.nn as nn
 from finegrain.checkpoint import Checkpoint
 from finegrain.data.calibration import calibration_loader
 from finegrain.errors import ConfigError
+from finegrain.extras import need
 
 
 def _expansion_convs(model: nn.Module) -> list[nn.Module]:
@@ -112,6 +113,7 @@ def prune_channels(
     "magnitude" (L2 norm of each channel group's weights) or "taylor" (|weight x gradient| on ``calibration``).
     With calibration images, the removed channels' mean contribution is folded back into the next BatchNorm.
     """
+    need("export", "pruning (torch-pruning)")
     import torch_pruning as tp
 
     if not 0 < ratio < 1:

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from finegrain.atomic import atomic_path
-from finegrain.data.records import SPLITS, DatasetIndex, Sample
+from finegrain.data.records import FORMATS, SPLITS, DatasetIndex, Sample
 from finegrain.data.shards import INFO, read_shards
 from finegrain.data.stream import is_stream, open_stream
 from finegrain.errors import DataError
 
-FORMATS = ("auto", "cub", "imagefolder", "manifest", "shards")
 IGNORED_FILES = {"Thumbs.db", "desktop.ini"}
 INFO_DIR = "class_info"  # class side-information beside the images (finegrain.data.class_info), not a class
 MANIFEST_NAME = "manifest.csv"  # the CSV a folder's manifest is read from when the folder holds others too

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from finegrain.data.parts import part_boxes
-from finegrain.data.records import Sample
+from finegrain.data.records import MAX_ASPECT, Sample
 from finegrain.errors import BadImageError, DataError, ImageTooLargeError, NotAnImageError
 from finegrain.progress import progress_bar
 
@@ -32,14 +32,6 @@ def list_images(target: str | Path) -> list[Path]:
             raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under '{target}'")
         return files
     raise DataError(f"'{target}' does not exist: pass an image file or a folder of images")
-
-
-#: the longest side over the shortest that an image may have, on every path that decodes (train, predict, serve,
-#: data check). The area limit alone let thin images through: a 39 KB PNG of 400,000 x 100 resized to 224 on its
-#: short side becomes 896,000 x 224 (200 megapixels; a server went from 0.94 to 2.24 GB and took 9 s), and one of
-#: 40,000,000 x 1 overflowed the resize (a 500). At 50:1 the resized image is at most 50 x 224 x 224 pixels, and
-#: panoramas and banners still pass.
-MAX_ASPECT = 50.0
 
 
 def decode_image(source, name: str | None = None, max_pixels: int | None = None,

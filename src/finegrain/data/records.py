@@ -10,6 +10,15 @@ from typing import Protocol
 from finegrain.errors import DataError
 
 SPLITS = ("train", "val", "test")
+#: the layouts a dataset may come in (``--format``; ``auto`` looks at the folder)
+FORMATS = ("auto", "cub", "imagefolder", "manifest", "shards")
+
+#: the longest side over the shortest that an image may have, on every path that decodes (train, predict, serve,
+#: data check). The area limit alone let thin images through: a 39 KB PNG of 400,000 x 100 resized to 224 on its
+#: short side becomes 896,000 x 224 (200 megapixels; a server went from 0.94 to 2.24 GB and took 9 s), and one of
+#: 40,000,000 x 1 overflowed the resize (a 500). At 50:1 the resized image is at most 50 x 224 x 224 pixels, and
+#: panoramas and banners still pass.
+MAX_ASPECT = 50.0
 
 
 class Stream(Protocol):

@@ -23,6 +23,7 @@ from finegrain.atomic import write_text
 from finegrain.data.loading import IMAGE_SUFFIXES
 from finegrain.data.records import SPLITS, DatasetIndex, Sample
 from finegrain.errors import DataError
+from finegrain.extras import need
 from finegrain.progress import progress_bar
 
 FORMAT = "finegrain-shards/1"
@@ -45,6 +46,7 @@ def _sample_meta(index: DatasetIndex, s: Sample) -> dict:
 
 def write_shards(index: DatasetIndex, out: str | Path, shard_size: int = 1000, progress: bool = True) -> dict:
     """Write ``index`` as shards of at most ``shard_size`` images per split under ``out``; returns the info."""
+    need("shards", "writing tar shards")
     import webdataset as wds
 
     if shard_size < 1:

@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from finegrain.data.records import SPLITS, Sample
 from finegrain.data.shards import META_KEY, image_extension, sample_from_meta
 from finegrain.errors import BadImageError, DataError
+from finegrain.extras import need
 
 PREFIX = "wds:"
 SHARD_NAME = re.compile(r"(train|val|test)-\d+\.tar")
@@ -66,6 +67,7 @@ class ShardStream:
 
 
 def open_stream(spec: str) -> ShardStream:
+    need("shards", "streamed shards (wds:)")
     from webdataset.shardlists import expand_urls
 
     urls = expand_urls(spec[len(PREFIX) :])

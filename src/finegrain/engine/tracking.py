@@ -18,6 +18,7 @@ from pathlib import Path
 from finegrain.atomic import atomic_path, write_text
 from finegrain.config import TRACKERS
 from finegrain.errors import ConfigError
+from finegrain.extras import has
 
 TRACKING_FILE = "tracking.json"  # which MLflow run a run directory logs to, so `evaluate` adds to the same run
 
@@ -32,7 +33,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def write_curves(run_dir: Path) -> Path | None:
     """``RUN_DIR/curves.png`` from ``metrics.jsonl``: loss and top-1 per epoch, train and validation."""
     rows = read_metrics(run_dir)
-    if not rows:
+    if not rows or not has("plots"):  # without the plots extra a run has no picture, the numbers stay in the jsonl
         return None
     import matplotlib
 

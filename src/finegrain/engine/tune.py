@@ -16,17 +16,14 @@ import csv
 import time
 from pathlib import Path
 
-import matplotlib
 import yaml
 
 from finegrain.atomic import atomic_path, write_text
 from finegrain.config import TrainConfig
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
+from finegrain.extras import has
 from finegrain.progress import progress_bar
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 #: the least budget that holds one trial: the features of the data once (a minute or more on 2 cores for a few
 #: thousand images) and a head fitted on them
@@ -139,8 +136,13 @@ def _write_outputs(study, study_dir: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     finished = [t for t in study.trials if t.value is not None]
-    if not finished:
+    if not finished or not has("plots"):  # search.png needs the plots extra; trials.csv has the numbers
         return
+    import matplotlib  # noqa: PLC0415 - the plots extra
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind, colour in (("head", "tab:blue"), ("finetune", "tab:orange")):
         pts = [(t.number, t.value) for t in finished if t.user_attrs.get("kind") == kind]

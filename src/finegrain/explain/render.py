@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from finegrain.data.transforms import Preprocess
+from finegrain.extras import need
 
 
 def model_view_box(size: tuple[int, int], pre: Preprocess) -> tuple[int, int, int, int]:
@@ -20,6 +21,7 @@ def model_view_box(size: tuple[int, int], pre: Preprocess) -> tuple[int, int, in
 
 
 def colourise(cam: np.ndarray, cmap: str = "jet") -> Image.Image:
+    need("plots", "heat-map pictures (explain, --report, the page)")
     from matplotlib import colormaps
 
     rgb = colormaps[cmap](np.clip(cam, 0, 1))[..., :3]

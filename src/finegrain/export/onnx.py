@@ -23,6 +23,7 @@ from finegrain.atomic import TEMP_SUFFIX, atomic_path, disk_full
 from finegrain.checkpoint import Checkpoint
 from finegrain.env import cpu_model, has_vnni
 from finegrain.errors import CheckpointError, ConfigError
+from finegrain.extras import need
 
 DEFAULT_OPSET = 17  # well covered by onnxruntime's CPU kernels
 METADATA_KEY = "finegrain"
@@ -89,6 +90,7 @@ def static_same_padding(model: nn.Module, input_size: int) -> nn.Module:
 
 def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET) -> dict:
     """Export a checkpoint to ONNX (dynamic batch), check it against PyTorch, return a summary."""
+    need("export", "ONNX export")
     import onnx
     import onnxruntime as ort
 
@@ -169,6 +171,7 @@ REQUIRED_METADATA = {"classes": list, "preprocess": dict, "method": str}
 
 def read_onnx_metadata(path: str | Path) -> dict:
     """The finegrain metadata of an ONNX file, checked: every problem is a :class:`CheckpointError` naming it."""
+    need("export", "reading an ONNX file")
     import onnx
 
     path = Path(path)
@@ -215,6 +218,7 @@ class OnnxRunner:
         """``spinning=False`` stops idle worker threads from busy-waiting for the next run: slower for
         back-to-back batches, but it leaves the CPU to the rest of a server (decoding, HTTP). ``graph_opt``:
         ONNX Runtime's graph optimisation level (``all`` fuses most; lower levels load faster)."""
+        need("export", "running an ONNX file")
         import onnxruntime as ort
 
         if graph_opt not in self.GRAPH_OPT:

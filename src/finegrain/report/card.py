@@ -20,6 +20,7 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.escape import csv_value, markdown
 from finegrain.export.onnx import MODEL_CARD_FILE, refresh_model_card
+from finegrain.extras import has
 from finegrain.report.html import confused_pairs
 
 FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
@@ -109,6 +110,9 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         f"{split}_images": result["n"],
         "measured_on": machine.get("cpu_model"),
     }
+    unsure = result.get("unsure")
+    if unsure:  # the page and the API flag answers below it (finegrain.report.confidence)
+        short["unsure_below"] = unsure["below"]
     split_counts = ", ".join(f"{sp} {sum(c.values()):,}" for sp, c in sorted(counts.items())) or "not recorded"
     o, frozen = cfg.optim, cfg.model.freeze_backbone
     recipe = (
@@ -147,6 +151,21 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         "|---|---|---|",
         f"| {top1:.2f}% | {top5:.2f}% | {mean:.2f}% |",
         "",
+        *(
+            [
+                f"Answers whose top-1 probability is below {100 * unsure['below']:.0f}% are flagged unsure (page, "
+                f"API): on the {unsure['images']:,} validation images, {100 * unsure['flagged_share']:.0f}% were "
+                "flagged and the model was right on "
+                + (
+                    f"{100 * unsure['accuracy_flagged']:.0f}% of those."
+                    if unsure["accuracy_flagged"] is not None
+                    else "all of the others."
+                ),
+                "",
+            ]
+            if unsure
+            else []
+        ),  # fmt: skip
         f"Measured with {result.get('engine', 'torch')} ({result.get('amp_used', 'fp32')}) on "
         f"{machine.get('cpu_model', '?')}, flags {', '.join(machine.get('cpu_flags', [])) or '?'}; "
         f"`eval_{split}.json` has every number.",
@@ -179,6 +198,6 @@ def write_model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> Path:
     write_text(out_dir / MODEL_CARD_FILE, json.dumps(short, indent=2))
     path = out_dir / CARD_FILE
     write_text(path, text)
-    for exported in sorted(ckpt.path.parent.glob(f"{ckpt.path.stem}*.onnx")):
+    for exported in sorted(ckpt.path.parent.glob(f"{ckpt.path.stem}*.onnx")) if has("export") else []:
         refresh_model_card(exported, short)
     return path

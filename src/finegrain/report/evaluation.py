@@ -27,8 +27,10 @@ from finegrain.engine.tracking import RunTracker
 from finegrain.env import machine_info, precision_name
 from finegrain.errors import ConfigError, DataError
 from finegrain.escape import csv_cell
+from finegrain.extras import has, need
 from finegrain.models.regions import box_iou
 from finegrain.report.card import CARD_FILE, read_confusion, write_model_card
+from finegrain.report.confidence import unsure_threshold
 from finegrain.report.html import confusion_png, write_report
 
 
@@ -56,6 +58,8 @@ def evaluate_checkpoint(
     data = data or ckpt.train_config().dataset.data
     if not index.count(split):
         raise DataError(f"split '{split}' of '{data}' is empty (splits: train, val, test)")
+    if report:
+        need("plots", "--report (its pictures)")
     if index.stream is not None and report:
         raise ConfigError("--report shows thumbnails of chosen test images, which streamed shards (wds:) cannot "
                           "fetch by name: evaluate a local shard folder or the dataset itself")  # fmt: skip
@@ -78,6 +82,9 @@ def evaluate_checkpoint(
         progress=True, desc=f"evaluate {split}", keep_predictions=report,
     )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
+    if split == "test" and index.stream is None and index.count("val"):
+        metrics["unsure"] = _unsure_on_validation(runner or model, model.preprocess, index, dev,
+                                                  "none" if runner else amp, batch_size, workers)  # fmt: skip
     if model.part_groups and index.part_names and index.stream is None:  # (streams: not measured)
         metrics["part_localisation"] = evaluate_part_localisation(model, samples, index.part_names, dev, workers)
     out = Path(out_dir) if out_dir else ckpt.run_dir
@@ -108,6 +115,18 @@ def evaluate_checkpoint(
     return result
 
 
+def _unsure_on_validation(model, preprocess, index, dev, amp: str, batch_size: int, workers: int) -> dict:
+    """The unsure threshold (``finegrain.report.confidence``) from the validation split's predictions: the test
+    split's card reports it, the page and the API flag answers below it."""
+    samples = index.split("val")
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(preprocess)), batch_size=batch_size,
+                                         num_workers=workers)  # fmt: skip
+    m = evaluate(model, loader, len(index.classes), dev, amp=amp, channels_last=isinstance(model, nn.Module),
+                 desc="evaluate val (unsure threshold)", keep_predictions=True)  # fmt: skip
+    correct = np.array(m["predicted"]) == np.array([s.label for s in samples])
+    return unsure_threshold(np.array(m["confidence"]), correct)
+
+
 @torch.inference_mode()
 def evaluate_part_localisation(model: nn.Module, samples, part_names, device, workers: int = 2) -> dict:
     """How well a ``parts`` model finds its parts on held-out images: per part group, the mean IoU of the
@@ -134,14 +153,15 @@ def after_evaluation(result: dict, out: Path, split: str) -> Path:
     ckpt = Checkpoint.load(result["checkpoint"])
     _, confmat = read_confusion(out / f"confusion_{split}.csv")
     picture = out / f"confusion_{split}.png"
-    with atomic_path(picture) as tmp:
-        tmp.write_bytes(confusion_png(np.asarray(confmat)))
+    if has("plots"):  # (without the plots extra the matrix is in the CSV only)
+        with atomic_path(picture) as tmp:
+            tmp.write_bytes(confusion_png(np.asarray(confmat)))
     card = write_model_card(ckpt, result, out)
     cfg = ckpt.train_config()
     if cfg is not None and cfg.run.log:
         run_dir = ckpt.run_dir
         tracker = RunTracker(run_dir, cfg.run.log, cfg.run.tracking_uri)
         curves = [run_dir / "curves.png"] if (run_dir / "curves.png").is_file() else []
-        tracker.final(result, split, [picture, *curves, out / CARD_FILE, ckpt.path])
+        tracker.final(result, split, [p for p in (picture, *curves, out / CARD_FILE, ckpt.path) if p.is_file()])
         tracker.close()
     return card

@@ -20,6 +20,7 @@ from finegrain.atomic import write_text
 from finegrain.data.loading import open_sample
 from finegrain.data.records import DatasetIndex, Sample
 from finegrain.explain import explain
+from finegrain.extras import need
 from finegrain.predict import Predictor
 
 
@@ -41,6 +42,7 @@ def confusion_picture(confmat: np.ndarray) -> str:
 
 
 def confusion_png(confmat: np.ndarray) -> bytes:
+    need("plots", "the confusion-matrix picture")
     """The row-normalised confusion matrix as PNG bytes (log colour scale so rare confusions show)."""
     import matplotlib
 

@@ -147,15 +147,16 @@ class BodyTimeout:
         await self.app(scope, timed_receive, send)
 
 
-def _description(predictor: Predictor) -> str | None:
-    """What the model is for, from its model card (inside an ONNX file, or beside a checkpoint)."""
+def _card(predictor: Predictor) -> dict:
+    """The short model card (inside an ONNX file, or beside a checkpoint): what the model is for, how accurate it
+    was on the test split, and below which probability its answers are unsure; empty before ``evaluate``."""
     if isinstance(getattr(predictor.model, "meta", None), dict):
-        return predictor.model.meta.get("model_card", {}).get("description")
+        return predictor.model.meta.get("model_card", {}) or {}
     card = Path(predictor.info["path"]).with_name(MODEL_CARD_FILE)
     try:
-        return json.loads(card.read_text()).get("description") if card.is_file() else None
+        return json.loads(card.read_text()) if card.is_file() else {}
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
 
 
 def _validation_message(request: Request, exc: RequestValidationError) -> tuple[int, str]:
@@ -183,6 +184,7 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         # torch only preprocesses here, one request per thread: its own thread pool would fight ONNX Runtime's
         torch.set_num_threads(1)
     source = Path(predictor.info["path"])
+    card = _card(predictor)
     info = {
         "id": model_id(source),
         "classes": predictor.classes,
@@ -193,10 +195,18 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         "preprocess": predictor.preprocess.to_dict(),
         "engine": predictor.info["engine"],
         "explain": "grad-cam" if predictor.info["engine"] == "torch" else "occlusion",
-        "description": _description(predictor),
+        "description": card.get("description"),
+        "test_top1": card.get("test_top1"),  # percent, on the test split (the model card says which CPU and data)
+        "test_images": card.get("test_images"),
+        "unsure_below": card.get("unsure_below"),  # answers with a lower top-1 probability come back "unsure"
         "max_batch": settings.max_batch,
         "max_wait_ms": settings.max_wait_ms,
     }
+
+    def unsure(top: list[dict]) -> bool | None:
+        """Whether the answer is below the validation split's unsure threshold (None: the model was not evaluated)."""
+        return None if info["unsure_below"] is None else bool(top[0]["prob"] < info["unsure_below"])
+
     registry = CollectorRegistry()
     requests_total = Counter("finegrain_requests_total", "HTTP requests by path and status", ["path", "status"],
                              registry=registry)  # fmt: skip
@@ -344,7 +354,8 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         logits, batch = await batcher.submit(x)
         top = predictor.topk(logits.softmax(-1)[None], k)[0]
         ms = (time.perf_counter() - start) * 1000
-        return {"model": info["id"], "top": top, "inference_ms": round(ms, 2), "batch_size": batch}
+        return {"model": info["id"], "top": top, "unsure": unsure(top), "inference_ms": round(ms, 2),
+                "batch_size": batch}  # fmt: skip
 
     @app.post("/v1/explain", responses={200: {"content": {"image/png": {}}}, **UPLOAD_ERRORS})
     async def explain_image(
@@ -362,6 +373,7 @@ def create_app(model: str | Path, settings: ServeSettings | None = None) -> Fast
         return {
             "model": info["id"],
             "top": explanation.top,
+            "unsure": unsure(explanation.top),
             "method": explanation.method,
             "overlay_png": base64.b64encode(png).decode(),
             "inference_ms": round((time.perf_counter() - start) * 1000, 2),
