@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "finegrain"
 LAYERS = [
     ["__init__"],  # the package root: __version__, and its public names looked up lazily (_LAZY, checked below)
     ["errors", "escape", "extras"],
-    ["atomic"],
+    ["atomic", "run_layout"],
     ["env", "torchfile", "losses", "progress", "cpu_load"],
     ["config", "addon_options", "option_values"],
     ["data"],
@@ -32,7 +32,7 @@ LAYERS = [
     ["serve"],
     ["api"],  # finegrain.load / finegrain.train
     ["commands"],  # what each command does
-    ["cli", "__main__"],
+    ["cli", "cli_flags", "__main__"],
 ]
 MAX_FUNCTION_LEVEL_IMPORTS = 0
 

@@ -15,6 +15,7 @@ from finegrain.engine.train import fit
 from finegrain.explain import Explanation, explain
 from finegrain.predict import Predictor, model_for_engine
 from finegrain.report.evaluation import evaluate_checkpoint
+from finegrain.run_layout import RunDir
 
 
 class Model(Predictor):
@@ -57,6 +58,6 @@ def train(data: str | Path, run_dir: str | Path | None = None, evaluate: bool = 
     result = (train_within_budget if cfg.recipe.budget else fit)(cfg.validate())
     test = None
     if evaluate and result.counts["test"]:
-        metrics = evaluate_checkpoint(result.run_dir / "best.pt", workers=cfg.speed.workers)
+        metrics = evaluate_checkpoint(result.run_dir / RunDir.BEST, workers=cfg.speed.workers)
         test = {k: metrics[k] for k in ("n", "top1", "top5", "mean_class_acc")}
     return Run(result.run_dir, result.history, test)

@@ -27,6 +27,7 @@ from finegrain.data.transforms import Preprocess
 from finegrain.errors import CheckpointError, DataError
 from finegrain.models import create_model
 from finegrain.models.pruned import apply_structure, structure
+from finegrain.run_layout import RunDir
 from finegrain.torchfile import load_tensors
 
 FORMAT_VERSION = 1
@@ -129,12 +130,12 @@ class Checkpoint:
         """A ``.pt`` file, or a run directory (its ``best.pt``)."""
         path = Path(path).expanduser()
         if path.is_dir():
-            path = path / "best.pt"
+            path = path / RunDir.BEST
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{path}' does not exist (pass a .pt file or a run directory)")
-        fix = "pass a best.pt or last.pt that `finegrain train` wrote, or its run directory"
-        if path.name == "last.pt":
-            fix += "; best.pt beside it may still be whole"
+        fix = f"pass a {RunDir.BEST} or {RunDir.LAST} that `finegrain train` wrote, or its run directory"
+        if path.name == RunDir.LAST:
+            fix += f"; {RunDir.BEST} beside it may still be whole"
         record = load_tensors(path, "checkpoint", fix)
         if not isinstance(record, dict) or "method" not in record or "state_dict" not in record:
             raise CheckpointError(f"'{path}' is not a finegrain checkpoint (no method / state_dict)")
@@ -171,7 +172,7 @@ class Checkpoint:
             raise DataError("the checkpoint does not record its dataset: pass --data PATH")
         d = cfg.dataset if cfg else TrainConfig().dataset
         seed = cfg.run.seed if cfg else 0
-        split_file = self.run_dir / "split.csv" if self.run_dir else None
+        split_file = self.run_dir / RunDir.SPLIT if self.run_dir else None
         index = load_dataset(data, d.format, d.val_fraction, d.test_fraction, seed, split_file=split_file,
                              follow_symlinks=d.follow_symlinks)  # fmt: skip
         if index.classes != self.classes:

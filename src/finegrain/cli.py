@@ -12,64 +12,26 @@ import os
 import sys
 
 from finegrain import __version__
-from finegrain.config import DEFAULT_BACKBONE, TrainConfig, default_cache_dir
+from finegrain.cli_flags import _add_int8_target, _add_output_options, _add_train_options, flag
 from finegrain.data.records import FORMATS, MAX_ASPECT
-from finegrain.env import AMP_CHOICES, INT8_TARGETS, configure_threads
+from finegrain.env import configure_threads
 from finegrain.errors import FinegrainError
 from finegrain.progress import set_verbosity
 
 #: the handlers' module, imported when a command runs (tests/test_architecture.py checks it sits below this one)
 HANDLERS = "finegrain.commands"
-ENGINES = ("auto", "torch", "onnx")
-ENGINE_HELP = (
-    "auto: an .onnx file runs in ONNX Runtime; a checkpoint runs in whichever of PyTorch and ONNX Runtime measured "
-    "faster on this machine (checked for equal logits, remembered beside the checkpoint); torch; onnx (default: auto)"
-)
 
 
-def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per ``TrainConfig`` option, its help and parsing from the option's own field (no second copy),
-    under a heading per option group (dataset, model, optim ...), each default said once."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for group, f in TrainConfig.options():
-        if f.name in skip:
-            continue
-        default = TrainConfig.option_default(f)
-        kw = dict(f.metadata["cli"])
-        said = "default" in f.metadata["help"].lower()  # the help names its own default ("the backbone's")
-        kw["help"] = f.metadata["help"] if said else f"{f.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif "type" not in kw and not kw.get("nargs"):
-            kw["type"] = type(default) if isinstance(default, int | float) else str
-        if "action" not in kw and "metavar" not in kw and "choices" not in kw:
-            kw["metavar"] = f.name.upper()
-        if group not in groups:
-            groups[group] = p.add_argument_group(f"{group} options")
-        groups[group].add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
-
-
-def _help(name: str) -> str:
-    return next(f.metadata["help"] for _, f in TrainConfig.options() if f.name == name)
-
-
-def _add_int8_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8-target", default="auto", choices=INT8_TARGETS, help=_help("int8_target") + " (auto)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image classification.")
-    parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _training_commands(sub) -> None:
+    """train, distill (knowledge distillation) and tune: the commands that take every training option."""
     p = sub.add_parser(
         "train",
         help="train a model",
         description="Train a model; works under torchrun (DDP).",
         usage="%(prog)s [--data DATA] [--budget MINUTES] [options]",
     )
-    p.add_argument("--config", help="YAML file of options (command-line options override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
+    flag(p, "config")
+    flag(p, "resume")
     _add_train_options(p)
     p.set_defaults(func="_train")
 
@@ -88,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="teacher checkpoint(s), as `train --teachers`",
     )
-    p.add_argument("--config", help="YAML file of options (command-line options override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
+    flag(p, "config")
+    flag(p, "resume")
     _add_train_options(p, skip=("teachers",))
     p.set_defaults(func="_train")
 
@@ -99,22 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
         "first, then pruned fine-tuning trials while the budget allows. Writes STUDY_DIR/best.yaml (train it with "
         "`finegrain train --config best.yaml`), trials.csv, search.png and study.db (run again to resume).",
     )  # fmt: skip
-    p.add_argument("--budget", type=float, required=True, help="minutes for the whole search")
+    p.add_argument(
+        "--minutes",
+        "--budget",
+        dest="budget",
+        type=float,
+        required=True,
+        help="minutes for the whole search (train's --budget is one run's minutes)",
+    )
     p.add_argument("--trials", type=int, default=50, help="trials in all, resumed ones included (50)")
     p.add_argument("--study-dir", default="runs/tune", help="(default: runs/tune)")
-    p.add_argument("--config", help="YAML file of base options (command-line options override it)")
+    flag(p, "config")
     _add_train_options(p, skip=("budget", "time_limit", "finetune_lr", "run_dir"))
     p.set_defaults(func="_tune")
 
+
+def _model_commands(sub) -> None:
+    """evaluate and predict: the commands that read a trained model."""
     p = sub.add_parser("evaluate", help="top-1/top-5/per-class accuracy and confusion matrix")
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
-    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    flag(p, "checkpoint")
+    flag(p, "data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="(default: test)")
-    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--workers", type=int, default=TrainConfig().speed.workers, help="DataLoader workers")
-    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=_help("amp") + " (default: auto)")
-    p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    flag(p, "batch_size", default=64)
+    flag(p, "workers")
+    flag(p, "amp")
+    flag(p, "engine")
+    flag(p, "device")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
     p.add_argument("--out-dir", "--out", dest="out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--report", action="store_true", help="also write a self-contained HTML report")
@@ -123,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
     p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
-    p.add_argument("--engine", default="auto", choices=ENGINES, help=ENGINE_HELP)
+    flag(p, "engine")
     p.add_argument(
         "-k",
         "--top-k",
@@ -133,43 +105,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="classes per image, as the API's and the HTTP `k` (default: 5)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="(default: 32; 1 for the lowest latency)")
+    flag(p, "batch_size", note="1 for the lowest latency")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--graph-opt", default="all", choices=["disable", "basic", "extended", "all"],
                    help="ONNX Runtime graph optimisation level (default: all)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    flag(p, "device")
     p.add_argument("--sr-model", help="super-resolution checkpoint (finegrain sr train) to enlarge small images")
     p.add_argument("--sr-below", type=int, default=160, help="enlarge images whose shorter side is below this (160)")
     p.add_argument("--class-info", help="class_info folder: also score its classes the model was not trained on, "
                    "from their attributes / description / reference image (textprior models)")  # fmt: skip
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="JSON output")
+    flag(out, "json")
     out.add_argument("--csv", action="store_true", help="CSV output")
     p.set_defaults(func="_predict")
 
+
+def _export_commands(sub) -> None:
+    """export, prune and explain: files made from a trained model."""
     p = sub.add_parser("export", help="export a checkpoint to ONNX (class names and preprocessing embedded)")
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
+    flag(p, "checkpoint")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--class-info", help="first add this class_info folder's new classes (textprior), baked in")
     p.add_argument("--int8", action="store_true", help="also write a post-training int8 model (*.int8.onnx)")
-    p.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration (256)")
-    p.add_argument("--data", help="dataset for calibration (default: the checkpoint's)")
+    flag(p, "calib_images")
+    flag(p, "data", default=None, help="dataset for calibration (default: the checkpoint's)")
     _add_int8_target(p)
     p.add_argument("--min-agreement", type=float, help="least int8-vs-fp32 top-1 agreement on held-out training "
                    "images; below it no int8 file is written (default: 0.95)")  # fmt: skip
     p.set_defaults(func="_export")
 
     p = sub.add_parser("prune", help="structured channel pruning (then fine-tuning)")
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    flag(p, "checkpoint")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of expansion channels to remove (0.3)")
     importance = "activation (default): each channel's share of its block's output on training images"
     p.add_argument("--importance", default="activation", choices=["activation", "magnitude", "taylor"], help=importance)
     p.add_argument("--out", help="pruned checkpoint (default: <checkpoint>.pruned<R>.pt)")
     p.add_argument("--epochs", type=int, default=0, help="fine-tune this many epochs after pruning (0: don't)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")
-    p.add_argument("--run-dir", help="fine-tuning run directory (default runs/<method>-<time>)")
+    flag(p, "run_dir")
     p.set_defaults(func="_prune")
 
     p = sub.add_parser("explain", help="heat-map of where the model looked, with the top classes, as PNG")
@@ -187,10 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="classes per image, as the API's and the HTTP `k` (default: 5)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    flag(p, "batch_size", default=16)
+    flag(p, "device")
     p.set_defaults(func="_explain")
 
+
+def _serve_command(sub) -> None:
+    """serve: the REST API and web page, and its limits against slow or hostile clients."""
     p = sub.add_parser("serve", help="REST API and web page (FastAPI + uvicorn)")
     p.add_argument("model", help="checkpoint, run directory or exported .onnx file (int8 is fastest on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine only)")
@@ -202,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-aspect", type=float, default=MAX_ASPECT,
                    help=f"largest accepted ratio of an image's long to short side ({MAX_ASPECT:g})")  # fmt: skip
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda for checkpoints (default: auto)")
+    flag(p, "device", note="for checkpoints")
     p.add_argument("--max-inflight", type=int, default=64, help="uploads in progress before 503 + Retry-After (64)")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (1024)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (10)")
@@ -220,17 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "on (textprior checkpoints)")  # fmt: skip
     p.set_defaults(func="_serve")
 
+
+def _adapt_commands(sub) -> None:
+    """qat, pretrain, sr and classes: adapting a model or its inputs."""
     p = sub.add_parser(
         "qat", help="quantization-aware fine-tuning, then int8 ONNX export",
         description="Fine-tune a checkpoint while simulating ONNX Runtime's int8 rounding (BN-folded per-channel "
         "weights, calibrated uint8 activations), then export best.onnx and best.int8.onnx in the new run directory.",
     )  # fmt: skip
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    flag(p, "checkpoint")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (1)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate, small: the weights only adapt (1e-5)")
-    p.add_argument("--batch-size", type=int, help="(default: the checkpoint's)")
-    p.add_argument("--calib-images", type=int, default=256, help="training images for activation ranges (256)")
-    p.add_argument("--run-dir", help="output run directory (default runs/<method>-<time>)")
+    flag(p, "batch_size", default=None, help="batch size (default: the checkpoint's)")
+    flag(p, "calib_images")
+    flag(p, "run_dir")
     _add_int8_target(p)
     p.set_defaults(func="_qat")
 
@@ -243,14 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir", "--out", dest="out", default="runs/pretrain", help="output folder (default: runs/pretrain)"
     )
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm backbone (default: {DEFAULT_BACKBONE})")
+    flag(p, "backbone")
     p.add_argument("--epochs", type=int, default=2, help="(default: 2)")
-    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    flag(p, "batch_size")
     p.add_argument("--lr", type=float, default=0.05, help="base rate, scaled by batch-size/256 (default: 0.05)")
     p.add_argument("--time-limit", type=float, help="minutes after which it stops (the backbone so far is kept)")
-    p.add_argument("--workers", type=int, default=2, help="(default: 2)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    p.add_argument("--seed", type=int, default=0)
+    flag(p, "workers")
+    flag(p, "device")
+    flag(p, "seed")
     p.set_defaults(func="_pretrain")
 
     sr = sub.add_parser("sr", help="learned super-resolution").add_subparsers(dest="sr_command", required=True)
@@ -262,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder or CSV manifest")
     p.add_argument("--scale", type=int, default=2, choices=[2, 3, 4], help="(default: 2)")
     p.add_argument("--steps", type=int, default=2000, help="training steps (2000)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    flag(p, "batch_size", default=16)
     p.add_argument("--patch", type=int, default=96, help="high-resolution patch side in pixels (96)")
     p.add_argument("--lr", type=float, default=1e-3, help="(default: 1e-3)")
     p.add_argument("--max-images", type=int, default=400, help="training images kept in memory (400)")
     p.add_argument("--eval-images", type=int, default=50, help="held-out images for PSNR (50)")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-dir", default="runs/sr", help="(default: runs/sr)")
+    flag(p, "format", choices=FORMATS)
+    flag(p, "seed")
+    flag(p, "run_dir", default="runs/sr")
     p.set_defaults(func="_sr_train")
     p = sr.add_parser("upscale", help="enlarge images with a trained super-resolution model")
     p.add_argument("model", help="sr.pt or its run directory")
@@ -286,33 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
         "words) to a model trained with the default head; refuses, exit 2, if the known classes would lose more "
         "than --max-loss points of top-1 on their validation photos.",
     )  # fmt: skip
-    p.add_argument("checkpoint", help="checkpoint file or run directory (uses best.pt)")
+    flag(p, "checkpoint")
     p.add_argument("class_info", help="class_info folder describing the new classes (and, for words, the known)")
     p.add_argument("--out", help="output checkpoint (default: STEM_added_classes.pt beside the checkpoint)")
-    p.add_argument("--data", help="the training data, where it moved (default: the checkpoint's)")
+    flag(p, "data", default=None, help="the training data, where it moved (default: the checkpoint's)")
     p.add_argument("--max-loss", type=float, default=3.0, help="known-class top-1 points it may cost (3)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    flag(p, "json")
     p.set_defaults(func="_classes_add")
 
+
+def _data_commands(sub) -> None:
+    """data (check, audit, shard, suggest), env and models."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="classes, counts, sizes, bad files, duplicates and leaks")
     p.add_argument("path", help="dataset folder or CSV manifest")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--val-fraction", type=float, default=0.0, help="(default: 0)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (default 0.2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-info", help="class_info folder to report on (default: PATH/class_info when it exists)")
+    flag(p, "format", choices=FORMATS)
+    flag(p, "val_fraction", default=0.0)
+    flag(p, "test_fraction")
+    flag(p, "seed")
+    flag(p, "class_info", help="class_info folder to report on (default: PATH/class_info when it exists)")
     p.add_argument("--follow-symlinks", action="store_true", help="read class folders linked from outside the data")
-    p.add_argument("--json", action="store_true", help="JSON report")
+    flag(p, "json")
     p.set_defaults(func="_data_check")
 
     p = data.add_parser("audit", help="images whose label is probably wrong (out-of-fold probe + confident learning)")
     p.add_argument("path", help="dataset folder or CSV manifest")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held out (not audited) when there is no test "
-                   "split (default 0.2)")  # fmt: skip
+    flag(p, "format", choices=FORMATS)
+    flag(p, "test_fraction", note="held out, not audited")
     p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
-    p.add_argument("--seed", type=int, default=0)
+    flag(p, "seed")
     p.add_argument(
         "--out-dir",
         "--out",
@@ -320,18 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="audit",
         help="folder for label_issues.csv / .html and audit.json (default: audit)",
     )
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    flag(p, "cache_dir")
+    flag(p, "device")
     p.set_defaults(func="_data_audit")
 
     p = data.add_parser("shard", help="write a dataset as WebDataset tar shards (images as stored, labels, split)")
     p.add_argument("source", help="dataset folder or CSV manifest")
     p.add_argument("out", help="new folder for the shards and their _info.json")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (1000)")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="the split is made now, as train would (0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="when there is no test split (0.2)")
-    p.add_argument("--seed", type=int, default=0, help="the split's seed: use the seed you train with (0)")
+    flag(p, "format", choices=FORMATS)
+    flag(p, "val_fraction", note="the split is made now, as train would")
+    flag(p, "test_fraction")
+    flag(p, "seed", note="the split's: use the seed you train with")
     p.set_defaults(func="_data_shard")
 
     p = data.add_parser("suggest", help="which unlabelled images to label next (uncertain and unlike the labelled)")
@@ -339,16 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", required=True, help="folder of unlabelled images, or a CSV of image paths")
     p.add_argument("--n", type=int, default=100, help="how many images to suggest (100)")
     p.add_argument("--out", default="suggest.csv", help="CSV to write, with an empty label column (suggest.csv)")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="feature cache (default: finegrain's cache)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    flag(p, "cache_dir")
+    flag(p, "device")
     p.set_defaults(func="_data_suggest")
 
     p = sub.add_parser("env", help="what finegrain sees on this machine and the precision/runtime it picks")
-    p.add_argument("--json", action="store_true", help="JSON output")
+    flag(p, "json")
     p.set_defaults(func="_env")
 
     p = sub.add_parser("models", help="list the registered methods")
     p.set_defaults(func="_models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image classification.")
+    parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _model_commands(sub)
+    _export_commands(sub)
+    _serve_command(sub)
+    _adapt_commands(sub)
+    _data_commands(sub)
     return parser
 
 
@@ -359,18 +353,6 @@ def _clean_message(e: Exception) -> str:
         last = text.strip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
-
-
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
-    """``-q``/``-v`` on every command and sub-command (declared once, here)."""
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        for command in action.choices.values():
-            if command._subparsers is not None:
-                _add_output_options(command)
-            else:
-                group = command.add_argument_group("output")
-                group.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-                group.add_argument("-v", "--verbose", action="store_true", help="also the library's debug log")
 
 
 def main(argv: list[str] | None = None) -> int:

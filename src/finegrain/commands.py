@@ -22,7 +22,7 @@ from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.shards import write_shards
 from finegrain.engine.add_classes import add_classes
-from finegrain.engine.audit import audit_labels, write_audit_csv
+from finegrain.engine.audit import ISSUES_CSV, audit_labels, write_audit_csv
 from finegrain.engine.pretrain import pretrain
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.setup import run_dir_for
@@ -44,6 +44,7 @@ from finegrain.predict import Predictor, model_for_engine, with_added_classes
 from finegrain.progress import progress_bar, say
 from finegrain.report.audit_page import write_audit_page
 from finegrain.report.evaluation import after_evaluation, evaluate_checkpoint
+from finegrain.run_layout import RunDir
 
 try:  # the web service is the 'serve' extra: without it every other command still runs
     from finegrain.serve.app import ServeSettings, create_app
@@ -81,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
-    say(f"run directory: {run_dir}  (best checkpoint: {Path(run_dir) / 'best.pt'})")
+    say(f"run directory: {run_dir}  (best checkpoint: {RunDir(run_dir).best})")
     return 0
 
 
@@ -202,11 +203,11 @@ def _data_audit(args: argparse.Namespace) -> int:
     issues, summary = audit_labels(index, args.folds, args.seed, args.cache_dir, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_audit_csv(issues, index, out / "label_issues.csv")
+    write_audit_csv(issues, index, out / ISSUES_CSV)
     page = write_audit_page(issues, index, summary, out / "label_issues.html")
     write_text(out / "audit.json", json.dumps(summary, indent=2))
     print(f"{summary['flagged']} of {summary['images']} labelled images look mislabelled (out-of-fold top-1 "
-          f"{100 * summary['out_of_fold_top1']:.1f}%): {out / 'label_issues.csv'}, {page}.")  # fmt: skip
+          f"{100 * summary['out_of_fold_top1']:.1f}%): {out / ISSUES_CSV}, {page}.")  # fmt: skip
     return 0
 
 
@@ -222,7 +223,7 @@ def _data_shard(args: argparse.Namespace) -> int:
 
 def _data_suggest(args: argparse.Namespace) -> int:
     run = Path(args.run)
-    ckpt = run / "best.pt" if run.is_dir() else run
+    ckpt = run / RunDir.BEST if run.is_dir() else run
     rows = suggest_labels(ckpt, args.unlabeled, args.n, args.out, args.cache_dir, args.device)
     print(f"{len(rows)} image(s) to label next, most useful first: {args.out} (fill in its label column)")
     return 0

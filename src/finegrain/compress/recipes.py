@@ -8,6 +8,7 @@ from pathlib import Path
 from finegrain.checkpoint import Checkpoint
 from finegrain.compress.prune import prune_checkpoint
 from finegrain.engine.train import fit
+from finegrain.run_layout import RunDir
 
 
 def finetune_pruned(pruned: str | Path, epochs: int, lr: float = 1e-4, run_dir: str | Path | None = None) -> Path:
@@ -15,7 +16,7 @@ def finetune_pruned(pruned: str | Path, epochs: int, lr: float = 1e-4, run_dir: 
     ckpt = Checkpoint.load(pruned)
     cfg = ckpt.train_config().replace(init_from=str(ckpt.path), freeze_backbone=False, epochs=epochs, lr=lr,
                                       run_dir=str(run_dir) if run_dir else None)  # fmt: skip
-    return fit(cfg).run_dir / "best.pt"
+    return fit(cfg).run_dir / RunDir.BEST
 
 
 def prune_and_finetune(
@@ -40,4 +41,4 @@ def qat_finetune(
                  "run_dir": str(run_dir) if run_dir else None}  # fmt: skip
     if batch_size:
         overrides["batch_size"] = batch_size
-    return fit(ckpt.train_config().replace(**overrides)).run_dir / "best.pt"
+    return fit(ckpt.train_config().replace(**overrides)).run_dir / RunDir.BEST

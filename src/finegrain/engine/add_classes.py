@@ -26,6 +26,7 @@ from finegrain.engine.new_classes import features_from_words, fit_calibration, n
 from finegrain.errors import ConfigError, DataError, FinegrainError
 from finegrain.models.baseline import LinearHead
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
+from finegrain.run_layout import RunDir
 
 #: the most top-1 (points) the known classes may lose on their validation photos when classes are added. On cub100
 #: (50 known + 50 new, docs/multimodal.md) the calibrated addition cost them 1-3 points on the test photos.
@@ -57,7 +58,7 @@ def _features(model: nn.Module, samples, ckpt: Checkpoint) -> tuple[torch.Tensor
 
 def _penalty(ckpt: Checkpoint) -> float:
     """The probe's chosen C (probe.json of the run), else the middle of its grid."""
-    record = ckpt.run_dir / "probe.json" if ckpt.run_dir else None
+    record = ckpt.run_dir / RunDir.PROBE if ckpt.run_dir else None
     if record and record.is_file():
         return float(json.loads(record.read_text()).get("C_chosen", 10.0))
     return 10.0

@@ -13,6 +13,7 @@ from finegrain.engine.setup import set_rng_state
 from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
 from finegrain.progress import say
+from finegrain.run_layout import RunDir
 
 
 def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_best: bool, tracker: RunTracker) -> None:
@@ -20,11 +21,11 @@ def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_b
     needs), best.pt when validation improved, the metrics line, the curves, the trackers, one line on the terminal."""
     row = record.metrics
     record.resume = resume_state
-    record.save(ctx.run_dir / "last.pt")
+    record.save(ctx.run_dir / RunDir.LAST)
     if is_best:
         record.resume = None
-        record.save(ctx.run_dir / "best.pt")
-    with (ctx.run_dir / "metrics.jsonl").open("a") as f:
+        record.save(ctx.run_dir / RunDir.BEST)
+    with (ctx.run_dir / RunDir.METRICS).open("a") as f:
         f.write(json.dumps(row) + "\n")
     write_curves(ctx.run_dir)
     tracker.epoch(row)

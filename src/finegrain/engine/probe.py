@@ -31,6 +31,7 @@ from finegrain.engine.context import Context
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.task import Task, split_features
 from finegrain.env import physical_cores
+from finegrain.run_layout import RunDir
 
 #: the penalties tried on the validation split (scikit-learn's C: larger is weaker). On the validation splits of the
 #: four development datasets the best C ranged from 3 to 100 (docs/training.md), so the grid spans it with room.
@@ -176,7 +177,7 @@ def run_probe(ctx: Context, task: Task, model: nn.Module, layer: nn.Linear) -> d
             {"crop_pct": v.preprocess.crop_pct, "mirrored_too": v.mirrored, "C_tried": r["sweep"]} for r, v in tried
         ]
         report = {"views": views, "crop_pct_chosen": view.preprocess.crop_pct, "C_chosen": result["C"], "why": why}
-        write_text(ctx.run_dir / "probe.json", json.dumps(report, indent=2))
+        write_text(ctx.run_dir / RunDir.PROBE, json.dumps(report, indent=2))
         ctx.log(f"probe: logistic regression on L2-normalised features, crop {view.preprocess.crop_pct:g} and "
                 f"C={result['C']:g} chosen on validation ({fits} fits, {seconds:.1f}s)")  # fmt: skip
     return row
@@ -193,7 +194,7 @@ def write_recipe(ctx: Context, probe_row: dict, sgd_val_top1: float | None) -> N
         chosen = "probe" if probe_row["val_top1"] > sgd_val_top1 else "sgd"
         why = f"--head auto: the higher validation top-1 ({chosen}; the epochs' head on ties)"
     recipe = {"head": ctx.cfg.features.head, "candidates": candidates, "chosen": chosen, "why": why}
-    write_text(ctx.run_dir / "recipe.json", json.dumps(recipe, indent=2))
+    write_text(ctx.run_dir / RunDir.RECIPE, json.dumps(recipe, indent=2))
     ctx.log(
         f"head: {chosen} kept ({why}; validation top-1 "
         + ", ".join(f"{k} {v['val_top1']:.4f}" for k, v in candidates.items() if v["val_top1"] is not None)

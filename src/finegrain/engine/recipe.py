@@ -28,6 +28,7 @@ from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.engine import distributed as fgdist
+from finegrain.engine.addons import ADDONS
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
@@ -36,10 +37,10 @@ from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
 from finegrain.progress import say
+from finegrain.run_layout import RunDir
 
-#: the files of the kept stage that make RUN_DIR a run directory of its own, with what data add-ons report there
-STAGE_FILES = ("best.pt", "last.pt", "split.csv", "config.yaml", "environment.json", "metrics.jsonl", "curves.png",
-               "probe.json", "unlabeled.json", "label_issues.csv", "label_noise.json")  # fmt: skip
+#: the files of the kept stage that make RUN_DIR a run directory of its own, with what add-ons write there
+STAGE_FILES = RunDir.STAGE_FILES + tuple(name for addon in ADDONS for name in addon.files)
 EVAL_COST = 0.35  # validation images cost about a third of a training image (forward only, no augmentation)
 
 
@@ -108,7 +109,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     stages: dict[str, dict] = {}
 
     head = fit(head_config(cfg, run_dir / "head"))
-    head_best = Checkpoint.load(head.run_dir / "best.pt")
+    head_best = Checkpoint.load(head.run_dir / RunDir.BEST)
     stages["head"] = {"val_top1": (head_best.metrics or {}).get("val_top1"), "seconds": time.perf_counter() - start,
                       "run_dir": str(head.run_dir)}  # fmt: skip
     if stages["head"]["val_top1"] is None:
@@ -152,7 +153,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
             shutil.copy2(source, run_dir / name)
     recipe = {"budget_min": cfg.recipe.budget, "stages": stages, "decision": decision, "kept": kept, "why": why,
               "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
-    write_text(run_dir / "recipe.json", json.dumps(recipe, indent=2))
+    write_text(run_dir / RunDir.RECIPE, json.dumps(recipe, indent=2))
     say(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
     history = ft.history if kept == "finetune" else head.history
-    return FitResult(run_dir, Checkpoint.load(run_dir / "best.pt").build_model(), history, head.counts)
+    return FitResult(run_dir, Checkpoint.load(run_dir / RunDir.BEST).build_model(), history, head.counts)

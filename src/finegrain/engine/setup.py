@@ -26,6 +26,7 @@ from finegrain.errors import CheckpointError, ConfigError, DataError
 from finegrain.models import create_model, needs_class_info
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
 from finegrain.progress import say
+from finegrain.run_layout import RunDir
 
 
 def seed_everything(seed: int) -> None:
@@ -81,21 +82,21 @@ def write_environment(run_dir: Path, cfg: TrainConfig, amp: str, device, threads
                    "amp_used": precision_name(amp, device), "threads": threads,
                    "dataloader_workers": cfg.speed.workers, "world_size": info.world_size,
                    "ddp": info.enabled}  # fmt: skip
-    write_text(run_dir / "environment.json", json.dumps(environment, indent=2))
+    write_text(run_dir / RunDir.ENVIRONMENT, json.dumps(environment, indent=2))
     return environment
 
 
 def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo) -> DatasetIndex:
     """The dataset and its split (the saved split when resuming); rank 0 records split and config."""
     d = cfg.dataset
-    split_file = run_dir / "split.csv"
+    split_file = run_dir / RunDir.SPLIT
     index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
                          split_file=split_file if resumed else None, follow_symlinks=d.follow_symlinks)  # fmt: skip
     if not index.count("train"):
         raise DataError(f"'{d.data}' has no training images after the split")
     if info.is_main:
         save_split(index, split_file)
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(run_dir / RunDir.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if d.skip_bad and index.stream is None:  # a stream skips (and names) them as it reads
         index = drop_bad(index, run_dir, info)
     return index

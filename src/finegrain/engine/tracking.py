@@ -19,12 +19,11 @@ from finegrain.atomic import atomic_path, write_text
 from finegrain.config import TRACKERS
 from finegrain.errors import ConfigError
 from finegrain.extras import has
-
-TRACKING_FILE = "tracking.json"  # which MLflow run a run directory logs to, so `evaluate` adds to the same run
+from finegrain.run_layout import RunDir
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / RunDir.METRICS
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -60,7 +59,7 @@ def write_curves(run_dir: Path) -> Path | None:
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
+    out = Path(run_dir) / RunDir.CURVES
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -100,7 +99,7 @@ class RunTracker:
             self._start_mlflow(tracking_uri)
 
     def _start_mlflow(self, tracking_uri: str | None) -> None:
-        record = self.run_dir / TRACKING_FILE
+        record = self.run_dir / RunDir.TRACKING  # which MLflow run it logs to: `evaluate` adds to it
         saved = json.loads(record.read_text()) if record.is_file() else {}
         uri = tracking_uri or saved.get("tracking_uri") or (self.run_dir.resolve().parent / "mlruns").as_uri()
         if uri.startswith("file:"):

@@ -47,6 +47,7 @@ from finegrain.engine.tracking import RunTracker
 from finegrain.env import HEAD_THREADS, configure_threads, intra_op_threads, resolve_amp
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.progress import progress_bar, say
+from finegrain.run_layout import RunDir
 
 
 @dataclass
@@ -128,7 +129,7 @@ def make_loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
 def _resumed_config(cfg: TrainConfig | None, resume: str | Path,
                     state: Checkpoint | None = None) -> tuple[TrainConfig, Checkpoint]:  # fmt: skip
     """The saved run's config and its ``last.pt`` (``state``, when the caller has read it already)."""
-    last = Path(resume) / "last.pt"
+    last = Path(resume) / RunDir.LAST
     if state is None and not last.is_file():
         raise CheckpointError(f"cannot resume: '{last}' does not exist (pass the run directory of a run)")
     state = state or Checkpoint.load(last)
@@ -140,7 +141,7 @@ def _resumed_config(cfg: TrainConfig | None, resume: str | Path,
 
 def _last_of_this_job(run_dir: Path) -> Checkpoint | None:
     """``run_dir``'s ``last.pt`` when this torchrun job wrote it (this worker was restarted), else None."""
-    job, last = fgdist.job_id(), run_dir / "last.pt"
+    job, last = fgdist.job_id(), run_dir / RunDir.LAST
     if job is None or not last.is_file():
         return None
     state = Checkpoint.load(last)
@@ -225,7 +226,7 @@ def fit(
     best = -math.inf
     if last is not None:
         best = restore(last.resume, task, optimizer, ema, ctx)
-        ctx.log(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
+        ctx.log(f"resumed from {RunDir(run_dir).last} at epoch {start_epoch + 1}")
 
     history = []
     loop_start = clock()
@@ -277,7 +278,7 @@ def fit(
         if row["val_top1"] > best:
             model = probe[0]
             if info.is_main:
-                model_checkpoint(ctx, model, row).save(run_dir / "best.pt")
+                model_checkpoint(ctx, model, row).save(run_dir / RunDir.BEST)
         if info.is_main:
             write_recipe(ctx, row, best)
     if tracker is not None:

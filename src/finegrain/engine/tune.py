@@ -24,6 +24,7 @@ from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.extras import has
 from finegrain.progress import progress_bar
+from finegrain.run_layout import RunDir
 
 #: the least budget that holds one trial: the features of the data once (a minute or more on 2 cores for a few
 #: thousand images) and a head fitted on them
@@ -115,7 +116,7 @@ def tune(base: TrainConfig, study_dir: str | Path, budget_min: float, trials: in
 def _best_run(study, kind: str) -> str | None:
     """best.pt of the best finished trial of ``kind`` (fine-tuning trials start from the best head)."""
     done = [t for t in study.trials if t.value is not None and t.user_attrs.get("kind") == kind]
-    return str(Path(max(done, key=lambda t: t.value).user_attrs["run_dir"]) / "best.pt") if done else None
+    return str(Path(max(done, key=lambda t: t.value).user_attrs["run_dir"]) / RunDir.BEST) if done else None
 
 
 def _finetune_fits(study, deadline: float) -> bool:

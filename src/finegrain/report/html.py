@@ -22,6 +22,7 @@ from finegrain.data.records import DatasetIndex, Sample
 from finegrain.explain import explain
 from finegrain.extras import need
 from finegrain.predict import Predictor
+from finegrain.run_layout import RunDir
 
 
 def _data_uri(picture: Image.Image, fmt: str = "JPEG") -> str:
@@ -154,7 +155,7 @@ def write_report(
         top5=100 * metrics["top5"],
         mpc=100 * metrics["mean_class_acc"],
         confusion=confusion_picture(confmat),
-        curves=_curves_html(Path(metrics["checkpoint"]).parent / "curves.png"),
+        curves=_curves_html(Path(metrics["checkpoint"]).parent / RunDir.CURVES),
         rows="\n".join(rows),
         pairs="\n".join(pair_html) or "<p>No confusions.</p>",
         errors="\n".join(error_html) or "<p>No mistakes.</p>",

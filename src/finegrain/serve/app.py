@@ -40,8 +40,8 @@ from finegrain.data.loading import MAX_ASPECT, decode_image
 from finegrain.errors import BadImageError, ImageTooLargeError, NotAnImageError
 from finegrain.explain import explain
 from finegrain.explain.render import png_bytes
-from finegrain.export.onnx import MODEL_CARD_FILE
 from finegrain.predict import Predictor
+from finegrain.run_layout import RunDir
 from finegrain.serve.batcher import MicroBatcher
 
 Upload = Annotated[UploadFile, File(description="the image (JPEG, PNG, WebP ...), as multipart form field 'file'")]
@@ -152,7 +152,7 @@ def _card(predictor: Predictor) -> dict:
     was on the test split, and below which probability its answers are unsure; empty before ``evaluate``."""
     if isinstance(getattr(predictor.model, "meta", None), dict):
         return predictor.model.meta.get("model_card", {}) or {}
-    card = Path(predictor.info["path"]).with_name(MODEL_CARD_FILE)
+    card = Path(predictor.info["path"]).with_name(RunDir.SHORT_CARD)
     try:
         return json.loads(card.read_text()) if card.is_file() else {}
     except (OSError, json.JSONDecodeError):

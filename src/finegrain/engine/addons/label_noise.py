@@ -13,7 +13,7 @@ import json
 
 from finegrain.atomic import write_text
 from finegrain.engine.addons.base import AddOn
-from finegrain.engine.audit import find_issues, require_folds, write_audit_csv
+from finegrain.engine.audit import ISSUES_CSV, find_issues, require_folds, write_audit_csv
 from finegrain.engine.context import Context
 from finegrain.engine.task import frozen_features
 
@@ -22,6 +22,8 @@ FOLDS = 5
 
 class LabelNoiseAddOn(AddOn):
     name = "label_noise"
+    ISSUES, REPORT = ISSUES_CSV, "label_noise.json"  # the images left out; the summary
+    files = (ISSUES, REPORT)
     data_only = True
 
     @classmethod
@@ -42,9 +44,9 @@ class LabelNoiseAddOn(AddOn):
         index.samples = [s for s in index.samples if s.split != "train" or s.key not in dropped]
         if ctx.info.is_main:
             kept_issues = [e for e in issues if e.sample.key in dropped]
-            write_audit_csv(kept_issues, index, ctx.run_dir / "label_issues.csv")
+            write_audit_csv(kept_issues, index, ctx.run_dir / self.ISSUES)
             summary["left_out"] = len(dropped)
-            write_text(ctx.run_dir / "label_noise.json", json.dumps(summary, indent=2))
+            write_text(ctx.run_dir / self.REPORT, json.dumps(summary, indent=2))
             ctx.log(f"--label-noise prune: {len(dropped)} of {len(train)} training images left out as probably "
-                    f"mislabelled (out-of-fold top-1 {summary['out_of_fold_top1']:.3f}); RUN_DIR/label_issues.csv "
+                    f"mislabelled (out-of-fold top-1 {summary['out_of_fold_top1']:.3f}); RUN_DIR/{self.ISSUES} "
                     "lists them")  # fmt: skip

@@ -131,6 +131,8 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
 
 class UnlabeledAddOn(AddOn):
     name = "unlabeled"
+    REPORT = "unlabeled.json"  # the pseudo-labels kept, and whether they helped on validation
+    files = (REPORT,)
     data_only = True
 
     @classmethod
@@ -161,10 +163,10 @@ class UnlabeledAddOn(AddOn):
                       "fractions_tried": choice["tried"], "fraction": choice["fraction"], "why": choice["why"],
                       "pseudo_labelled": [[str(images.samples[i].path), index.classes[int(choice["labels"][i])],
                                            round(float(choice["confidence"][i]), 4)] for i in used]}  # fmt: skip
-            write_text(ctx.run_dir / "unlabeled.json", json.dumps(report, indent=2))
+            write_text(ctx.run_dir / self.REPORT, json.dumps(report, indent=2))
             f = choice["fraction"]
             ctx.log(f"--unlabeled: {images.summary()}; "
                     + (f"{len(used)} pseudo-labelled (each predicted class's {f:g} most confident) join the training "
                        f"split ({choice['why']})"
                        if f is not None else f"none used: labels alone did as well on validation ({choice['why']})")
-                    + "; RUN_DIR/unlabeled.json lists them")  # fmt: skip
+                    + f"; RUN_DIR/{self.REPORT} lists them")  # fmt: skip
