@@ -119,7 +119,7 @@ def probe_candidate(ctx: Context, task: Task) -> tuple[nn.Module, nn.Linear] | N
     """A copy of the model whose head the probe may solve, and that head's linear layer; None where the probe does
     not apply: training on images, ``--head sgd``, an add-on that shapes gradient training (not ``data_only``),
     or a method without a linear head on its features (``FGVCModel.probe_head``)."""
-    if task.images or ctx.cfg.features.head == "sgd" or any(not a.data_only for a in ctx.addons):
+    if not task.solves_head or ctx.cfg.features.head == "sgd" or any(not a.data_only for a in ctx.addons):
         return None
     candidate = copy.deepcopy(ctx.model)
     layer = candidate.probe_head()

@@ -20,6 +20,7 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data import DatasetIndex, find_bad_images, load_dataset, save_split
 from finegrain.data.class_info import find_class_info, load_class_info
+from finegrain.data.source import data_source
 from finegrain.engine.distributed import DistInfo
 from finegrain.env import machine_info, precision_name
 from finegrain.errors import CheckpointError, ConfigError, DataError
@@ -97,7 +98,7 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo
     if info.is_main:
         save_split(index, split_file)
         write_text(run_dir / RunDir.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if d.skip_bad and index.stream is None:  # a stream skips (and names) them as it reads
+    if d.skip_bad and data_source(index).listed:  # a stream skips (and names) them as it reads
         index = drop_bad(index, run_dir, info)
     return index
 

@@ -10,31 +10,75 @@ the method turns its training output into a loss (``FGVCModel.compute_loss``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
-from finegrain.data import ImageDataset, Sample
-from finegrain.data.stream import StreamDataset
+from finegrain.config import TrainConfig
+from finegrain.data import Sample
+from finegrain.data.source import data_source
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.engine.features import extract_features
+from finegrain.env import HEAD_THREADS
 from finegrain.errors import ConfigError
 
 
 @dataclass
 class Task:
+    """What one kind of training owns: what it trains, its datasets, and how its batches are computed (precision,
+    memory layout, threads). Code outside this module asks the task, never which kind it is."""
+
     trainable: nn.Module  # the whole model (images) or its head (cached features)
     train_set: Dataset
     val_set: Dataset | None
     workers: int
-    images: bool
+    images: ClassVar[bool] = True  # what add-on hooks are told: batches are images (else cached features)
+    threads: ClassVar[int | None] = None  # intra-op threads while it trains (None: as configured)
+    solves_head: ClassVar[bool] = False  # whether the closed-form probe can stand in for its epochs
+
+    def precision(self, amp: str) -> str:
+        """The autocast precision of its forward passes, given the run's resolved ``amp``."""
+        return amp
+
+    def channels_last(self, cfg: TrainConfig) -> bool:
+        return cfg.speed.channels_last
+
+    def unused_parameters(self, model: nn.Module) -> bool:
+        """Whether DDP must look for parameters a step leaves unused (methods that skip branches)."""
+        return model.has_unused_parameters
+
+    def as_input(self, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+        """One sample batch laid out as the trainable module takes it."""
+        return x.to(memory_format=torch.channels_last) if self.channels_last(cfg) else x
+
+
+class ImageTask(Task):
+    """The whole model (or a frozen backbone's head on fresh views) on augmented images, at the run's precision."""
+
+
+class FeatureTask(Task):
+    """The head alone on cached features: fp32 (a linear layer gains nothing from bf16), plain layout, and one
+    intra-op thread (``env.HEAD_THREADS``: its products are tiny, and threads cost everything beside a neighbour)."""
+
+    images = False
+    threads = HEAD_THREADS
+    solves_head = True
+
+    def precision(self, amp: str) -> str:
+        return "none"
+
+    def channels_last(self, cfg: TrainConfig) -> bool:
+        return False
+
+    def unused_parameters(self, model: nn.Module) -> bool:
+        return False
 
 
 def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
@@ -49,30 +93,16 @@ def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
     for addon in ctx.addons:
         tf = addon.train_transform(tf)
     extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
-    if ctx.index.stream is not None:
-        return stream_datasets(
-            ctx, ImageDataset([], tf, **extra).load, ImageDataset([], eval_transform(model.preprocess)).load
-        )
-    val, train = ctx.index.split("val"), ctx.index.split("train")
-    val_set = ImageDataset(val, eval_transform(model.preprocess)) if val else None
-    columns = [c for addon in ctx.addons for c in addon.sample_columns(ctx, train, [False], images=True)]
-    return ImageDataset(train, tf, **extra, columns=columns), val_set
-
-
-def stream_datasets(ctx: Context, train_load, val_load) -> tuple[StreamDataset, StreamDataset | None]:
-    """Streamed shards: each rank its own training shards for the same number of steps, and its val shards."""
-    cfg, info, stream = ctx.cfg, ctx.info, ctx.index.stream
-    bs = cfg.optim.batch_size
-    steps = max(1, math.ceil(stream.count("train") / (info.world_size * bs)))
-    common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.run.seed, skip_bad=cfg.dataset.skip_bad)
-    train = StreamDataset(stream, "train", train_load, steps=steps, batch_size=bs, **common)
-    val = StreamDataset(stream, "val", val_load, **common) if stream.count("val") else None
-    return train, val
+    columns = lambda train: [c for a in ctx.addons for c in a.sample_columns(ctx, train, [False], images=True)]  # noqa: E731
+    return data_source(ctx.index).train_val(
+        tf, eval_transform(model.preprocess), extra, columns, cfg.optim.batch_size, ctx.info.rank,
+        ctx.info.world_size, cfg.run.seed, cfg.dataset.skip_bad,
+    )  # fmt: skip
 
 
 def image_task(ctx: Context) -> Task:
     train_set, val_set = image_datasets(ctx)
-    return Task(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers, images=True)
+    return ImageTask(ctx.model, train_set, val_set, workers=ctx.cfg.speed.workers)
 
 
 def run_features(ctx: Context, samples: list[Sample], pre: Preprocess, flip: bool, desc: str,
@@ -102,9 +132,8 @@ def frozen_features(ctx: Context, samples: list[Sample], desc: str, option: str)
     """The run's starting backbone's features of ``samples`` at its own view, for an add-on that scores images
     before training (``option`` names it in the refusal); rank 0 computes and caches first."""
     cfg = ctx.cfg
-    if ctx.index.stream is not None:
-        raise ConfigError(f"{option} scores every training image before training, which streamed shards (wds:) do "
-                          "not allow: use a local shard folder or the dataset itself")  # fmt: skip
+    data_source(ctx.index).require_listed(f"{option} scores every training image before training",
+                                          "use a local shard folder or the dataset itself")  # fmt: skip
     if not ctx.model.cacheable:
         raise ConfigError(f"{option} scores images with a probe on the backbone's features, which method "
                           f"'{cfg.model.method}' does not expose: train with --method baseline, or pass --init-from "
@@ -122,17 +151,18 @@ def feature_task(ctx: Context) -> Task:
     columns = [c for addon in ctx.addons for c in addon.sample_columns(ctx, index.split("train"), views, images=False)]
     train_set = TensorDataset(train_x, labels["train"].repeat(len(views)), *columns)
     val_set = TensorDataset(val_x, labels["val"]) if val_x is not None else None
-    return Task(ctx.model.head, train_set, val_set, workers=0, images=False)
+    return FeatureTask(ctx.model.head, train_set, val_set, workers=0)
 
 
 def build_task(ctx: Context) -> Task:
     """The cached-feature task where the method allows it and the backbone is frozen; else the image task."""
     cfg = ctx.cfg
     cached = cfg.model.freeze_backbone and cfg.features.cache_features and ctx.model.cacheable
-    if cached and ctx.index.stream is not None:
-        raise ConfigError("streamed shards (wds:) are read image by image, not cached as features: add "
-                          "--no-cache-features (frozen backbone) or --no-freeze-backbone, or train from a local shard "
-                          "folder")  # fmt: skip
+    if cached:
+        data_source(ctx.index).require_listed(
+            "a head on cached features (streamed images are read one by one, not cached as features)",
+            "add --no-cache-features (frozen backbone) or --no-freeze-backbone, or train from a local shard folder",
+        )
     task = feature_task(ctx) if cached else image_task(ctx)
     for addon in ctx.addons:
         addon.attach(ctx, task)
@@ -143,7 +173,7 @@ def build_task(ctx: Context) -> Task:
 def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one batch and return (loss, logits): add-ons transform the batch and shape the criterion; the
     method turns what its training forward returns into the loss."""
-    x = to_device(batch[0], ctx.device, task.images and ctx.cfg.speed.channels_last)
+    x = to_device(batch[0], ctx.device, task.channels_last(ctx.cfg))
     y = batch[1].to(ctx.device)
     for addon in ctx.addons:
         x = addon.batch(x, task.images)
@@ -151,7 +181,7 @@ def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[
     for addon in ctx.addons:
         criterion = addon.criterion(criterion, x, batch, task.images)
     targets = batch[-1] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
-    with autocast(ctx.device, ctx.amp if task.images else "none"):
+    with autocast(ctx.device, task.precision(ctx.amp)):
         kw = {} if targets is None else {"targets": {k: v.to(ctx.device) for k, v in targets.items()}}
         out = module(x, **kw)
     return ctx.model.compute_loss(out, y, criterion)  # (the head alone gives logits: the default loss)

@@ -20,11 +20,10 @@ import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
-from finegrain.data.stream import StreamDataset
+from finegrain.data.source import data_source
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
@@ -44,7 +43,7 @@ from finegrain.engine.setup import (
 )  # fmt: skip
 from finegrain.engine.task import Task, build_task, step
 from finegrain.engine.tracking import RunTracker
-from finegrain.env import HEAD_THREADS, configure_threads, intra_op_threads, resolve_amp
+from finegrain.env import configure_threads, intra_op_threads, resolve_amp
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.progress import progress_bar, say
 from finegrain.run_layout import RunDir
@@ -99,31 +98,12 @@ def train_one_epoch(ctx: Context, task: Task, module, loader, optimizer, schedul
             "epoch_seconds": seconds, "samples_per_s": count / seconds}  # fmt: skip
 
 
-def make_loaders(task: Task, cfg: TrainConfig, info: fgdist.DistInfo):
-    """What sets each epoch's order (a sampler, or a stream), the training loader (sharded across ranks) and the
-    validation loader (sharded too). The kind of dataset chooses: listed images go through a DistributedSampler,
-    streamed shards deal themselves to ranks (``finegrain.data.stream``)."""
-    bs = cfg.optim.batch_size
-    if isinstance(task.train_set, StreamDataset):
-        loader = DataLoader(task.train_set, batch_size=bs, num_workers=task.train_set.workers(task.workers),
-                            generator=torch.Generator())  # fmt: skip
-        val = task.val_set
-        val_loader = None if val is None else DataLoader(val, batch_size=bs * 2, num_workers=val.workers(task.workers))
-        return task.train_set, loader, val_loader
-    drop_last = len(task.train_set) >= bs * info.world_size * 2
-    sampler = DistributedSampler(task.train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.run.seed, drop_last=drop_last)  # fmt: skip
-    # Workers are started each epoch from a generator seeded by (seed, epoch, rank), so the random augmentation
-    # of epoch e is the same whether the run got there straight or through --resume. (Persistent workers carry
-    # their RNG from epoch to epoch, outside anything a checkpoint can save: resume differed in 149 of 296
-    # tensors with them.)
-    loader = DataLoader(task.train_set, batch_size=bs, sampler=sampler, num_workers=task.workers,
-                        drop_last=sampler.drop_last, generator=torch.Generator())  # fmt: skip
-    val_loader = None
-    if task.val_set is not None:
-        shard = Subset(task.val_set, range(info.rank, len(task.val_set), info.world_size))
-        val_loader = DataLoader(shard, batch_size=bs * 2, num_workers=task.workers)
-    return sampler, loader, val_loader
+def make_loaders(ctx: Context, task: Task):
+    """What sets each epoch's order, the training loader (sharded across ranks) and the validation loader (sharded
+    too), as the data source builds them (``finegrain.data.source``)."""
+    cfg, info = ctx.cfg, ctx.info
+    return data_source(ctx.index).loaders(task.train_set, task.val_set, cfg.optim.batch_size, task.workers,
+                                          info.rank, info.world_size, cfg.run.seed)  # fmt: skip
 
 
 def _resumed_config(cfg: TrainConfig | None, resume: str | Path,
@@ -209,10 +189,10 @@ def fit(
     start_epoch = last.epoch + 1 if last is not None else 0
     for addon in ctx.addons:
         addon.epoch_start(ctx, task, start_epoch)
-    sampler, loader, val_loader = make_loaders(task, cfg, info)
+    sampler, loader, val_loader = make_loaders(ctx, task)
     module = task.trainable
     if info.enabled:
-        module = DistributedDataParallel(module, find_unused_parameters=task.images and model.has_unused_parameters)
+        module = DistributedDataParallel(module, find_unused_parameters=task.unused_parameters(model))
     if cfg.speed.compile:  # after DDP, as PyTorch's DDP + compile guide has it; checkpoints keep the plain module
         module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg)
@@ -238,17 +218,17 @@ def fit(
                     "best validated epoch")  # fmt: skip
             break
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
-            sampler, loader, val_loader = make_loaders(task, cfg, info)
+            sampler, loader, val_loader = make_loaders(ctx, task)
         sampler.set_epoch(epoch)
         loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
-        with intra_op_threads(None if task.images else HEAD_THREADS):  # (why: env.HEAD_THREADS)
+        with intra_op_threads(task.threads):
             row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
         scheduler.step(epoch + 1)
         eval_module = ema.module if ema is not None else task.trainable
         if val_loader is not None:
-            m = evaluate(eval_module, val_loader, len(index.classes), device, amp=ctx.amp if task.images else "none",
-                         channels_last=cfg.speed.channels_last and task.images)  # fmt: skip
+            m = evaluate(eval_module, val_loader, len(index.classes), device, amp=task.precision(ctx.amp),
+                         channels_last=task.channels_last(cfg))  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
             mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start, clock() - epoch_start, epoch + 1)

@@ -18,14 +18,14 @@ import torch.nn as nn
 
 from finegrain.atomic import atomic_path, write_text
 from finegrain.checkpoint import Checkpoint
-from finegrain.data import ImageDataset, find_bad_images
-from finegrain.data.stream import StreamDataset
+from finegrain.data import ImageDataset
+from finegrain.data.source import data_source
 from finegrain.data.transforms import eval_transform
 from finegrain.engine.distributed import resolve_device
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import machine_info, precision_name
-from finegrain.errors import ConfigError, DataError
+from finegrain.errors import DataError
 from finegrain.escape import csv_cell
 from finegrain.extras import has, need
 from finegrain.models.regions import box_iou
@@ -59,23 +59,14 @@ def evaluate_checkpoint(
     data = data or ckpt.train_config().dataset.data
     if not index.count(split):
         raise DataError(f"split '{split}' of '{data}' is empty (splits: train, val, test)")
+    source = data_source(index)
     if report:
         need("plots", "--report (its pictures)")
-    if index.stream is not None and report:
-        raise ConfigError("--report shows thumbnails of chosen test images, which streamed shards (wds:) cannot "
-                          "fetch by name: evaluate a local shard folder or the dataset itself")  # fmt: skip
+        source.require_listed("--report shows thumbnails of chosen test images, fetched by name",
+                              "evaluate a local shard folder or the dataset itself")  # fmt: skip
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev, memory_format=torch.channels_last)
-    samples, skipped = index.split(split), 0
-    if index.stream is not None:  # read in order; --skip-bad names each skipped image as it goes
-        dataset = StreamDataset(index.stream, split, ImageDataset([], eval_transform(model.preprocess)).load,
-                                skip_bad=skip_bad)  # fmt: skip
-        workers = dataset.workers(workers)
-    else:
-        if skip_bad:
-            bad = {s.key for s, _ in find_bad_images(samples)}
-            samples, skipped = [s for s in samples if s.key not in bad], len(bad)
-        dataset = ImageDataset(samples, eval_transform(model.preprocess))
+    dataset, workers, skipped, samples = source.evaluation(split, eval_transform(model.preprocess), skip_bad, workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     start = time.perf_counter()
     metrics = evaluate(
@@ -83,10 +74,10 @@ def evaluate_checkpoint(
         progress=True, desc=f"evaluate {split}", keep_predictions=report,
     )  # fmt: skip
     metrics.update({"split": split, "seconds": time.perf_counter() - start, "skipped_bad": skipped})
-    if split == "test" and index.stream is None and index.count("val"):
-        metrics["unsure"] = _unsure_on_validation(runner or model, model.preprocess, index, dev,
+    if split == "test" and source.listed and index.count("val"):  # (streams: labels are not kept in order)
+        metrics["unsure"] = _unsure_on_validation(runner or model, model.preprocess, source, len(index.classes), dev,
                                                   "none" if runner else amp, batch_size, workers)  # fmt: skip
-    if model.part_groups and index.part_names and index.stream is None:  # (streams: not measured)
+    if model.part_groups and index.part_names and source.listed:  # (streams: not measured)
         metrics["part_localisation"] = evaluate_part_localisation(model, samples, index.part_names, dev, workers)
     out = Path(out_dir) if out_dir else ckpt.run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -116,13 +107,13 @@ def evaluate_checkpoint(
     return result
 
 
-def _unsure_on_validation(model, preprocess, index, dev, amp: str, batch_size: int, workers: int) -> dict:
+def _unsure_on_validation(model, preprocess, source, classes: int, dev, amp: str, batch_size: int,
+                          workers: int) -> dict:  # fmt: skip
     """The unsure threshold (``finegrain.report.confidence``) from the validation split's predictions: the test
     split's card reports it, the page and the API flag answers below it."""
-    samples = index.split("val")
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, eval_transform(preprocess)), batch_size=batch_size,
-                                         num_workers=workers)  # fmt: skip
-    m = evaluate(model, loader, len(index.classes), dev, amp=amp, channels_last=isinstance(model, nn.Module),
+    dataset, workers, _, samples = source.evaluation("val", eval_transform(preprocess), False, workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    m = evaluate(model, loader, classes, dev, amp=amp, channels_last=isinstance(model, nn.Module),
                  desc="evaluate val (unsure threshold)", keep_predictions=True)  # fmt: skip
     correct = np.array(m["predicted"]) == np.array([s.label for s in samples])
     return unsure_threshold(np.array(m["confidence"]), correct)

@@ -26,7 +26,7 @@ class CenterLossAddOn(AddOn):
         ctx.model.head.register_forward_pre_hook(lambda _m, args: self.head_input.__setitem__("x", args[0]))
         sample = task.train_set[0][0][None].to(ctx.device)
         with torch.enable_grad():
-            task.trainable.eval()(sample.to(memory_format=torch.channels_last) if task.images else sample)
+            task.trainable.eval()(task.as_input(sample, self.cfg))
         if not self.head_input["x"].requires_grad:
             raise ConfigError(
                 "--center-loss pulls the features the classifier reads, but with a frozen backbone they cannot move "

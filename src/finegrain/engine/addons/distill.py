@@ -23,12 +23,12 @@ import torch.nn as nn
 
 from finegrain.config import TrainConfig
 from finegrain.data import Sample
+from finegrain.data.source import data_source
 from finegrain.data.transforms import Preprocess
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn, Criterion
 from finegrain.engine.context import Context
 from finegrain.engine.teachers import load_teachers, teacher_probs
-from finegrain.errors import ConfigError
 from finegrain.losses import distillation_loss
 
 
@@ -58,10 +58,11 @@ class DistillAddOn(AddOn):
 
     def prepare(self, ctx: Context) -> None:
         """Load the teachers, refused (before any feature extraction) when trained on other classes."""
-        if not self.online(self.cfg) and ctx.index.stream is not None:
-            raise ConfigError("--kd-targets fixed labels every training image before training, which streamed "
-                              "shards (wds:) do not allow: add --kd-targets online, or train from a local shard "
-                              "folder")  # fmt: skip
+        if not self.online(self.cfg):
+            data_source(ctx.index).require_listed(
+                "--kd-targets fixed labels every training image before training",
+                "add --kd-targets online, or train from a local shard folder",
+            )
         self.teachers = load_teachers(ctx)
         self.student = ctx.model  # its preprocessing now: progressive stages change the input size
 
