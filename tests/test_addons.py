@@ -44,7 +44,7 @@ def _sr_model(tmp_path):
 SWITCH_ON = {
     "label_noise": lambda tmp: {"label_noise": "prune"},
     "unlabeled": _unlabeled,
-    "qat": lambda tmp: {"qat": True, "freeze_backbone": False, "calib_images": 8},
+    "qat": lambda tmp: {"qat": True, "freeze_backbone": False, "calib_images": 4, "batch_size": 16},
     "mixstyle": lambda tmp: {"mixstyle": 0.5, "freeze_backbone": False},
     "sr_aug": _sr_model,
     "fourier_mix": lambda tmp: {"fourier_mix": 0.5, "cache_features": False},
@@ -65,7 +65,7 @@ def test_every_addon_has_a_way_to_switch_it_on():
 @pytest.mark.parametrize("addon", [a.name for a in ADDONS])
 def test_addon_switches_on_resumes_exactly_and_writes_only_its_files(addon, tmp_path, tiny_config, monkeypatch):
     data = make_imagefolder(tmp_path / "data", num_classes=4, per_class=12)
-    options = {"pretrained": False, "epochs": 2, "batch_size": 8, "lr": 3e-3, **SWITCH_ON[addon](tmp_path)}
+    options = {"pretrained": False, "epochs": 2, "batch_size": 8, "lr": 3e-3} | SWITCH_ON[addon](tmp_path)
     config = lambda run: tiny_config(data, run_dir=str(tmp_path / run), **options)  # noqa: E731
     assert addon in [a.name for a in build_addons(config("straight"))]
     straight = fit(config("straight"))

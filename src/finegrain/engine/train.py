@@ -136,7 +136,12 @@ def fit(
 
     A worker that torchrun restarted (``--max-restarts``, after a process or node died) continues its run from
     ``last.pt`` when the run has a fixed ``--run-dir`` and that ``last.pt`` was written by the same torchrun job:
-    every node reads the same file, so every rank decides alike."""
+    every node reads the same file, so every rank decides alike.
+
+    Why one long function: it is the training algorithm read top to bottom (set up, probe, epochs, each epoch's
+    step, validation, re-plan, save), and the epoch loop shares a dozen objects (loader, optimizer, scheduler, EMA,
+    tracker, plan) that a split would pass around as arguments; the pieces with a job of their own live in
+    ``setup.py``, ``task.py``, ``epochs.py``, ``probe.py`` and ``replan.py``."""
     last = None
     if resume is None and cfg is not None and cfg.run.run_dir:
         last = _last_of_this_job(Path(cfg.run.run_dir))

@@ -76,7 +76,9 @@ def _pretty(name: str) -> str:
 
 
 def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict]:
-    """(markdown, short summary) for a checkpoint evaluated on ``result['split']``."""
+    """(markdown, short summary) for a checkpoint evaluated on ``result['split']``.
+
+    Why one long function: most of it is the card's Markdown template, read top to bottom as the card reads."""
     run_dir = ckpt.run_dir
     cfg, split = ckpt.train_config() or TrainConfig(), result["split"]
     classes, confmat = read_confusion(RunDir(out_dir).confusion(split))

@@ -176,6 +176,11 @@ def _validation_message(request: Request, exc: RequestValidationError) -> tuple[
 
 
 def create_app(model: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app serving ``model``: routes, limits, metrics and the micro-batcher.
+
+    Why one long function: FastAPI routes are closures over the app's state (the predictor, the batcher, the
+    in-flight counter, the metrics registry), the framework's own factory pattern; the pieces with a job of their
+    own (decoding and limits, the batcher, the server) live in their own functions and modules."""
     settings = settings or ServeSettings()
     predictor = Predictor.load(model, settings.device, settings.threads, spinning=False)
     if settings.class_info:
