@@ -88,7 +88,7 @@ def _model_commands(sub) -> None:
     flag(p, "engine")
     flag(p, "device")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report how many")
-    p.add_argument("--out-dir", "--out", dest="out", help="output folder (default: the checkpoint's folder)")
+    flag(p, "out_dir", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--report", action="store_true", help="also write a self-contained HTML report")
     p.set_defaults(func="_evaluate")
 
@@ -96,15 +96,7 @@ def _model_commands(sub) -> None:
     p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
     flag(p, "engine")
-    p.add_argument(
-        "-k",
-        "--top-k",
-        "--topk",
-        dest="topk",
-        type=int,
-        default=5,
-        help="classes per image, as the API's and the HTTP `k` (default: 5)",
-    )
+    flag(p, "top_k")
     flag(p, "batch_size", note="1 for the lowest latency")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--graph-opt", default="all", choices=["disable", "basic", "extended", "all"],
@@ -149,18 +141,8 @@ def _export_commands(sub) -> None:
     p = sub.add_parser("explain", help="heat-map of where the model looked, with the top classes, as PNG")
     p.add_argument("model", help="checkpoint, run directory (Grad-CAM) or exported .onnx file (occlusion)")
     p.add_argument("target", help="image file or folder (every image under it)")
-    p.add_argument(
-        "--out-dir", "--out", dest="out", default="explanations", help="output folder (default: explanations)"
-    )
-    p.add_argument(
-        "-k",
-        "--top-k",
-        "--topk",
-        dest="topk",
-        type=int,
-        default=5,
-        help="classes per image, as the API's and the HTTP `k` (default: 5)",
-    )
+    flag(p, "out_dir", default="explanations")
+    flag(p, "top_k")
     flag(p, "batch_size", default=16)
     flag(p, "device")
     p.set_defaults(func="_explain")
@@ -220,9 +202,7 @@ def _adapt_commands(sub) -> None:
         "OUT/backbone.pth for `finegrain train --weights`. Measured gains are in docs/labels.md: check them first.",
     )  # fmt: skip
     p.add_argument("images", help="folder of images, or a CSV of image paths")
-    p.add_argument(
-        "--out-dir", "--out", dest="out", default="runs/pretrain", help="output folder (default: runs/pretrain)"
-    )
+    flag(p, "out_dir", default="runs/pretrain")
     flag(p, "backbone")
     p.add_argument("--epochs", type=int, default=2, help="(default: 2)")
     flag(p, "batch_size")
@@ -254,7 +234,7 @@ def _adapt_commands(sub) -> None:
     p = sr.add_parser("upscale", help="enlarge images with a trained super-resolution model")
     p.add_argument("model", help="sr.pt or its run directory")
     p.add_argument("target", help="image file or folder")
-    p.add_argument("--out-dir", "--out", dest="out", default="upscaled", help="output folder (default: upscaled)")
+    flag(p, "out_dir", default="upscaled")
     p.set_defaults(func="_sr_upscale")
 
     classes = sub.add_parser("classes", help="add classes to a trained model").add_subparsers(
@@ -295,13 +275,7 @@ def _data_commands(sub) -> None:
     flag(p, "test_fraction", note="held out, not audited")
     p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
     flag(p, "seed")
-    p.add_argument(
-        "--out-dir",
-        "--out",
-        dest="out",
-        default="audit",
-        help="folder for label_issues.csv / .html and audit.json (default: audit)",
-    )
+    flag(p, "out_dir", default="audit", help="folder for label_issues.csv / .html and audit.json (default: audit)")
     flag(p, "cache_dir")
     flag(p, "device")
     p.set_defaults(func="_data_audit")

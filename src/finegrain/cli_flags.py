@@ -54,6 +54,17 @@ COMMON: dict[str, tuple[tuple[str, ...], dict]] = {
     "config": (("--config",), {"help": "YAML file of options (command-line options override it)"}),
     "resume": (("--resume",), {"metavar": "RUN_DIR", "help": "continue a stopped run from RUN_DIR/last.pt"}),
     "engine": (("--engine",), {"default": "auto", "choices": ENGINES, "help": ENGINE_HELP}),
+    # every command that writes a folder names it --out-dir (--out: the older name); --out alone is a file
+    "out_dir": (("--out-dir", "--out"), {"dest": "out", "help": "output folder"}),
+    "top_k": (
+        ("-k", "--top-k", "--topk"),
+        {
+            "dest": "topk",
+            "type": int,
+            "default": 5,
+            "help": "classes per image, as the API's and the HTTP `k` (default: 5)",
+        },
+    ),
 }
 
 
@@ -62,7 +73,10 @@ def flag(p: argparse.ArgumentParser, name: str, note: str = "", **kw) -> None:
     ``TrainConfig``; a command may give it its own default, and a ``note`` on what it means there) or ``COMMON``."""
     if name in COMMON:
         args, base = COMMON[name]
-        p.add_argument(*args, **{**base, **kw})
+        kw = {**base, **kw}
+        if "default" in kw and kw["help"] == base["help"]:
+            kw["help"] += f" (default: {kw['default']})"
+        p.add_argument(*args, **kw)
         return
     f = next(f for _, f in TrainConfig.options() if f.name == name)
     default = kw.pop("default", TrainConfig.option_default(f))
