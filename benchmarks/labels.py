@@ -43,13 +43,13 @@ import torch
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
-from finegrain.engine.audit import audit_labels
 from finegrain.engine.features import extract_features
-from finegrain.engine.pretrain import pretrain
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise
 from finegrain.engine.recipe import train_within_budget
-from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
+from finegrain.labels.audit import audit_labels
+from finegrain.labels.pretrain import pretrain
+from finegrain.labels.suggest import select
 from finegrain.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))

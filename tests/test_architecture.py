@@ -24,6 +24,7 @@ LAYERS = [
     ["models"],
     ["checkpoint"],
     ["engine"],
+    ["labels"],
     ["export"],
     ["compress"],
     ["predict"],

@@ -10,8 +10,9 @@ import torch
 
 from finegrain.cli import main
 from finegrain.data import load_dataset
-from finegrain.engine.audit import audit_labels, out_of_fold_probabilities
+from finegrain.engine.audit import out_of_fold_probabilities
 from finegrain.errors import DataError
+from finegrain.labels.audit import audit_labels
 
 from .conftest import make_imagefolder, move_some_images
 

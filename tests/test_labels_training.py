@@ -17,9 +17,9 @@ from finegrain.data import load_dataset
 from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine.addons.unlabeled import choose_pseudo_labels
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regression
-from finegrain.engine.suggest import select
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError, DataError
+from finegrain.labels.suggest import select
 
 from .conftest import fit_killed_in_epoch, make_imagefolder, move_some_images, write_images
 
@@ -186,8 +186,8 @@ def test_cli_data_suggest_writes_a_csv_to_fill_in(tmp_path, tiny_config):
 
 
 def test_pretrain_adapts_the_backbone_that_train_takes_with_weights(tmp_path, tiny_config):
-    from finegrain.engine.pretrain import pretrain
     from finegrain.errors import ConfigError
+    from finegrain.labels.pretrain import pretrain
     from finegrain.models import create_model
 
     unl = tmp_path / "unl"

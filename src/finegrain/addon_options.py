@@ -29,6 +29,8 @@ class AveragingOptions:
 class StyleOptions:
     """Style augmentation add-ons: what a class looks like should not depend on the photo's colours and texture."""
 
+    IMAGE_LEVEL = ("fourier_mix", "mixstyle")  # options that need images every epoch (not cached features)
+
     fourier_mix: float = option(
         0.0, "probability of mixing low-frequency Fourier amplitude with another training image (style)"
     )
@@ -47,6 +49,8 @@ class StyleOptions:
 
 @dataclass
 class SROptions:
+    IMAGE_LEVEL = ("sr_aug",)  # needs images every epoch (not cached features)
+
     sr_aug: float = option(
         0.0, "probability of reducing a training image by the SR model's scale and restoring it with that model"
     )
@@ -98,6 +102,14 @@ class ProgressiveOptions:
                 return i
         return len(self.stages) - 1
 
+    def check_with(self, cfg) -> None:
+        """Stages change what the network sees (no cached features); their epochs are the run's."""
+        frozen_cache = cfg.model.freeze_backbone and cfg.features.cache_features
+        require([(not self.stages or not frozen_cache,
+                  "stages change what the network sees: add --no-cache-features or --no-freeze-backbone")])  # fmt: skip
+        if self.stages:
+            cfg.optim.epochs = sum(s["epochs"] for s in self.stages)
+
 
 @dataclass
 class CenterOptions:
@@ -135,6 +147,12 @@ class DistillOptions:
             (self.kd_targets in KD_TARGETS, f"kd-targets must be one of {', '.join(KD_TARGETS)}"),
         ])  # fmt: skip
 
+    def check_with(self, cfg) -> None:
+        """Teachers with --kd-alpha 0 only pseudo-label unlabelled images."""
+        require([(not self.teachers or self.kd_alpha > 0 or cfg.labels.unlabeled is not None,
+                  "--kd-alpha 0 leaves the teachers only the pseudo-labelling of --unlabeled images: add --unlabeled "
+                  "DIR, or a --kd-alpha above 0 to distil")])  # fmt: skip
+
 
 @dataclass
 class QuantizationOptions:
@@ -152,6 +170,15 @@ class QuantizationOptions:
             (self.calib_images >= 1, "calib-images must be >= 1"),
             (self.int8_target in INT8_TARGETS,
              f"int8-target must be one of {', '.join(INT8_TARGETS)}, got '{self.int8_target}'"),
+        ])  # fmt: skip
+
+    def check_with(self, cfg) -> None:
+        """QAT against the rest of the run: it fine-tunes, folds BatchNorm and simulates int8 in fp32."""
+        require([
+            (not self.qat or not cfg.model.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
+            (not self.qat or cfg.model.freeze_bn_stats,
+             "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
+            (not self.qat or cfg.speed.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
         ])  # fmt: skip
 
 

@@ -83,8 +83,9 @@ def flag(p: argparse.ArgumentParser, name: str, note: str = "", **kw) -> None:
     text = f.metadata["help"] + (f"; {note}" if note else "")
     said = "default" in text.lower()
     kw.setdefault("help", text if said or default is None else f"{text} (default: {default})")
-    if default is not None and not isinstance(default, bool):
-        kw.setdefault("type", type(default))
+    typed = TrainConfig.option_default(f)  # the option's own default types it, whatever this command's default
+    if typed is not None and not isinstance(typed, bool) and "type" not in f.metadata["cli"]:
+        kw.setdefault("type", type(typed))
     p.add_argument("--" + name.replace("_", "-"), default=default, **{**f.metadata["cli"], **kw})
 
 

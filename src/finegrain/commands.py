@@ -22,12 +22,10 @@ from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.shards import write_shards
 from finegrain.engine.add_classes import add_classes
-from finegrain.engine.audit import ISSUES_CSV, audit_labels, write_audit_csv
-from finegrain.engine.pretrain import pretrain
+from finegrain.engine.audit import ISSUES_CSV, write_audit_csv
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.setup import run_dir_for
 from finegrain.engine.sr import load_sr, train_sr
-from finegrain.engine.suggest import suggest_labels
 from finegrain.engine.train import fit
 from finegrain.engine.tune import tune
 from finegrain.env import describe
@@ -37,6 +35,9 @@ from finegrain.explain import explain
 from finegrain.export import OnnxRunner
 from finegrain.export.quantize import export_checkpoint
 from finegrain.extras import need
+from finegrain.labels.audit import audit_labels
+from finegrain.labels.pretrain import pretrain
+from finegrain.labels.suggest import suggest_labels
 from finegrain.models import list_models
 from finegrain.models.registry import describe_model
 from finegrain.models.sr import sr_upscale

@@ -124,6 +124,8 @@ class AugmentOptions:
     """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead, of
     which ``hflip`` alone applies: 0 drops the mirrored view)."""
 
+    IMAGE_LEVEL = ("random_erasing",)  # needs images every epoch (not cached features)
+
     scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
     hflip: float = option(
         0.5,
@@ -253,29 +255,18 @@ class TrainConfig:
         """Each group checks itself; the rules that join two groups are here."""
         for group in self.groups():
             group.validate()
-        frozen_cache = self.model.freeze_backbone and self.features.cache_features
-        q = self.quantization
-        require([
-            (not q.qat or not self.model.freeze_backbone, "qat fine-tunes the network: add --no-freeze-backbone"),
-            (not q.qat or self.model.freeze_bn_stats, "qat folds BatchNorm into convolutions: keep --freeze-bn-stats"),
-            (not q.qat or self.speed.amp != "bf16", "qat simulates int8 rounding in fp32: use --amp none"),
-            (not self.progressive.stages or not frozen_cache,
-             "stages change what the network sees: add --no-cache-features or --no-freeze-backbone"),
-            (not self.distill.teachers or self.distill.kd_alpha > 0 or self.labels.unlabeled is not None,
-             "--kd-alpha 0 leaves the teachers only the pseudo-labelling of --unlabeled images: add --unlabeled DIR, "
-             "or a --kd-alpha above 0 to distil"),
-        ])  # fmt: skip
-        image_level = {"random_erasing": self.augment.random_erasing, "fourier_mix": self.style.fourier_mix,
-                       "mixstyle": self.style.mixstyle, "sr_aug": self.sr.sr_aug}  # fmt: skip
+        for group in self.groups():  # checks that read other groups' options belong to the group they are about
+            check = getattr(group, "check_with", None)
+            if check is not None:
+                check(self)
+        image_level = {n: getattr(g, n) for g in self.groups() for n in getattr(g, "IMAGE_LEVEL", ())}
         used = [n for n, v in image_level.items() if v > 0]
-        if used and frozen_cache:
+        if used and self.model.freeze_backbone and self.features.cache_features:
             names = ", ".join("--" + n.replace("_", "-") for n in used)
             raise ConfigError(
                 f"{names} augment training images, but a frozen backbone trains on cached features: "
                 "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
             )
-        if self.progressive.stages:
-            self.optim.epochs = sum(s["epochs"] for s in self.progressive.stages)
         return self
 
     def groups(self) -> list:

@@ -1,4 +1,5 @@
-"""Label audit (``finegrain data audit``): which training labels are probably wrong, without changing the data.
+"""Label audit scoring: which training labels are probably wrong, without changing the data (the workflow,
+``finegrain data audit``, is ``finegrain.labels.audit``; the ``--label-noise`` add-on uses the same scoring).
 
 Every labelled image (train and val, never test) is scored by a probe that did not see it: the frozen backbone's
 features, ``folds`` stratified folds, on each the logistic-regression probe of ``finegrain.engine.probe`` fitted on
@@ -19,12 +20,9 @@ import torch
 
 from finegrain.atomic import atomic_path
 from finegrain.data import DatasetIndex, Sample
-from finegrain.engine.distributed import resolve_device
-from finegrain.engine.features import extract_features
 from finegrain.engine.probe import l2_normalise, logistic_regressions
 from finegrain.errors import ConfigError, DataError
 from finegrain.escape import csv_cell
-from finegrain.models import create_model
 from finegrain.progress import progress_bar
 
 #: the probe's penalty for the audit (no validation split to choose it on: every image is scored out of fold);
@@ -88,17 +86,6 @@ def find_issues(samples: list[Sample], feats: torch.Tensor, classes: list[str], 
     summary = {"images": len(samples), "flagged": len(issues), "folds": folds, "C": AUDIT_C,
                "out_of_fold_top1": float((probs.argmax(1) == labels).mean())}  # fmt: skip
     return issues, summary
-
-
-def audit_labels(index: DatasetIndex, folds: int = 5, seed: int = 0, cache_dir: str | None = None,
-                 device: str = "auto") -> tuple[list[LabelIssue], dict]:  # fmt: skip
-    """Probably wrong labels among the non-test images, most suspicious first, and a summary."""
-    samples = [s for s in index.samples if s.split != "test"]
-    require_folds(samples, index.classes, folds, "Add images or lower --folds")
-    model = create_model("baseline", num_classes=len(index.classes)).eval()
-    feats = extract_features(model, samples, model.preprocess, resolve_device(device), amp="auto",
-                             channels_last=True, cache_dir=cache_dir, desc="features")  # fmt: skip
-    return find_issues(samples, feats, index.classes, folds, seed)
 
 
 def write_audit_csv(issues: list[LabelIssue], index: DatasetIndex, path: Path) -> None:
