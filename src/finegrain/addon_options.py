@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from finegrain.env import INT8_TARGETS
 from finegrain.errors import ConfigError
 from finegrain.option_values import option, parse_optional_float, parse_yaml_list, require
+from finegrain.run_layout import RunDir
 
 LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
 KD_TARGETS = ("auto", "online", "fixed")  # where distillation's soft labels on training images come from
@@ -190,7 +191,7 @@ class LabelOptions:
         None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
         "labelled images (or --teachers, e.g. a fine-tuned run: the noisy student) pseudo-labels those it is "
         "confident about, used only if held-out labelled images (validation and 5-fold cross-validation) say they help "
-        "(RUN_DIR/unlabeled.json says what was used)",
+        f"(RUN_DIR/{RunDir.UNLABELED} says what was used)",
     )  # fmt: skip
     pseudo_fraction: float | None = option(
         None, "fraction of the unlabelled images the teacher assigns to each class that are trained on, the most "
@@ -199,7 +200,7 @@ class LabelOptions:
     )  # fmt: skip
     label_noise: str = option(
         "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
-        "confident learning flag as probably wrong (listed in RUN_DIR/label_issues.csv; the data is not changed)",
+        f"confident learning flag as probably wrong (listed in RUN_DIR/{RunDir.LABEL_ISSUES}; the data is not changed)",
         choices=LABEL_NOISE,
     )  # fmt: skip
 

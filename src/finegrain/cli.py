@@ -17,6 +17,7 @@ from finegrain.data.records import FORMATS, MAX_ASPECT
 from finegrain.env import configure_threads
 from finegrain.errors import FinegrainError
 from finegrain.progress import set_verbosity
+from finegrain.run_layout import RunDir
 
 #: the handlers' module, imported when a command runs (tests/test_architecture.py checks it sits below this one)
 HANDLERS = "finegrain.commands"
@@ -93,7 +94,7 @@ def _model_commands(sub) -> None:
     p.set_defaults(func="_evaluate")
 
     p = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
-    p.add_argument("model", help="checkpoint, run directory (uses best.pt), or exported .onnx file")
+    p.add_argument("model", help=f"checkpoint, run directory (uses {RunDir.BEST}), or exported .onnx file")
     p.add_argument("target", help="image file or folder")
     flag(p, "engine")
     flag(p, "top_k")
@@ -275,7 +276,9 @@ def _data_commands(sub) -> None:
     flag(p, "test_fraction", note="held out, not audited")
     p.add_argument("--folds", type=int, default=5, help="each image is scored by a probe fitted on the others (5)")
     flag(p, "seed")
-    flag(p, "out_dir", default="audit", help="folder for label_issues.csv / .html and audit.json (default: audit)")
+    flag(
+        p, "out_dir", default="audit", help=f"folder for {RunDir.LABEL_ISSUES} / .html and audit.json (default: audit)"
+    )
     flag(p, "cache_dir")
     flag(p, "device")
     p.set_defaults(func="_data_audit")
@@ -291,7 +294,7 @@ def _data_commands(sub) -> None:
     p.set_defaults(func="_data_shard")
 
     p = data.add_parser("suggest", help="which unlabelled images to label next (uncertain and unlike the labelled)")
-    p.add_argument("run", help="run folder (its best.pt) or a checkpoint")
+    p.add_argument("run", help=f"run folder (its {RunDir.BEST}) or a checkpoint")
     p.add_argument("--unlabeled", required=True, help="folder of unlabelled images, or a CSV of image paths")
     p.add_argument("--n", type=int, default=100, help="how many images to suggest (100)")
     p.add_argument("--out", default="suggest.csv", help="CSV to write, with an empty label column (suggest.csv)")

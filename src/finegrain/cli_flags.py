@@ -9,6 +9,7 @@ import argparse
 
 from finegrain.config import TrainConfig
 from finegrain.env import INT8_TARGETS
+from finegrain.run_layout import RunDir
 
 ENGINES = ("auto", "torch", "onnx")
 ENGINE_HELP = (
@@ -49,10 +50,10 @@ def _add_int8_target(p: argparse.ArgumentParser) -> None:
 
 #: flags several commands take that are not training options, declared once here
 COMMON: dict[str, tuple[tuple[str, ...], dict]] = {
-    "checkpoint": (("checkpoint",), {"help": "checkpoint file or run directory (uses best.pt)"}),
+    "checkpoint": (("checkpoint",), {"help": f"checkpoint file or run directory (uses {RunDir.BEST})"}),
     "json": (("--json",), {"action": "store_true", "help": "JSON output"}),
     "config": (("--config",), {"help": "YAML file of options (command-line options override it)"}),
-    "resume": (("--resume",), {"metavar": "RUN_DIR", "help": "continue a stopped run from RUN_DIR/last.pt"}),
+    "resume": (("--resume",), {"metavar": "RUN_DIR", "help": f"continue a stopped run from RUN_DIR/{RunDir.LAST}"}),
     "engine": (("--engine",), {"default": "auto", "choices": ENGINES, "help": ENGINE_HELP}),
     # every command that writes a folder names it --out-dir (--out: the older name); --out alone is a file
     "out_dir": (("--out-dir", "--out"), {"dest": "out", "help": "output folder"}),

@@ -22,7 +22,7 @@ from finegrain.data.class_info import find_class_info, load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.shards import write_shards
 from finegrain.engine.add_classes import add_classes
-from finegrain.engine.audit import ISSUES_CSV, write_audit_csv
+from finegrain.engine.audit import write_audit_csv
 from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.setup import run_dir_for
 from finegrain.engine.sr import load_sr, train_sr
@@ -204,11 +204,11 @@ def _data_audit(args: argparse.Namespace) -> int:
     issues, summary = audit_labels(index, args.folds, args.seed, args.cache_dir, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_audit_csv(issues, index, out / ISSUES_CSV)
+    write_audit_csv(issues, index, out / RunDir.LABEL_ISSUES)
     page = write_audit_page(issues, index, summary, out / "label_issues.html")
     write_text(out / "audit.json", json.dumps(summary, indent=2))
     print(f"{summary['flagged']} of {summary['images']} labelled images look mislabelled (out-of-fold top-1 "
-          f"{100 * summary['out_of_fold_top1']:.1f}%): {out / ISSUES_CSV}, {page}.")  # fmt: skip
+          f"{100 * summary['out_of_fold_top1']:.1f}%): {out / RunDir.LABEL_ISSUES}, {page}.")  # fmt: skip
     return 0
 
 

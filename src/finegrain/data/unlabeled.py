@@ -19,6 +19,7 @@ from finegrain.data.loading import find_bad_images, list_images
 from finegrain.data.records import DatasetIndex, Sample
 from finegrain.errors import DataError
 from finegrain.progress import progress_bar
+from finegrain.run_layout import RunDir
 
 #: the split name unlabelled samples carry (their label is -1)
 UNLABELED = "unlabeled"
@@ -87,7 +88,7 @@ def load_unlabeled(path: str | Path, index: DatasetIndex, skip_bad: bool = False
     if bad and not skip_bad:
         listed = "; ".join(f"{s.path}: {why}" for s, why in bad[:3])
         raise DataError(f"{len(bad)} unlabelled image(s) cannot be read ({listed}). Remove them, or add --skip-bad "
-                        "to drop them (they are listed in RUN_DIR/unlabeled.json)")  # fmt: skip
+                        f"to drop them (they are listed in RUN_DIR/{RunDir.UNLABELED})")  # fmt: skip
     dropped = {s.path for s, _ in bad}
     kept = [s for s in kept if s.path not in dropped]
     if not kept:

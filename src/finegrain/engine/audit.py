@@ -28,7 +28,6 @@ from finegrain.progress import progress_bar
 #: the probe's penalty for the audit (no validation split to choose it on: every image is scored out of fold);
 #: the middle of the probe's grid, where its choice fell on the development datasets (docs/training.md)
 AUDIT_C = 10.0
-ISSUES_CSV = "label_issues.csv"  # the images whose label is probably wrong (audit folder, or a run with --label-noise)
 
 
 @dataclass

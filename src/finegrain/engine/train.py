@@ -219,8 +219,8 @@ def fit(
     while epoch < planned:
         epoch_start = clock()
         if history and not cfg.recipe.replan_epochs and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
-            ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; best.pt has the "
-                    "best validated epoch")  # fmt: skip
+            ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; {RunDir.BEST} "
+                    "has the best validated epoch")  # fmt: skip
             break
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(ctx, task)

@@ -137,7 +137,7 @@ def model_card(ckpt: Checkpoint, result: dict, out_dir: Path) -> tuple[str, dict
         "",
         "## Data",
         f"- dataset: {markdown(cfg.dataset.data)} ({cfg.dataset.format} layout), {len(classes)} classes",
-        f"- images per split: {split_counts} (the exact split is in `split.csv`)",
+        f"- images per split: {split_counts} (the exact split is in `{RunDir.SPLIT}`)",
         "",
         "## Model and training",
         f"- method `{ckpt.method}`, backbone `{backbone}`, options {json.dumps(ckpt.model_kwargs)}",

@@ -13,16 +13,17 @@ import json
 
 from finegrain.atomic import write_text
 from finegrain.engine.addons.base import AddOn
-from finegrain.engine.audit import ISSUES_CSV, find_issues, require_folds, write_audit_csv
+from finegrain.engine.audit import find_issues, require_folds, write_audit_csv
 from finegrain.engine.context import Context
 from finegrain.engine.task import frozen_features
+from finegrain.run_layout import RunDir
 
 FOLDS = 5
 
 
 class LabelNoiseAddOn(AddOn):
     name = "label_noise"
-    ISSUES, REPORT = ISSUES_CSV, "label_noise.json"  # the images left out; the summary
+    ISSUES, REPORT = RunDir.LABEL_ISSUES, RunDir.LABEL_NOISE
     files = (ISSUES, REPORT)
     data_only = True
 

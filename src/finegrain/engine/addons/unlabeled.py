@@ -33,6 +33,7 @@ from finegrain.engine.context import Context
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise, logistic_regressions
 from finegrain.engine.task import frozen_features
 from finegrain.engine.teachers import load_teachers, teacher_probs
+from finegrain.run_layout import RunDir
 
 #: the fractions of each predicted class's unlabelled images tried on held-out labels (with "none": labels only). A
 #: fraction, not a confidence threshold: a probe fitted on a few labels per class, with the strong penalty validation
@@ -131,7 +132,7 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
 
 class UnlabeledAddOn(AddOn):
     name = "unlabeled"
-    REPORT = "unlabeled.json"  # the pseudo-labels kept, and whether they helped on validation
+    REPORT = RunDir.UNLABELED
     files = (REPORT,)
     data_only = True
 
