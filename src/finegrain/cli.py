@@ -12,7 +12,7 @@ import os
 import sys
 
 from finegrain import __version__
-from finegrain.cli_flags import _add_int8_target, _add_output_options, _add_train_options, flag
+from finegrain.cli_flags import _add_output_options, _add_train_options, flag
 from finegrain.data.records import FORMATS, MAX_ASPECT
 from finegrain.env import configure_threads
 from finegrain.errors import FinegrainError
@@ -123,7 +123,7 @@ def _export_commands(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also write a post-training int8 model (*.int8.onnx)")
     flag(p, "calib_images")
     flag(p, "data", default=None, help="dataset for calibration (default: the checkpoint's)")
-    _add_int8_target(p)
+    flag(p, "int8_target")
     p.add_argument("--min-agreement", type=float, help="least int8-vs-fp32 top-1 agreement on held-out training "
                    "images; below it no int8 file is written (default: 0.95)")  # fmt: skip
     p.set_defaults(func="_export")
@@ -194,7 +194,7 @@ def _adapt_commands(sub) -> None:
     flag(p, "batch_size", default=None, help="batch size (default: the checkpoint's)")
     flag(p, "calib_images")
     flag(p, "run_dir")
-    _add_int8_target(p)
+    flag(p, "int8_target")
     p.set_defaults(func="_qat")
 
     p = sub.add_parser(

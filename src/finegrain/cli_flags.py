@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 
 from finegrain.config import TrainConfig
-from finegrain.env import INT8_TARGETS
 from finegrain.run_layout import RunDir
 
 ENGINES = ("auto", "torch", "onnx")
@@ -38,14 +37,6 @@ def _add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         if group not in groups:
             groups[group] = p.add_argument_group(f"{group} options")
         groups[group].add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw)
-
-
-def _help(name: str) -> str:
-    return next(f.metadata["help"] for _, f in TrainConfig.options() if f.name == name)
-
-
-def _add_int8_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8-target", default="auto", choices=INT8_TARGETS, help=_help("int8_target") + " (auto)")
 
 
 #: flags several commands take that are not training options, declared once here
@@ -80,13 +71,13 @@ def flag(p: argparse.ArgumentParser, name: str, note: str = "", **kw) -> None:
         p.add_argument(*args, **kw)
         return
     f = next(f for _, f in TrainConfig.options() if f.name == name)
-    default = kw.pop("default", TrainConfig.option_default(f))
+    own = TrainConfig.option_default(f)  # types the flag, whatever default this command gives it
+    default = kw.pop("default", own)
     text = f.metadata["help"] + (f"; {note}" if note else "")
     said = "default" in text.lower()
     kw.setdefault("help", text if said or default is None else f"{text} (default: {default})")
-    typed = TrainConfig.option_default(f)  # the option's own default types it, whatever this command's default
-    if typed is not None and not isinstance(typed, bool) and "type" not in f.metadata["cli"]:
-        kw.setdefault("type", type(typed))
+    if own is not None and not isinstance(own, bool) and "type" not in f.metadata["cli"]:
+        kw.setdefault("type", type(own))
     p.add_argument("--" + name.replace("_", "-"), default=default, **{**f.metadata["cli"], **kw})
 
 
