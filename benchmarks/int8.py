@@ -10,7 +10,8 @@ JSON.
     python benchmarks/int8.py --checkpoint runs/default/best.pt --emulated-images 600 \
         --out benchmarks/results/int8_<cpu>.json
 
-Variants are ``target:calibration:images[:float parts]``, e.g. ``portable:percentile:256:stem+head``; target
+Variants are ``default`` (what ``finegrain export --int8`` writes) or ``target:calibration:images[:float parts]``,
+e.g. ``portable:percentile:256:stem+head``; target
 ``u8u8`` is full-range uint8 weights (ONNX Runtime's other saturation-free format), QAT checkpoints come in as
 ``--qat NAME=PATH``.
 """
@@ -31,12 +32,12 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.data.calibration import calibration_loader, evenly_spaced, held_out
 from finegrain.export import OnnxRunner, export_onnx
 from finegrain.export.ort_top1 import predictions_under
-from finegrain.export.quantize import quantize_onnx
+from finegrain.export.quantize import int8_copy, quantize_onnx
 
 #: ``u8u8`` (full-range uint8 weights, also saturation-free) is left out of the default list: on AMD EPYC Zen 3
 #: (2026-12-02) its file took ~5 min for 2,999 test photos where the others took ~15 s (a slow kernel path)
-DEFAULT_VARIANTS = ["vnni:minmax:256", "portable:minmax:256", "portable:minmax:1024", "portable:percentile:256",
-                    "portable:entropy:256", "portable:minmax:256:stem+head"]  # fmt: skip
+DEFAULT_VARIANTS = ["default", "vnni:minmax:256", "portable:minmax:256", "portable:minmax:1024",
+                    "portable:percentile:256", "portable:entropy:256", "portable:minmax:256:stem+head"]  # fmt: skip
 
 
 def images_of(samples, pre) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +57,16 @@ def throughput(path: str, images: np.ndarray, repeats: int = 7) -> float:
     return 32 / statistics.median(times)
 
 
-def make_variant(spec: str, fp32: str, train, work: Path) -> dict:
+def make_variant(spec: str, fp32: str, train, work: Path, checkpoint: str) -> dict:
     out = work / f"{spec.replace(':', '_')}.onnx"
     if out.is_file():  # --work of an earlier run: the same file again
         return {"variant": spec, "path": str(out), "megabytes": out.stat().st_size / 2**20}
+    if spec == "default":  # what `finegrain export --int8` writes (its float-stage search included)
+        started = time.perf_counter()
+        made = int8_copy(checkpoint, fp32, out=out)
+        return {"variant": spec, "path": made["path"], "megabytes": made["megabytes"],
+                "quantize_s": time.perf_counter() - started, "float_stages": made["float_stages"],
+                "float_search": made.get("float_search")}  # fmt: skip
     target, calibration, count, *rest = spec.split(":")
     keep = rest[0].split("+") if rest else []
     options = {}
@@ -102,15 +109,15 @@ def main() -> None:
     if not Path(fp32).is_file():
         export_onnx(ckpt.path, fp32)
     rows = [{"variant": "fp32", "path": fp32, "megabytes": Path(fp32).stat().st_size / 2**20}]
-    rows += [make_variant(spec, fp32, train, work) for spec in args.variants]
+    rows += [make_variant(spec, fp32, train, work, args.checkpoint) for spec in args.variants]
     for item in args.qat:
         name, path = item.split("=", 1)
         qfp32 = str(work / f"{name}.onnx")
         if not Path(qfp32).is_file():
             export_onnx(path, qfp32)
         (work / name).mkdir(exist_ok=True)
-        row = make_variant("portable:minmax:256", qfp32, train, work / name)
-        rows.append({**row, "variant": f"{name} (QAT) portable:minmax:256"})
+        row = make_variant("default", qfp32, train, work / name, path)
+        rows.append({**row, "variant": f"{name} (QAT) default"})
     print(f"{len(rows)} files in {work}")
 
     choice = index.split("val") + held_out(train, evenly_spaced(train, 1024), args.choice_train_images)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from finegrain.checkpoint import Checkpoint
+from finegrain.cli import main
 from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regression
 from finegrain.engine.recipe import finetune_speed, train_within_budget
 from finegrain.engine.setup import model_from_config
@@ -212,3 +214,35 @@ def test_fine_tuning_speed_counts_the_distillation_teachers_pass(imagefolder, ti
 def test_fit_refuses_a_budget_it_would_ignore(imagefolder, tiny_config):
     with pytest.raises(ConfigError, match="train_within_budget"):
         fit(tiny_config(imagefolder, budget=1.0))
+
+
+@pytest.mark.parametrize(
+    "argv, yaml, expected",
+    [
+        ([], None, "recipe 10"),  # nothing given: the default budget
+        (["--budget", "3"], None, "recipe 3"),
+        (["--budget", "0"], None, "fit"),  # the head alone, one flag away
+        (["--epochs", "4"], None, "fit"),  # a schedule by hand runs as given
+        (["--no-freeze-backbone"], None, "fit"),
+        (["--method", "bcnn"], None, "fit"),
+        (["--val-fraction", "0"], None, "fit"),  # nothing to choose on
+        ([], "lr: 0.01\n", "fit"),  # by hand in --config too
+        ([], "optim:\n  epochs: 2\n", "fit"),  # grouped YAML
+        ([], "seed: 3\n", "recipe 10"),  # options that are not a schedule keep the default
+        (["--epochs", "4", "--budget", "2"], None, "recipe 2"),  # an explicit budget wins
+    ],
+)
+def test_finegrain_train_spends_the_default_budget_unless_a_schedule_is_given(imagefolder, tmp_path, monkeypatch,
+                                                                             argv, yaml, expected):  # fmt: skip
+    """Which path `finegrain train` takes, the two trainings replaced by recorders (no training runs)."""
+    import finegrain.engine.recipe as recipe
+
+    taken, done = [], SimpleNamespace(run_dir=tmp_path / "run")
+    record = lambda cfg: taken.append(f"recipe {cfg.recipe.budget:g}") or done  # noqa: E731
+    monkeypatch.setattr(recipe, "train_within_budget", record)
+    monkeypatch.setattr(recipe, "fit", lambda cfg: taken.append("fit" if cfg.recipe.budget is None else "?") or done)
+    if yaml:
+        (tmp_path / "c.yaml").write_text(yaml)
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    assert main(["train", "--data", str(imagefolder), "--run-dir", str(tmp_path / "run"), *argv]) == 0
+    assert taken == [expected]

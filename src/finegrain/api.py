@@ -10,8 +10,7 @@ from pathlib import Path
 
 from finegrain.config import TrainConfig
 from finegrain.data.loading import as_image
-from finegrain.engine.recipe import train_within_budget
-from finegrain.engine.train import fit
+from finegrain.engine.recipe import train as train_recipe
 from finegrain.explain import Explanation, explain
 from finegrain.predict import Predictor, model_for_engine
 from finegrain.report.evaluation import evaluate_checkpoint
@@ -55,7 +54,7 @@ def train(data: str | Path, run_dir: str | Path | None = None, evaluate: bool = 
     --help``, with underscores: ``budget=10``, ``epochs=5``, ``backbone="tf_efficientnet_lite2"``), then evaluate
     the kept model on the test split."""
     cfg = TrainConfig().replace(data=str(data), run_dir=None if run_dir is None else str(run_dir), **options)
-    result = (train_within_budget if cfg.recipe.budget else fit)(cfg.validate())
+    result = train_recipe(cfg.validate(), given=options)
     test = None
     if evaluate and result.counts["test"]:
         metrics = evaluate_checkpoint(result.run_dir / RunDir.BEST, workers=cfg.speed.workers)

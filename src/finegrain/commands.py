@@ -23,7 +23,7 @@ from finegrain.data.loading import open_image
 from finegrain.data.shards import write_shards
 from finegrain.engine.add_classes import add_classes
 from finegrain.engine.audit import write_audit_csv
-from finegrain.engine.recipe import train_within_budget
+from finegrain.engine.recipe import train as train_recipe
 from finegrain.engine.setup import run_dir_for
 from finegrain.engine.sr import load_sr, train_sr
 from finegrain.engine.train import fit
@@ -68,6 +68,11 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return (TrainConfig.from_yaml(args.config) if args.config else TrainConfig()).replace(**_overrides(args))
 
 
+def _given(args: argparse.Namespace) -> set[str]:
+    """The training options the user set, on the command line or in --config."""
+    return set(_overrides(args)) | (TrainConfig.names_in_yaml(args.config) if args.config else set())
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
         epochs = _overrides(args).get("epochs")
@@ -77,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = cfg.replace(run_dir=str(run_dir_for(cfg)))
         made = [d for d in (Path(cfg.run.run_dir), *Path(cfg.run.run_dir).parents) if not d.exists()]
         try:
-            run_dir = (train_within_budget(cfg) if cfg.recipe.budget else fit(cfg)).run_dir
+            run_dir = train_recipe(cfg, _given(args)).run_dir
         except FinegrainError:  # a run that failed before writing anything leaves no folder behind
             for folder in made:  # (the run folder, then the parents it created, while empty)
                 with contextlib.suppress(OSError):

@@ -194,7 +194,10 @@ class RecipeOptions:
     budget: float | None = option(
         None, "minutes for the whole training: the head on cached features first, then fine-tuning of the whole "
         "network for the epochs the rest allows on this machine; the better on validation is kept and "
-        f"RUN_DIR/{RunDir.RECIPE} says what was tried and why (default: off, the options as given)", type=float,
+        f"RUN_DIR/{RunDir.RECIPE} says what was tried and why. Default: 10 for the baseline method, unless "
+        "--epochs, --lr, --freeze-backbone/--no-freeze-backbone, --time-limit or --init-from is given (then the "
+        "options run as given); 0: the options as given, e.g. the head alone on frozen features (1-5 min)",
+        type=float,
     )  # fmt: skip
     finetune_lr: float = option(2e-4, "peak learning rate of the budgeted recipe's fine-tuning")
     time_limit: float | None = option(
@@ -209,7 +212,7 @@ class RecipeOptions:
 
     def validate(self) -> None:
         require([
-            (self.budget is None or self.budget > 0, "budget is a number of minutes > 0"),
+            (self.budget is None or self.budget >= 0, "budget is a number of minutes >= 0 (0: no budget)"),
             (self.time_limit is None or self.time_limit > 0, "time-limit is a number of minutes > 0"),
             (not self.replan_epochs or self.time_limit, "replan-epochs re-plans to fill --time-limit: set it too"),
             (self.finetune_lr > 0, "finetune-lr must be > 0"),
@@ -326,19 +329,18 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]} "
-                              f"({getattr(e, 'problem_mark', '') or 'see the file'})") from None  # fmt: skip
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must be a mapping of option: value")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_yaml(path))
+
+    @classmethod
+    def names_in_yaml(cls, path: str | Path) -> set[str]:
+        """The option names a YAML config sets (grouped or flat), e.g. to tell a default from a choice."""
+        groups = {f.name for f in fields(cls)}
+        names = set()
+        for key, value in _read_yaml(path).items():
+            key = key.replace("-", "_")
+            inner = value.keys() if key in groups and isinstance(value, dict) else [key]
+            names |= {k.replace("-", "_") for k in inner}
+        return names
 
     def replace(self, **flat: Any) -> TrainConfig:
         """A validated copy with some options changed, by their own names (``cfg.replace(lr=1e-4, epochs=3)``)."""
@@ -348,3 +350,20 @@ class TrainConfig:
                 raise ConfigError(f"unknown option '{key}'. Known: {', '.join(sorted(home))}")
             grouped[home[key]][key] = value
         return TrainConfig.from_dict(grouped)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    """A YAML config file's mapping, or a ConfigError naming what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]} "
+                          f"({getattr(e, 'problem_mark', '') or 'see the file'})") from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of option: value")
+    return data

@@ -149,9 +149,9 @@ def fit(
     if resume is not None:
         cfg, last = _resumed_config(cfg, resume, last)
     cfg = (cfg or TrainConfig()).validate()
-    if cfg.recipe.budget is not None:
+    if cfg.recipe.budget:
         raise ConfigError("a time budget runs several trainings: call finegrain.engine.recipe.train_within_budget(cfg)"
-                          " (what `finegrain train --budget` does), or leave budget unset")  # fmt: skip
+                          " (what `finegrain train` does), or set budget to 0 or None")  # fmt: skip
     device = fgdist.resolve_device(cfg.speed.device)
     info = fgdist.init_distributed(device)
     if info.enabled and device.type == "cuda":
