@@ -84,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
         try:
             run_dir = train_recipe(cfg, _given(args)).run_dir
         except FinegrainError:  # a run that failed before writing anything leaves no folder behind
-            for folder in made:  # (the run folder, then the parents it created, while empty)
+            stages = sorted(made[0].glob("**/"), reverse=True) if made else []  # a recipe's empty stage folders
+            for folder in [*stages, *made]:  # (then the run folder, then the parents it created, while empty)
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
