@@ -194,12 +194,10 @@ def quantize_onnx(
             )  # fmt: skip
             return path
 
-        kept, tried = [], {}
         if search:
             kept, tried, int8_file = _float_search(stages(prepared), quantized, _Divergence(fp32_path, choose_on))
         else:
-            int8_file = quantized(float_nodes(prepared, keep_float), "int8.onnx")
-            kept = list(keep_float)
+            kept, tried, int8_file = list(keep_float), {}, quantized(float_nodes(prepared, keep_float), "int8.onnx")
         proto = onnx.load(str(int8_file))
         candidate = Path(tmp) / out.name
         quant = {"quantization": f"int8 static QDQ per-channel ({target})", "int8_target": target,
