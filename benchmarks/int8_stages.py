@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from _results import write_json
 from int8 import images_of, throughput
+from scipy.special import log_softmax
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.data.calibration import evenly_spaced
 from finegrain.env import cpu_model
 from finegrain.export import OnnxRunner, export_onnx
-from finegrain.export.quantize import _log_softmax, quantize_onnx
+from finegrain.export.quantize import quantize_onnx
 
 #: lite0's stages and parts of them (node-name substrings, as ``quantize_onnx(keep_float=...)`` takes them)
 SETS = {"none": [], "blocks.0": ["blocks.0/"], "blocks.1": ["blocks.1/"], "b1.0": ["blocks.1.0/"],
@@ -49,7 +50,7 @@ def main() -> None:
     val_x, val_y = images_of(index.split("val"), ckpt.preprocess)
     test_x, test_y = images_of(index.split("test"), ckpt.preprocess)
     lv32, lt32 = logits(fp32, val_x), logits(fp32, test_x)
-    log_p = _log_softmax(lv32)
+    log_p = log_softmax(lv32.astype(np.float64), axis=1)
     rows = {"fp32": {"val_top1": float((lv32.argmax(1) == val_y).mean()),
                      "test_top1": float((lt32.argmax(1) == test_y).mean()),
                      "img_s": throughput(fp32, test_x)}}  # fmt: skip
@@ -57,7 +58,7 @@ def main() -> None:
         path = str(work / f"{name}.onnx")
         quantize_onnx(fp32, evenly_spaced(train, 256), path, target="portable", keep_float=keep)
         lv, lt = logits(path, val_x), logits(path, test_x)
-        log_q = _log_softmax(lv)
+        log_q = log_softmax(lv.astype(np.float64), axis=1)
         rows[name] = {"val_kl": float((np.exp(log_p) * (log_p - log_q)).sum(1).mean()),
                       "val_agree": float((lv.argmax(1) == lv32.argmax(1)).mean()),
                       "val_top1": float((lv.argmax(1) == val_y).mean()),

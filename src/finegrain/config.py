@@ -187,6 +187,11 @@ class SpeedOptions:
         require([(self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")])
 
 
+#: options that set a schedule by hand: given any of them (command line, --config or finegrain.train), the default
+#: budget steps aside and the options run as given, as they did before there was a budget (engine/recipe.py)
+BY_HAND = ("epochs", "lr", "freeze_backbone", "time_limit", "init_from")
+
+
 @dataclass
 class RecipeOptions:
     """The budgeted recipe (``finegrain.engine.recipe``)."""
@@ -194,10 +199,9 @@ class RecipeOptions:
     budget: float | None = option(
         None, "minutes for the whole training: the head on cached features first, then fine-tuning of the whole "
         "network for the epochs the rest allows on this machine; the better on validation is kept and "
-        f"RUN_DIR/{RunDir.RECIPE} says what was tried and why. Default: 10 for the baseline method, unless "
-        "--epochs, --lr, --freeze-backbone/--no-freeze-backbone, --time-limit or --init-from is given (then the "
-        "options run as given); 0: the options as given, e.g. the head alone on frozen features (1-5 min)",
-        type=float,
+        f"RUN_DIR/{RunDir.RECIPE} says what was tried and why. Default: 10 for the baseline method, unless any of "
+        f"{', '.join('--' + n.replace('_', '-') for n in BY_HAND)} is given (then the options run as given); 0: "
+        "the options as given, e.g. the head alone on frozen features (1-5 min)", type=float,
     )  # fmt: skip
     finetune_lr: float = option(2e-4, "peak learning rate of the budgeted recipe's fine-tuning")
     time_limit: float | None = option(

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
-from finegrain.config import TrainConfig
+from finegrain.config import BY_HAND, TrainConfig
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS
 from finegrain.engine.addons.distill import DistillAddOn
@@ -47,9 +47,6 @@ EVAL_COST = 0.35  # validation images cost about a third of a training image (fo
 #: cores) the head alone gave 73.8% and ``--budget 10`` 83.6%, and timm's script needed 19 minutes for 82.3%.
 #: Where fine-tuning does not fit or does not validate better, the recipe keeps the head (recipe.json says which).
 DEFAULT_BUDGET = 10.0
-#: options that set a schedule by hand: given any of them (command line, --config or finegrain.train), the
-#: default budget steps aside and the options run as given, as they did before there was a budget
-BY_HAND = ("epochs", "lr", "freeze_backbone", "time_limit", "init_from")
 
 
 def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]:
@@ -72,10 +69,11 @@ def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]
 def train(cfg: TrainConfig, given: Iterable[str] = ()) -> FitResult:
     """``finegrain train``: the recipe within the budget that :func:`budget_for` gives, else ``fit`` as given."""
     budget, why = budget_for(cfg, given)
-    if not budget and cfg.recipe.budget is None:
+    if budget:
+        return train_within_budget(cfg.replace(budget=budget))
+    if cfg.recipe.budget is None:
         say(f"budget: none ({why})")
-    cfg = cfg.replace(budget=budget)
-    return train_within_budget(cfg) if budget else fit(cfg.replace(budget=None))
+    return fit(cfg.replace(budget=None))
 
 
 def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,

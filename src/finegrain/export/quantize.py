@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.data import Sample
@@ -41,12 +42,7 @@ MIN_AGREEMENT = 0.95
 
 def int8_agreement(fp32_path: str | Path, int8_path: str | Path, samples: Sequence[Sample]) -> float:
     """Share of ``samples`` on which the int8 file's top-1 class equals the fp32 file's, in ONNX Runtime."""
-    fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
-    same = total = 0
-    for x, _ in calibration_loader(samples, Preprocess.from_dict(fp32.meta["preprocess"]), batch_size=32):
-        same += int((fp32(x).argmax(1) == int8(x).argmax(1)).sum())
-        total += len(x)
-    return same / max(total, 1)
+    return _Divergence(Path(fp32_path), samples)(Path(int8_path))[1]
 
 
 _CALIBRATIONS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile, "entropy": lambda m: m.Entropy}
@@ -124,23 +120,17 @@ class _Divergence:
         fp32 = OnnxRunner(fp32_path)
         pre = Preprocess.from_dict(fp32.meta["preprocess"])
         self.batches = [x for x, _ in calibration_loader(samples, pre, batch_size=32)]
-        self.log_p = [_log_softmax(fp32(x)) for x in self.batches]
+        self.log_p = [log_softmax(np.asarray(fp32(x), dtype=np.float64), axis=1) for x in self.batches]
 
     def __call__(self, int8_path: Path) -> tuple[float, float]:
         int8 = OnnxRunner(int8_path)
         kl = same = total = 0.0
         for x, log_p in zip(self.batches, self.log_p, strict=True):
-            log_q = _log_softmax(int8(x))
+            log_q = log_softmax(np.asarray(int8(x), dtype=np.float64), axis=1)
             kl += float((np.exp(log_p) * (log_p - log_q)).sum())
             same += float((log_p.argmax(1) == log_q.argmax(1)).sum())
             total += len(x)
         return kl / max(total, 1), same / max(total, 1)
-
-
-def _log_softmax(logits) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 def quantize_onnx(
