@@ -5,8 +5,9 @@ Protocol (anyone can re-run it on the dev data): the classes are split in half b
 head is fitted on the known classes' training photos (its penalty chosen on their validation photos). Each new
 class brings its words and ONE training photo (drawn by the seed) as its reference photo: on cub100 its row of
 CUB's 312 class attributes, on flowers17 its name through the sentence encoder. The new classes are added with
-``finegrain.engine.new_classes`` (prototype from photo + words, scale and bias calibrated on pseudo-splits of the
-known classes), and every test photo is classified among all classes. Frozen lite0 features of ``--checkpoint``'s
+``finegrain.engine.new_classes`` (prototypes from photo + words in a whitened space, a gate against the known
+classes' prototypes calibrated on pseudo-splits of the known classes), and every test photo is classified among all
+classes. Frozen lite0 features of ``--checkpoint``'s
 backbone and preprocessing (cached). Prints a table, writes JSON.
 
     python benchmarks/new_classes.py --seeds 0 1 2 --out benchmarks/results/new_classes.json
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,14 @@ from finegrain.config import default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.data.class_info import load_class_info
 from finegrain.engine.features import extract_features
-from finegrain.engine.new_classes import features_from_words, fit_calibration, harmonic, new_class_rows
+from finegrain.engine.new_classes import (
+    MAX_DROP,
+    fit_calibration,
+    gated_predictions,
+    harmonic,
+    new_class_rows,
+    threshold_for_share,
+)
 from finegrain.engine.probe import fit_probe
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
 
@@ -79,16 +88,21 @@ def one_seed(feats: dict, embed: torch.Tensor, seed: int, splits: int, max_drop:
     w, b = probe["weight"], probe["bias"]
     emb = embed[torch.tensor(known + new)]
     started = time.perf_counter()
-    cal = fit_calibration(tx[tk], ty[tk], emb[:k], probe["C"], splits=splits, max_drop=max_drop, seed=seed)
+    cal = fit_calibration(tx[tk], ty[tk], emb[:k], probe["C"], n - k, splits=splits, max_drop=max_drop, seed=seed)
     calibrate_s = time.perf_counter() - started
     picks = [int((ty == c).nonzero().flatten()[rng.integers(int((ty == c).sum()))]) for c in range(k, n)]
-    refs = F.normalize(tx[picks] + feats["train_mirrored"][picks], dim=1) if mirrored else tx[picks]
-    words = features_from_words(emb[:k], emb[k:], tx[tk], ty[tk], list(range(k)))
-    held_out = vx[vk] @ w.T + b  # the known classes' validation photos: the head's logit units
-    rows, biases = new_class_rows(cal, refs, words, vx[vk], held_out)
+    refs = (tx[picks] + feats["train_mirrored"][picks]) / 2 if mirrored else tx[picks]
     logits_known = ex @ w.T + b
-    pred = torch.cat([logits_known, ex @ rows.T + biases], 1).argmax(1)
     is_known = ey < k
+
+    def added(beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions among all classes, and the nearest new class, with the new classes placed at ``beta``."""
+        rows = new_class_rows(replace(cal, beta=beta), tx[tk], ty[tk], refs, emb[:k], emb[k:])
+        threshold = threshold_for_share(rows.margin(vx[vk])[0], cal.known_share)  # the known validation photos
+        margin, nearest = rows.margin(ex)
+        return gated_predictions(logits_known, margin, nearest, threshold), nearest
+
+    pred, nearest = added(cal.beta)
     result = {
         "seed": seed,
         "known_before": 100 * float((logits_known[is_known].argmax(1) == ey[is_known]).float().mean()),
@@ -100,11 +114,10 @@ def one_seed(feats: dict, embed: torch.Tensor, seed: int, splits: int, max_drop:
         "new_classes": len(new),
     }
     result["harmonic"] = harmonic(result["known_after"], result["new"])
-    # the two ingredients alone, at the calibrated scale and bias (how much each contributes)
+    result["new_among_new"] = 100 * float((nearest[~is_known] == ey[~is_known] - k).float().mean())
+    # the two ingredients alone, at the calibrated share
     for name, beta in (("new_photo_only", 1.0), ("new_words_only", 0.0)):
-        r2, b2 = new_class_rows(type(cal)(beta, cal.scale, cal.known_share, cal.centre), refs, words, vx[vk], held_out)
-        p2 = torch.cat([logits_known, ex @ r2.T + b2], 1).argmax(1)
-        result[name] = 100 * float((p2[~is_known] == ey[~is_known]).float().mean())
+        result[name] = 100 * float((added(beta)[0][~is_known] == ey[~is_known]).float().mean())
     return result
 
 
@@ -114,7 +127,7 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=["cub100", "flowers17"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--splits", type=int, default=10, help="pseudo-splits the calibration averages over")
-    p.add_argument("--max-drop", type=float, default=0.02, help="known-class top-1 the calibration may give up")
+    p.add_argument("--max-drop", type=float, default=MAX_DROP, help="known-class top-1 the calibration may give up")
     p.add_argument("--mirrored", type=int, default=1, help="1: a reference photo counts with its mirror image")
     p.add_argument("--out", default="benchmarks/results/new_classes.json")
     args = p.parse_args()
@@ -132,7 +145,7 @@ def main() -> None:
         for s in seeds:
             print(f"{name:10s} seed {s['seed']}: known {s['known_before']:.2f} -> {s['known_after']:.2f}, new "
                   f"{s['new']:.2f} (photo only {s['new_photo_only']:.2f}, words only {s['new_words_only']:.2f}), "
-                  f"H {s['harmonic']:.2f}; beta {s['calibration']['beta']}, scale {s['calibration']['scale']}, "
+                  f"H {s['harmonic']:.2f}; among new only {s['new_among_new']:.2f}; beta {s['calibration']['beta']}, "
                   f"known share {s['calibration']['known_share']:.3f}", flush=True)  # fmt: skip
         r = results[name]
         print(f"{name:10s} mean: known {r['known_before']:.2f} -> {r['known_after']:.2f}, new {r['new']:.2f}, "

@@ -11,8 +11,10 @@ from PIL import Image
 
 from finegrain.cli import main
 from finegrain.engine import add_classes as add_classes_module
-from finegrain.engine.new_classes import fit_calibration, prototypes
+from finegrain.engine.new_classes import fit_calibration, gated_predictions, prototypes
 from finegrain.engine.train import fit
+from finegrain.export import export_onnx
+from finegrain.models.added_classes import AddedClassesLinear
 from finegrain.predict import Predictor
 
 from .conftest import tiny_config_factory
@@ -76,6 +78,12 @@ def test_added_classes_keep_the_known_ones_and_are_recognised(trained, tmp_path)
     assert known_right / known_total >= known_before - 2 / known_total, (known_right, known_total, known_before)
     # 32 photos of the new classes among 8 classes: 11 or more right by chance has probability < 0.001
     assert new_total == 32 and new_right >= 11, f"new classes: {new_right}/{new_total} right among 8 (chance 12.5%)"
+    # the gated head exports: the ONNX file gives the checkpoint's answers on every test photo
+    photos = sorted(p for folder in sorted((root / "test").iterdir()) for p in folder.iterdir())
+    onnx = Predictor.load(export_onnx(out)["path"])
+    assert onnx.classes == predictor.classes
+    top = lambda p: [r["top"][0]["class"] for r in p.predict_files(photos, k=1)]  # noqa: E731
+    assert top(onnx) == top(predictor)
 
 
 def test_classes_that_would_break_the_known_ones_are_refused(trained, tmp_path, capsys, monkeypatch):
@@ -96,6 +104,24 @@ def test_classes_that_would_break_the_known_ones_are_refused(trained, tmp_path, 
     assert main(["classes", "add", str(run), str(info), "--out", str(out), "--max-loss", str(lost + 0.5)]) == 0
 
 
+def test_gated_head_predicts_what_the_gate_decides():
+    """The head's logits (known logits, then top known logit + sharpness x gate margin) put the argmax exactly where
+    the two-step decision does: the known head's argmax unless a new prototype beats every known one by more than
+    the threshold, then that nearest new class."""
+    gen = torch.Generator().manual_seed(0)
+    head = AddedClassesLinear(16, known=5, added=3)
+    for layer in (head.known, head.gate, head.added):
+        torch.nn.init.normal_(layer.weight, generator=gen)
+    head.threshold.fill_(0.7)
+    head.sharpness.fill_(0.3)
+    x = torch.randn(500, 16, generator=gen)
+    margin = head.added(x) - head.gate(x).max(1, keepdim=True).values
+    expected = gated_predictions(head.known(x), margin.max(1).values, margin.argmax(1), 0.7)
+    got = head(x).argmax(1)
+    assert torch.equal(got, expected)
+    assert 50 < int((got >= 5).sum()) < 450  # both branches taken
+
+
 def test_calibration_on_pseudo_splits_keeps_known_classes_and_finds_new_ones():
     """Clustered features: the calibrated new-class scores cost the known classes at most the allowed 2% on the
     pseudo-splits, and the new classes are found far above chance there."""
@@ -103,7 +129,7 @@ def test_calibration_on_pseudo_splits_keeps_known_classes_and_finds_new_ones():
     centres = torch.nn.functional.normalize(torch.randn(20, 64, generator=gen), dim=1)
     y = torch.arange(400) % 20
     x = torch.nn.functional.normalize(centres[y] + 0.08 * torch.randn(400, 64, generator=gen), dim=1)
-    cal = fit_calibration(x, y, centres, c=10.0, splits=4)  # the words: the true centres (perfect descriptions)
+    cal = fit_calibration(x, y, centres, c=10.0, n_new=5, splits=4)  # the words: the true centres (perfect words)
     assert cal.pseudo["known_before"] - cal.pseudo["known_after"] <= 0.02
     assert cal.pseudo["new"] >= 0.8, cal.pseudo  # 4 pseudo-new among 20: chance 5%
     words_only = prototypes(torch.zeros(2, 64), centres[:2], beta=0.5)  # no photo: the words alone

@@ -251,7 +251,8 @@ def _adapt_commands(sub) -> None:
     p.add_argument("class_info", help="class_info folder describing the new classes (and, for words, the known)")
     p.add_argument("--out", help="output checkpoint (default: STEM_added_classes.pt beside the checkpoint)")
     flag(p, "data", default=None, help="the training data, where it moved (default: the checkpoint's)")
-    p.add_argument("--max-loss", type=float, default=3.0, help="known-class top-1 points it may cost (3)")
+    p.add_argument("--max-loss", type=float, default=3.0,
+                   help="known-class top-1 points it may cost (3); the gate aims a point under it")  # fmt: skip
     flag(p, "json")
     p.set_defaults(func="_classes_add")
 

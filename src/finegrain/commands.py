@@ -299,8 +299,8 @@ def _classes_add(args: argparse.Namespace) -> int:
     cal = r["calibration"]
     say(f"added {len(r['added'])} class(es): {', '.join(r['added'][:10])}{' ...' if len(r['added']) > 10 else ''}")
     say(f"scored from {'words and ' if r['words'] else ''}{len(r['photos'])} reference photo(s); calibrated on "
-        f"{cal['pseudo']['splits']:.0f} pseudo-splits of the known classes (photo weight {cal['beta']:g}, scale "
-        f"{cal['scale']:g}, new classes may win on {cal['known_share']:.1%} of known photos)")  # fmt: skip
+        f"{cal['pseudo']['splits']:.0f} pseudo-splits of the known classes (photo weight {cal['beta']:g}; the gate "
+        f"may send {cal['known_share']:.1%} of known photos to a new class)")  # fmt: skip
     if "known_val_before" in r:
         say(f"known classes on their {r['known_val_photos']} validation photos: top-1 {r['known_val_before']:.1f}% "
             f"-> {r['known_val_after']:.1f}%")  # fmt: skip

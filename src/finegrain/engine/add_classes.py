@@ -1,10 +1,11 @@
 """``finegrain classes add RUN_DIR NEW/``: a checkpoint that also scores new classes, known by words and a photo,
 checked on the known classes' validation photos before it is written.
 
-The new classes are added to the model's probe head (a linear layer on L2-normalised features) as calibrated
-prototypes (``engine/new_classes.py``). Then the known classes' validation photos are classified with and without
-them: if their top-1 drops by more than ``max_loss`` points, nothing is written and the error says by how much,
-and what to do. The new checkpoint predicts, serves and exports like any other.
+The new classes are added to the model's probe head (a linear layer on L2-normalised features) behind a gate that
+compares their prototypes with the known classes' (``engine/new_classes.py``, ``models/added_classes.py``). Then
+the known classes' validation photos are classified with and without them: if their top-1 drops by more than
+``max_loss`` points, nothing is written and the error says by how much, and what to do. The new checkpoint
+predicts, serves and exports like any other.
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ from finegrain.data.class_info import load_class_info
 from finegrain.data.loading import open_image
 from finegrain.data.transforms import eval_transform
 from finegrain.engine.features import extract_features
-from finegrain.engine.new_classes import features_from_words, fit_calibration, new_class_rows
+from finegrain.engine.new_classes import (
+    NewClassRows,
+    fit_calibration,
+    gated_predictions,
+    new_class_rows,
+    sharpness,
+    threshold_for_share,
+)
 from finegrain.errors import ConfigError, DataError, FinegrainError
+from finegrain.models.added_classes import AddedClassesLinear
 from finegrain.models.baseline import LinearHead
 from finegrain.models.class_embed import EmbeddingSpec, embed_classes
 from finegrain.run_layout import RunDir
@@ -46,6 +55,9 @@ def _probe_head(model: nn.Module) -> nn.Linear:
             f"this model ({getattr(model, 'method', '?')}) has another head. Train with the default head "
             "(`finegrain train`, no --head sgd), or for a textprior model use `predict --class-info NEW/`."
         )
+    if isinstance(head[1], AddedClassesLinear):
+        raise ConfigError("this checkpoint already has added classes: add every new class at once, to the checkpoint "
+                          "the run trained (its best.pt), with all of them in one class_info folder")  # fmt: skip
     return head[1]
 
 
@@ -64,19 +76,36 @@ def _penalty(ckpt: Checkpoint) -> float:
     return 10.0
 
 
-def _held_out_loss(cal, photos, words, vx, vy, known_logits) -> tuple[float, float]:
-    """Known-class top-1 (%) on the held-out photos without and with the new classes, cross-fitted: the bias is set
-    on one half of the photos and the loss counted on the other, both ways, so the photos that set the bias do not
+def _held_out_loss(rows: NewClassRows, share: float, vx: torch.Tensor, vy: torch.Tensor,
+                   known_logits: torch.Tensor) -> tuple[float, float]:  # fmt: skip
+    """Known-class top-1 (%) on the held-out photos without and with the new classes, cross-fitted: the threshold is
+    set on one half of the photos and the loss counted on the other, both ways, so the photos that set it do not
     also grade it (set and graded on the same photos, the loss is the calibrated share by construction)."""
     order = torch.randperm(len(vx), generator=torch.Generator().manual_seed(0))
     halves = (order[: len(vx) // 2], order[len(vx) // 2 :]) if len(vx) >= 4 else (order, order)
+    margin, nearest = rows.margin(vx)
     right_before = known_logits.argmax(1) == vy
     right_after = torch.zeros_like(right_before)
     for fit_on, graded in (halves, halves[::-1]):
-        rows, biases = new_class_rows(cal, photos, words, vx[fit_on], known_logits[fit_on])
-        scores = torch.cat([known_logits[graded], vx[graded] @ rows.T + biases], 1)
-        right_after[graded] = scores.argmax(1) == vy[graded]
+        threshold = threshold_for_share(margin[fit_on], share)
+        pred = gated_predictions(known_logits[graded], margin[graded], nearest[graded], threshold)
+        right_after[graded] = pred == vy[graded]
     return float(right_before.float().mean()) * 100, float(right_after.float().mean()) * 100
+
+
+def _photo_features(model: nn.Module, ckpt: Checkpoint, new: list[str], images: dict) -> torch.Tensor | None:
+    """One row per new class: the mean of its reference photo's and its mirror image's L2-normalised features
+    (zero for a class without a photo); None when no class has one."""
+    rows = [i for i, c in enumerate(new) if c in images]
+    if not rows:
+        return None
+    transform = eval_transform(ckpt.preprocess)
+    batch = torch.stack([transform(open_image(images[new[i]])) for i in rows])
+    with torch.inference_mode():
+        views = [F.normalize(model.backbone_features(b).float(), dim=1) for b in (batch, batch.flip(-1))]
+    photos = torch.zeros(len(new), views[0].shape[1])
+    photos[rows] = (views[0] + views[1]) / 2
+    return photos
 
 
 def add_classes(checkpoint: str | Path, class_info: str | Path, out: str | Path | None = None,
@@ -106,24 +135,16 @@ def add_classes(checkpoint: str | Path, class_info: str | Path, out: str | Path 
         raise DataError(f"new class(es) {', '.join(no_evidence[:5])} have no reference photo (CLASS.jpg in "
                         f"{class_info}), and the known classes are not all described in words there, so nothing "
                         "places them: add a photo per new class, or words for every class")  # fmt: skip
-    cal = fit_calibration(tx, ty, embed_known, _penalty(ckpt), splits=splits, seed=seed)
-    photos = None
-    if with_photo:
-        transform = eval_transform(ckpt.preprocess)
-        rows_with = [i for i, c in enumerate(new) if c in with_photo]
-        batch = torch.stack([transform(open_image(info.images[new[i]])) for i in rows_with])
-        with torch.inference_mode():
-            feats = model.backbone_features(batch).float()
-        photos = torch.zeros(len(new), feats.shape[1])
-        photos[rows_with] = feats
-    words = features_from_words(embed_known, embed_new, tx, ty, list(range(len(known)))) if words_used else None
+    aim = max(0.0, max_loss - 1.0) / 100  # a point under the limit the check below applies (see MAX_DROP)
+    cal = fit_calibration(tx, ty, embed_known, _penalty(ckpt), len(new), splits=splits, max_drop=aim, seed=seed)
+    photos = _photo_features(model, ckpt, new, {c: info.images[c] for c in with_photo})
+    rows = new_class_rows(cal, tx, ty, photos, embed_known, embed_new)
     val = index.split("val") or index.split("train")  # held-out photos where the run has them
     vx, vy = _features(model, val, ckpt)
     with torch.no_grad():
         known_logits = layer(vx)
-    rows, biases = new_class_rows(cal, photos, words, vx, known_logits)
     report = {"added": new, "calibration": cal.to_dict(), "words": words_used, "photos": sorted(with_photo)}
-    before, after = _held_out_loss(cal, photos, words, vx, vy, known_logits)
+    before, after = _held_out_loss(rows, cal.known_share, vx, vy, known_logits)
     split = "validation" if index.split("val") else "training (the run has no validation split)"
     report.update(known_val_before=before, known_val_after=after, known_val_photos=len(val), known_val_split=split)
     if before - after > max_loss:
@@ -133,12 +154,18 @@ def add_classes(checkpoint: str | Path, class_info: str | Path, out: str | Path 
             "checkpoint written. Give each new class a reference photo and words for every class in "
             f"{class_info}, or accept the loss with --max-loss {before - after + 0.5:.1f}."
         )
-    grown = nn.Linear(layer.in_features, layer.out_features + len(new))
+    margin, _ = rows.margin(vx)
+    grown = AddedClassesLinear(layer.in_features, layer.out_features, len(new))
     with torch.no_grad():
-        grown.weight.copy_(torch.cat([layer.weight, rows]))
-        grown.bias.copy_(torch.cat([layer.bias, biases]))
+        grown.known.load_state_dict(layer.state_dict())
+        grown.gate.weight.copy_(rows.gate_weight)
+        grown.gate.bias.copy_(rows.gate_bias)
+        grown.added.weight.copy_(rows.added_weight)
+        grown.added.bias.copy_(rows.added_bias)
+        grown.threshold.fill_(threshold_for_share(margin, cal.known_share))
+        grown.sharpness.fill_(sharpness(margin, known_logits))
     model.head[1] = grown
-    model.model_kwargs["num_classes"] = grown.out_features
+    model.model_kwargs.update(num_classes=grown.out_features, added_classes=len(new))
     out = Path(out) if out else ckpt.path.with_name(f"{ckpt.path.stem}_added_classes.pt")
     record = {"class_info": str(class_info), **{k: v for k, v in report.items() if k != "photos"}}
     metrics = {**(ckpt.metrics or {}), "added_classes": record}  # the record travels with the checkpoint

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.models.added_classes import AddedClassesLinear
 from finegrain.models.base import FGVCModel
 from finegrain.models.registry import register_model
 
@@ -31,9 +32,12 @@ class Baseline(FGVCModel):
     cacheable = True
     needs_spatial_maps = False  # the backbone's own pooling: CNNs and token models (ViT) alike
 
-    def __init__(self, num_classes: int, drop_rate: float = 0.2, feature_norm: bool = False, **kwargs) -> None:
+    def __init__(self, num_classes: int, drop_rate: float = 0.2, feature_norm: bool = False, added_classes: int = 0,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.head = LinearHead(self.backbone.num_features, num_classes, drop_rate, l2=feature_norm)
+        if added_classes:  # a checkpoint of `finegrain classes add`: the last ``added_classes`` come from words + photo
+            self.head[1] = AddedClassesLinear(self.backbone.num_features, num_classes - added_classes, added_classes)
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
