@@ -14,7 +14,9 @@ evaluation (which finegrain's runs do not pay either), so its curve is the more 
 Each run is one JSON piece under ``benchmarks/results/frontier/<cpu>/<dataset>/<part>.json``, written when the run
 ends and skipped when present, so the benchmark resumes run by run; ``--summarize`` merges one CPU's pieces into
 ``benchmarks/results/frontier.json`` (seed means; the shape the accuracy issue names) and draws
-``benchmarks/results/frontier_<dataset>.png``. A piece records the cores its run used and the cores everything else
+``benchmarks/results/frontier_<dataset>.png``. When the default changes, its pieces are renamed
+``default-LABEL_seedN.json`` (e.g. ``default-wholeft``: the head, then whole-network fine-tuning) and summarised as
+``earlier_defaults.LABEL``. A piece records the cores its run used and the cores everything else
 on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is marked ``busy``
 (its minutes are inflated).
 
@@ -158,6 +160,12 @@ def summarize(args: argparse.Namespace) -> None:
         defaults = [v for k, v in pieces.items() if k.startswith("default_seed")]
         if defaults:
             d["default"] = mean_point(defaults)
+        earlier: dict = {}  # default-LABEL_seedN: an earlier default, kept as a row when the default changed
+        for k, v in pieces.items():
+            if re.match(r"default-.+_seed\d+$", k):
+                earlier.setdefault(k.rsplit("_seed", 1)[0].removeprefix("default-"), []).append(v)
+        if earlier:
+            d["earlier_defaults"] = {label: mean_point(rows) for label, rows in earlier.items()}
         budgets: dict = {}
         for b in args.budgets:
             rows = [v for k, v in pieces.items() if k.startswith(f"budget{b:g}_seed")]
@@ -201,6 +209,10 @@ def draw(name: str, d: dict, path: Path) -> None:
         ax.plot([p["minutes"] for _, p in fg], [p["top1"] for _, p in fg], "s-", color="tab:blue", label="finegrain")
         for label, p in fg:
             ax.annotate(label, (p["minutes"], p["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for label, p in d.get("earlier_defaults", {}).items():
+        ax.plot([p["minutes"]], [p["top1"]], "s", mfc="none", color="tab:blue")
+        ax.annotate(f"earlier default ({label})", (p["minutes"], p["top1"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)  # fmt: skip
     ax.set(xlabel="wall-clock minutes (2-core CPU)", ylabel="test top-1 (%)", title=name)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

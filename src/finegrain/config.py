@@ -86,6 +86,10 @@ class ModelOptions:
         type=parse_key_value, nargs="*", metavar="KEY=VALUE",
     )  # fmt: skip
     freeze_backbone: bool = option(True, "train only the head (fast: features are computed once and cached)")
+    train_stages: int = option(
+        0, "with --no-freeze-backbone: fine-tune only the backbone's last N stages and the head, on maps of the frozen "
+        "earlier stages cached once per run (--map-views augmented views per image); 0: the whole network", type=int,
+    )  # fmt: skip
     freeze_bn_stats: bool = option(
         True, "keep BatchNorm running statistics fixed when fine-tuning (small CPU batches make them noisy)"
     )
@@ -93,7 +97,12 @@ class ModelOptions:
     crop_pct: float = option(1.0, "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)")
 
     def validate(self) -> None:
-        require([(0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]")])
+        require([
+            (0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]"),
+            (self.train_stages >= 0, "train-stages is a number of backbone stages >= 0 (0: the whole network)"),
+            (not (self.train_stages and self.freeze_backbone),
+             "train-stages fine-tunes part of the backbone: add --no-freeze-backbone"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -164,9 +173,13 @@ class FeatureOptions:
         True, "also cache mirrored images' features (flip augmentation for the head; none with --hflip 0)"
     )
     cache_dir: str = option(default_cache_dir(), "feature cache folder (env FINEGRAIN_CACHE)")
+    map_views: int = option(4, "augmented views of each training image cached for --train-stages (an epoch draws one)")
 
     def validate(self) -> None:
-        require([(self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'")])
+        require([
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
+            (self.map_views >= 1, "map-views must be >= 1"),
+        ])  # fmt: skip
 
 
 @dataclass

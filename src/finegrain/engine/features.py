@@ -27,7 +27,7 @@ from finegrain.progress import progress_bar
 from finegrain.torchfile import load_tensors
 
 
-def _state_digest(module: nn.Module) -> str:
+def state_digest(module: nn.Module) -> str:
     h = hashlib.sha1()
     for name, t in module.state_dict().items():
         h.update(name.encode())
@@ -37,7 +37,7 @@ def _state_digest(module: nn.Module) -> str:
 
 def view_key(model: nn.Module, pre: Preprocess, flip: bool, precision: str = "none") -> str:
     """What a store's features depend on besides the image: backbone weights, method features, view, precision."""
-    backbone = [type(model.backbone).__name__, _state_digest(model.backbone)]
+    backbone = [type(model.backbone).__name__, state_digest(model.backbone)]
     return hashlib.sha1(
         json.dumps([*backbone, model.feature_spec, pre.to_dict(), flip, precision]).encode()
     ).hexdigest()[:20]

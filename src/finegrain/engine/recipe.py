@@ -28,7 +28,7 @@ from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
 from finegrain.engine import distributed as fgdist
-from finegrain.engine.addons import ADDONS
+from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
@@ -36,6 +36,7 @@ from finegrain.engine.setup import freeze_bn_stats, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
+from finegrain.models.stages import stage_count
 from finegrain.progress import say
 from finegrain.run_layout import RunDir
 
@@ -47,6 +48,10 @@ EVAL_COST = 0.35  # validation images cost about a third of a training image (fo
 #: cores) the head alone gave 73.8% and ``--budget 10`` 83.6%, and timm's script needed 19 minutes for 82.3%.
 #: Where fine-tuning does not fit or does not validate better, the recipe keeps the head (recipe.json says which).
 DEFAULT_BUDGET = 10.0
+#: partial fine-tuning's cut (``--train-stages``): the last stages trained on cached maps of the rest
+PARTIAL_STAGES = 2
+#: whole-network epochs that must fit for the recipe to prefer them to partial fine-tuning on cached maps
+WHOLE_MIN_EPOCHS = 4
 
 
 def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]:
@@ -77,11 +82,12 @@ def train(cfg: TrainConfig, given: Iterable[str] = ()) -> FitResult:
 
 
 def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,
-                   teachers: Sequence[nn.Module] = ()) -> float:  # fmt: skip
-    """Training images/s of whole-network fine-tuning on this machine, at the run's batch, input size and
-    precision, ``teachers`` (distillation's) run on every batch too: one step to warm up, then the fastest of
-    ``steps`` timed ones. Without the teachers' pass, a cub100 student with two teachers planned one epoch of
-    124 s that took 221 s, and its 5-minute run took 6 (2026-11-29, docs/labels.md).
+                   teachers: Sequence[nn.Module] = (), train_stages: int = 0) -> float:  # fmt: skip
+    """Training images/s of fine-tuning on this machine, at the run's batch, input size and precision: of the whole
+    network on images, or (``train_stages``) of its last stages and head on the cached maps of the frozen rest;
+    ``teachers`` (distillation's) run on every batch too. One step to warm up, then the fastest of ``steps`` timed
+    ones. Without the teachers' pass, a cub100 student with two teachers planned one epoch of 124 s that took 221 s,
+    and its 5-minute run took 6 (2026-11-29, docs/labels.md).
 
     The fastest, not the mean: a step slowed by other work on the machine must not cancel fine-tuning. On a loaded
     2-core machine (2026-11-28) the mean of 3 steps read 4.6-7.3 img/s against 15-18 idle, and the recipe then
@@ -90,22 +96,29 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     model = model.to(device).train()
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    freeze_bn_stats(model)
-    model.requires_grad_(True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    size, batch = model.preprocess.input_size, cfg.optim.batch_size
+    size, batch, amp = model.preprocess.input_size, cfg.optim.batch_size, resolve_amp(cfg.speed.amp, device)
     x = torch.randn(batch, 3, size, size, device=device)
     if cfg.speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    module = model
+    if train_stages:
+        lower, module = model.split_stages(train_stages)
+        with torch.inference_mode(), autocast(device, amp):
+            x = lower.eval()(x).float().clone()  # a batch of maps, as the cache gives them
+    freeze_bn_stats(module)
+    model.requires_grad_(True)
+    if train_stages:
+        lower.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
     y = torch.randint(0, num_classes, (batch,))
     fastest = math.inf
     for i in range(steps + 1):
         start = time.perf_counter()
-        with autocast(device, resolve_amp(cfg.speed.amp, device)):
+        with autocast(device, amp):
             with torch.no_grad():
                 for teacher in teachers:
                     teacher(x)
-            out = model(x)
+            out = module(x)
         loss, _ = model.compute_loss(out, y.to(device), nn.functional.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,16 +128,63 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     return batch / fastest
 
 
+@torch.inference_mode()
+def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_stages: int, steps: int = 2) -> float:
+    """Images/s of the frozen lower stages' forward pass, the cost of caching one view (decoding not counted)."""
+    model = model.to(device).eval()
+    lower, _ = model.split_stages(train_stages)
+    size = model.preprocess.input_size
+    x = torch.randn(cfg.optim.batch_size, 3, size, size, device=device)
+    if cfg.speed.channels_last:  # as the cache computes them
+        lower, x = lower.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fastest = math.inf
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        with autocast(device, resolve_amp(cfg.speed.amp, device)):
+            lower(x)
+        if i > 0:
+            fastest = min(fastest, time.perf_counter() - start)
+    return len(x) / fastest
+
+
+def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float, stages_img_s: float,
+                    cache_s: float) -> dict:  # fmt: skip
+    """Which fine-tuning the seconds left buy, from measured speeds: the whole network where at least
+    ``WHOLE_MIN_EPOCHS`` of its epochs fit; else the last ``PARTIAL_STAGES`` stages on cached maps (``cache_s`` to
+    build the cache first) where one of its epochs fits; else whole-network epochs where one fits; else none."""
+    whole_epoch_s = (n_train + EVAL_COST * n_val) / whole_img_s
+    stages_epoch_s = (n_train + EVAL_COST * n_val) / stages_img_s
+    whole = min(math.floor(left_s / whole_epoch_s), MAX_EPOCHS)
+    stages = min(math.floor((left_s - cache_s) / stages_epoch_s), MAX_EPOCHS) if cache_s < left_s else 0
+    if whole >= WHOLE_MIN_EPOCHS or (stages < 1 <= whole):
+        kind, epochs, epoch_s = "whole", whole, whole_epoch_s
+    else:
+        kind, epochs, epoch_s = ("stages", stages, stages_epoch_s) if stages >= 1 else ("none", 0, whole_epoch_s)
+    return {"kind": kind, "train_stages": PARTIAL_STAGES if kind == "stages" else 0, "finetune_epochs": max(epochs, 0),
+            "estimated_epoch_s": round(epoch_s, 1), "whole_epochs_fit": max(whole, 0),
+            "stages_epochs_fit": max(stages, 0), "cache_s": round(cache_s, 1)}  # fmt: skip
+
+
 def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``)."""
     return cfg.replace(run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None)
 
 
+def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:
+    """Can the recipe fine-tune part of this network on cached maps? The baseline on a backbone cut at stages
+    (timm's EfficientNet family), with no add-on that shapes training (they work on images or features; those that
+    only choose the training images, such as ``--unlabeled``'s pseudo-labels, are cached like the rest)."""
+    shaping = any(not a.data_only for a in build_addons(cfg))
+    return head_best.method == "baseline" and not shaping and stage_count(head_best.build_model().backbone) > 0
+
+
 def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_dir: Path,
-                    time_limit: float | None = None) -> TrainConfig:  # fmt: skip
-    """The fine-tuning stage of the recipe: the whole network from the head's best checkpoint, for ``epochs``."""
+                    time_limit: float | None = None, train_stages: int = 0) -> TrainConfig:  # fmt: skip
+    """The fine-tuning stage of the recipe from the head's best checkpoint, for ``epochs``: the whole network, or its
+    last ``train_stages`` stages on cached maps."""
     return cfg.replace(
         run_dir=str(run_dir), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
+        train_stages=train_stages,
         lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
         crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
         time_limit=time_limit, replan_epochs=time_limit is not None,  # the plan follows the speed the run has
@@ -153,17 +213,27 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
                            teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
-    epoch_s = (n_train + EVAL_COST * n_val) / speed
+    stages_speed, cache_s = 1e-9, math.inf  # partial fine-tuning: for the baseline's EfficientNets, without add-ons
+    if partial_allowed(cfg, head_best):
+        stages_speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
+                                      train_stages=PARTIAL_STAGES)  # fmt: skip
+        views = cfg.features.map_views * n_train + n_val
+        per_image = stages["head"]["seconds"] / (2 * n_train + n_val)  # decoding + a forward pass, from the head
+        cache_s = views / cache_speed(head_best.build_model(), cfg, device, PARTIAL_STAGES) + per_image * (
+            n_train + n_val
+        )
     left = budget_s - (time.perf_counter() - start)
-    epochs = min(math.floor(left / epoch_s), MAX_EPOCHS)
-    decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "estimated_epoch_s": round(epoch_s, 1),
-                "seconds_left": round(left, 1), "finetune_epochs": max(epochs, 0),
-                "teachers_per_batch": len(teachers)}  # fmt: skip
+    plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s)
+    epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
+    decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
+                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers)}  # fmt: skip
     if epochs >= 1:
-        say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning at {speed:.1f} img/s: "
-                   f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
+        what = "the whole network" if plan["kind"] == "whole" else f"the last {plan['train_stages']} stages on maps"
+        say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning {what}: "
+            f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
-        ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60))
+        ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60,
+                                 train_stages=plan["train_stages"]))  # fmt: skip
         plans = [r.get("planned_epochs", epochs) for r in ft.history]  # (absent where --replan-epochs is off)
         replans = [
             {"after_epoch": r["epoch"], "planned_epochs": now}
@@ -172,7 +242,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         ]
         stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
-                              "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
+                              "kind": plan["kind"], "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
     ranked = [(s["val_top1"], name) for name, s in stages.items() if s["val_top1"] is not None]
     kept = max(ranked, key=lambda t: (t[0], t[1] == "head"))[1]  # on ties the head: as good, and cheaper
     if len(ranked) > 1:

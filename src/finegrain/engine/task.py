@@ -154,22 +154,6 @@ def feature_task(ctx: Context) -> Task:
     return FeatureTask(ctx.model.head, train_set, val_set, workers=0)
 
 
-def build_task(ctx: Context) -> Task:
-    """The cached-feature task where the method allows it and the backbone is frozen; else the image task."""
-    cfg = ctx.cfg
-    cached = cfg.model.freeze_backbone and cfg.features.cache_features and ctx.model.cacheable
-    if cached:
-        data_source(ctx.index).require_listed(
-            "a head on cached features (streamed images are read one by one, not cached as features)",
-            "add --no-cache-features (frozen backbone) or --no-freeze-backbone, or train from a local shard folder",
-        )
-    task = feature_task(ctx) if cached else image_task(ctx)
-    for addon in ctx.addons:
-        addon.attach(ctx, task)
-    ctx.log(f"training {'the head on cached features' if cached else 'on images'}; run dir {ctx.run_dir}")
-    return task
-
-
 def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one batch and return (loss, logits): add-ons transform the batch and shape the criterion; the
     method turns what its training forward returns into the loss."""

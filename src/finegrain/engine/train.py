@@ -29,6 +29,7 @@ from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
 from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore, save_epoch
 from finegrain.engine.evaluate import evaluate
+from finegrain.engine.kinds import build_task
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
 from finegrain.engine.replan import replan_epochs
 from finegrain.engine.setup import (
@@ -41,7 +42,7 @@ from finegrain.engine.setup import (
     seed_everything,
     write_environment,
 )  # fmt: skip
-from finegrain.engine.task import Task, build_task, step
+from finegrain.engine.task import Task, step
 from finegrain.engine.tracking import RunTracker
 from finegrain.env import configure_threads, intra_op_threads, resolve_amp
 from finegrain.errors import CheckpointError, ConfigError
@@ -176,6 +177,7 @@ def fit(
     ctx.log(f"data: {index.format} '{cfg.dataset.data}': {len(index.classes)} classes, {counts}")
     if cfg.speed.channels_last:
         model.to(memory_format=torch.channels_last)
+    loop_start = clock()  # --time-limit counts from here: building the task (a cache of maps) takes time too
     task = build_task(ctx)
     tracker = RunTracker(run_dir, cfg.run.log, cfg.run.tracking_uri) if info.is_main else None
     if tracker is not None:
@@ -214,7 +216,6 @@ def fit(
         ctx.log(f"resumed from {RunDir(run_dir).last} at epoch {start_epoch + 1}")
 
     history = []
-    loop_start = clock()
     epoch = start_epoch
     while epoch < planned:
         epoch_start = clock()

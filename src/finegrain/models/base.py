@@ -8,6 +8,7 @@ models asks a model ``hasattr``:
   be computed once and the head trained on them. A method whose views depend on trained parts (zooms, crops,
   attention) leaves it False and is trained on images.
 - ``feature_spec``: names what ``backbone_features`` computes, so feature caches of different methods never mix.
+- ``split_stages``: the backbone cut for partial fine-tuning on cached maps (default: refused).
 - ``probe_head``: the linear layer a logistic-regression probe may fit directly (default: none).
 - ``compute_loss``: the training loss from the training forward's output (default: cross-entropy on logits).
 - ``extra_targets``: annotations a training image must bring (e.g. part boxes), as ``ImageDataset`` options.
@@ -103,6 +104,12 @@ class FGVCModel(nn.Module):
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def split_stages(self, train_stages: int) -> tuple[nn.Module, nn.Module]:
+        """(lower, upper) for partial fine-tuning (``--train-stages``): the frozen first stages (image -> map,
+        cached) and the trainable rest with the head (map -> logits), sharing this model's modules."""
+        raise ConfigError(f"method '{self.method}' computes its own views of each image, so its maps cannot be cached:"
+                          " --train-stages is for --method baseline")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone_features(x))

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from finegrain.models import stages
 from finegrain.models.added_classes import AddedClassesLinear
 from finegrain.models.base import FGVCModel
 from finegrain.models.registry import register_model
@@ -41,6 +42,9 @@ class Baseline(FGVCModel):
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def split_stages(self, train_stages: int) -> tuple[nn.Module, nn.Module]:
+        return stages.split(self.backbone, self._backbone_spec["name"], train_stages, self.head)
 
     def probe_head(self) -> nn.Linear:
         self.head.l2 = True
