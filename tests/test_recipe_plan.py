@@ -12,20 +12,21 @@ from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finet
 
 
 @pytest.mark.parametrize(
-    ("left_s", "whole_img_s", "stages_img_s", "cache_s", "kind", "epochs"),
+    ("whole_img_s", "stages_img_s", "cache_per_view", "kind", "epochs", "views"),
     [
-        (600, 10, 100, 10, "whole", 6),  # 100 s whole epochs: 6 fit, enough
-        (600, 5, 100, 60, "stages", 54),  # 200 s whole epochs: 3 fit, too few; 10 s epochs on maps after the cache
-        (600, 2, 100, 600, "whole", 1),  # the cache alone takes all the time: one whole epoch still fits
-        (600, 1, 100, 600, "none", 0),  # nothing fits
-        (600, 1, 1e-9, float("inf"), "none", 0),  # partial fine-tuning not possible (add-ons), no whole epoch fits
+        (10, 100, 10, "whole", 6, 0),  # 100 s whole epochs: 6 of 600 s fit, enough
+        (5, 100, 10, "stages", 56, 4),  # 200 s whole epochs: 3 fit, too few; the maps' 10 s epochs after a 40 s cache
+        (5, 10, 120, "stages", 3, 2),  # a costly cache: 2 views (240 s) leave three 100-s epochs, 3 views only 2
+        (2, 100, 600, "whole", 1, 0),  # the cache alone takes all the time: one whole epoch still fits
+        (1, 100, 600, "none", 0, 0),  # nothing fits
+        (1, 1e-9, float("inf"), "none", 0, 0),  # partial fine-tuning not possible (add-ons), no whole epoch fits
     ],
 )
-def test_plan_from_measured_speeds(left_s, whole_img_s, stages_img_s, cache_s, kind, epochs):
+def test_plan_from_measured_speeds(whole_img_s, stages_img_s, cache_per_view, kind, epochs, views):
     assert WHOLE_MIN_EPOCHS == 4  # the cases above are written for it
-    plan = plan_finetuning(left_s, n_train=1000, n_val=0, whole_img_s=whole_img_s, stages_img_s=stages_img_s,
-                           cache_s=cache_s)  # fmt: skip
-    assert (plan["kind"], plan["finetune_epochs"]) == (kind, epochs)
+    plan = plan_finetuning(600, n_train=1000, n_val=0, whole_img_s=whole_img_s, stages_img_s=stages_img_s,
+                           cache_s=lambda v: v * cache_per_view, max_views=4)  # fmt: skip
+    assert (plan["kind"], plan["finetune_epochs"], plan["map_views"]) == (kind, epochs, views)
     assert plan["train_stages"] == (PARTIAL_STAGES if kind == "stages" else 0)
 
 
@@ -40,7 +41,7 @@ def test_budget_fine_tunes_the_last_stages_on_maps_on_a_slow_machine(imagefolder
     plan = json.loads((result.run_dir / "recipe.json").read_text())
     assert plan["decision"]["kind"] == "stages" and plan["decision"]["whole_epochs_fit"] == 0
     assert plan["stages"]["finetune"]["kind"] == "stages" and plan["stages"]["finetune"]["epochs"] >= 1
-    tuned = Checkpoint.load(tmp_path / "b" / "finetune" / "last.pt")
-    assert tuned.train_config().model.train_stages == PARTIAL_STAGES
+    tuned = Checkpoint.load(tmp_path / "b" / "finetune" / "last.pt").train_config()
+    assert tuned.model.train_stages == PARTIAL_STAGES and tuned.features.map_views == plan["decision"]["map_views"]
     kept = plan["stages"][plan["kept"]]
     assert kept["val_top1"] == max(s["val_top1"] for s in plan["stages"].values())

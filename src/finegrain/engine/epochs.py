@@ -30,7 +30,8 @@ def save_epoch(ctx: Context, record: Checkpoint, resume_state: dict | None, is_b
     write_curves(ctx.run_dir)
     tracker.epoch(row)
     val = f" val top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
-    epochs = "probe" if resume_state is None else f"epoch {record.epoch + 1}/{ctx.cfg.optim.epochs}"
+    planned = ctx.cfg.optim.epochs if resume_state is None else resume_state.get("planned_epochs", ctx.cfg.optim.epochs)
+    epochs = "probe" if resume_state is None else f"epoch {record.epoch + 1}/{planned}"  # of the plan as re-planned
     say(f"{epochs}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.4f}{val} "
                f"({row['epoch_seconds']:.1f}s, {row['samples_per_s']:.1f}/s)")  # fmt: skip
 

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -148,21 +148,30 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
 
 
 def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float, stages_img_s: float,
-                    cache_s: float) -> dict:  # fmt: skip
+                    cache_s: Callable[[int], float], max_views: int) -> dict:  # fmt: skip
     """Which fine-tuning the seconds left buy, from measured speeds: the whole network where at least
-    ``WHOLE_MIN_EPOCHS`` of its epochs fit; else the last ``PARTIAL_STAGES`` stages on cached maps (``cache_s`` to
-    build the cache first) where one of its epochs fits; else whole-network epochs where one fits; else none."""
+    ``WHOLE_MIN_EPOCHS`` of its epochs fit; else the last ``PARTIAL_STAGES`` stages on cached maps where one of its
+    epochs fits after the cache (``cache_s(views)`` seconds); else whole-network epochs where one fits; else none.
+
+    The cache holds as many views as epochs fit, up to ``max_views``: an epoch draws one view per image, so a view
+    that no epoch could draw is time taken from the epochs (on cub100 4 views cost ~3 of the 6 minutes left)."""
     whole_epoch_s = (n_train + EVAL_COST * n_val) / whole_img_s
     stages_epoch_s = (n_train + EVAL_COST * n_val) / stages_img_s
     whole = min(math.floor(left_s / whole_epoch_s), MAX_EPOCHS)
-    stages = min(math.floor((left_s - cache_s) / stages_epoch_s), MAX_EPOCHS) if cache_s < left_s else 0
+
+    def fit(views: int) -> int:
+        return min(math.floor((left_s - cache_s(views)) / stages_epoch_s), MAX_EPOCHS) if cache_s(views) < left_s else 0
+
+    views = next((v for v in range(max_views, 0, -1) if fit(v) >= v), 1)
+    stages = fit(views)
     if whole >= WHOLE_MIN_EPOCHS or (stages < 1 <= whole):
         kind, epochs, epoch_s = "whole", whole, whole_epoch_s
     else:
         kind, epochs, epoch_s = ("stages", stages, stages_epoch_s) if stages >= 1 else ("none", 0, whole_epoch_s)
     return {"kind": kind, "train_stages": PARTIAL_STAGES if kind == "stages" else 0, "finetune_epochs": max(epochs, 0),
             "estimated_epoch_s": round(epoch_s, 1), "whole_epochs_fit": max(whole, 0),
-            "stages_epochs_fit": max(stages, 0), "cache_s": round(cache_s, 1)}  # fmt: skip
+            "stages_epochs_fit": max(stages, 0), "map_views": views if kind == "stages" else 0,
+            "cache_s": round(cache_s(views), 1) if kind == "stages" else None}  # fmt: skip
 
 
 def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
@@ -179,12 +188,13 @@ def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:
 
 
 def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_dir: Path,
-                    time_limit: float | None = None, train_stages: int = 0) -> TrainConfig:  # fmt: skip
+                    time_limit: float | None = None, train_stages: int = 0,
+                    map_views: int | None = None) -> TrainConfig:  # fmt: skip
     """The fine-tuning stage of the recipe from the head's best checkpoint, for ``epochs``: the whole network, or its
     last ``train_stages`` stages on cached maps."""
     return cfg.replace(
         run_dir=str(run_dir), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
-        train_stages=train_stages,
+        train_stages=train_stages, map_views=map_views or cfg.features.map_views,
         lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
         crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
         time_limit=time_limit, replan_epochs=time_limit is not None,  # the plan follows the speed the run has
@@ -213,17 +223,18 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
                            teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
-    stages_speed, cache_s = 1e-9, math.inf  # partial fine-tuning: for the baseline's EfficientNets, without add-ons
+    stages_speed, cache_s = 1e-9, lambda views: math.inf  # partial fine-tuning: the baseline's EfficientNets
     if partial_allowed(cfg, head_best):
         stages_speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
                                       train_stages=PARTIAL_STAGES)  # fmt: skip
-        views = cfg.features.map_views * n_train + n_val
+        view_s = 1 / cache_speed(head_best.build_model(), cfg, device, PARTIAL_STAGES)
         per_image = stages["head"]["seconds"] / (2 * n_train + n_val)  # decoding + a forward pass, from the head
-        cache_s = views / cache_speed(head_best.build_model(), cfg, device, PARTIAL_STAGES) + per_image * (
-            n_train + n_val
-        )
+
+        def cache_s(views: int) -> float:
+            return (views * n_train + n_val) * view_s + per_image * (n_train + n_val)
+
     left = budget_s - (time.perf_counter() - start)
-    plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s)
+    plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views)
     epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
                 "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers)}  # fmt: skip
@@ -233,7 +244,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
             f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         ft_start = time.perf_counter()
         ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60,
-                                 train_stages=plan["train_stages"]))  # fmt: skip
+                                 train_stages=plan["train_stages"], map_views=plan["map_views"]))  # fmt: skip
         plans = [r.get("planned_epochs", epochs) for r in ft.history]  # (absent where --replan-epochs is off)
         replans = [
             {"after_epoch": r["epoch"], "planned_epochs": now}
