@@ -81,6 +81,7 @@ def main() -> None:
         model.requires_grad_(True)  # split_stages froze the lower stages of the shared model in the round before
         rates["whole"].append(train_rate(model, x, y, amp, args.steps))
         for k in args.stages:
+            model.requires_grad_(True)  # a cut freezes its lower stages in the shared model: undo the last one's
             lower, upper = model.split_stages(k)
             with torch.inference_mode(), autocast(x.device, amp):
                 maps = lower.eval()(x).float().contiguous(memory_format=torch.channels_last)
