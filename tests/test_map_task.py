@@ -94,3 +94,19 @@ def test_partial_finetuning_resumes_exactly(cub, tiny_config, tmp_path, monkeypa
 def test_refusals_name_the_fix(cub, tiny_config, tmp_path, overrides, named):
     with pytest.raises(ConfigError, match=named):
         fit(partial(tiny_config, cub, tmp_path / "run", **overrides))
+
+
+def test_cache_takes_fewer_views_where_more_would_not_fit_and_refuses_where_none_does(cub, tiny_config, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    seen = []
+    real_epoch = train_module.train_one_epoch
+    monkeypatch.setattr(train_module, "train_one_epoch", lambda ctx, task, *a, **k: seen.append(task) or real_epoch(
+        ctx, task, *a, **k))  # fmt: skip
+    per_image = 112 * 4 * 4 * 4  # lite0 at 64 px, cut before its last 2 stages: 112 x 4 x 4 fp32 values
+    monkeypatch.setattr(map_task, "MAX_CACHE_BYTES", 2.5 * 20 * per_image)  # 20 images: 2 views and a half
+    fit(partial(tiny_config, cub, tmp_path / "a", map_views=4, epochs=1))
+    assert seen[0].train_set.maps.shape[0] == 2
+    monkeypatch.setattr(map_task, "MAX_CACHE_BYTES", 10 * per_image)
+    map_task._LAST.clear()
+    with pytest.raises(ConfigError, match="GiB a view"):
+        fit(partial(tiny_config, cub, tmp_path / "b", map_views=4, epochs=1))

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from finegrain.data import ImageDataset, Sample
 from finegrain.data.source import data_source
-from finegrain.data.transforms import eval_transform, train_transform
+from finegrain.data.transforms import eval_transform
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.engine.features import file_key, state_digest
-from finegrain.engine.task import Task
+from finegrain.engine.task import Task, augmentation
 from finegrain.errors import ConfigError
 from finegrain.progress import progress_bar
 
@@ -117,12 +117,8 @@ def map_task(ctx: Context) -> Task:
             f"{MAX_CACHE_BYTES / 2**30:.0f} GiB cache: "
             "train fewer stages (smaller maps), or fine-tune the whole network (--train-stages 0)"
         )
-    a = cfg.augment
-    tf = train_transform(
-        model.preprocess, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter,
-        erasing=a.random_erasing, erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
-    )  # fmt: skip
-    views = views
+    tf = augmentation(cfg, model.preprocess)
+    views = int(views)
     ctx.log(f"caching maps {list(shape)} of the frozen backbone stages: {views} view(s) of {len(train)} training "
             f"images, {len(val)} validation images")  # fmt: skip
     labels = {sp: torch.tensor([s.label for s in index.split(sp)]) for sp in ("train", "val")}

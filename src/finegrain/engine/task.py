@@ -81,15 +81,20 @@ class FeatureTask(Task):
         return False
 
 
+def augmentation(cfg: TrainConfig, pre: Preprocess):
+    """The training images' augmentation the options ask for, at preprocessing ``pre`` (images and cached maps)."""
+    a = cfg.augment
+    return train_transform(
+        pre, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter, erasing=a.random_erasing,
+        erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
+    )  # fmt: skip
+
+
 def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
     """Training (augmented, with the method's extra targets) and validation image datasets at the model's
     current preprocessing."""
     cfg, model = ctx.cfg, ctx.model
-    a = cfg.augment
-    tf = train_transform(
-        model.preprocess, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter,
-        erasing=a.random_erasing, erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
-    )  # fmt: skip
+    tf = augmentation(cfg, model.preprocess)
     for addon in ctx.addons:
         tf = addon.train_transform(tf)
     extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
