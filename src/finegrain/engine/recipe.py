@@ -100,32 +100,39 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     x = torch.randn(batch, 3, size, size, device=device)
     if cfg.speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    model.requires_grad_(True)
     module = model
     if train_stages:
-        lower, module = model.split_stages(train_stages)
+        lower, module = model.split_stages(train_stages)  # (freezes the lower stages)
         with torch.inference_mode(), autocast(device, amp):
             x = lower.eval()(x).float().clone()  # a batch of maps, as the cache gives them
     freeze_bn_stats(module)
-    model.requires_grad_(True)
-    if train_stages:
-        lower.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
-    y = torch.randint(0, num_classes, (batch,))
-    fastest = math.inf
-    for i in range(steps + 1):
-        start = time.perf_counter()
+    y = torch.randint(0, num_classes, (batch,)).to(device)
+
+    def one_step() -> None:
         with autocast(device, amp):
             with torch.no_grad():
                 for teacher in teachers:
                     teacher(x)
             out = module(x)
-        loss, _ = model.compute_loss(out, y.to(device), nn.functional.cross_entropy)
+        loss, _ = model.compute_loss(out, y, nn.functional.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i > 0:  # the first step warms up
-            fastest = min(fastest, time.perf_counter() - start)
-    return batch / fastest
+
+    return batch / fastest_seconds(one_step, steps)
+
+
+def fastest_seconds(step: Callable[[], object], steps: int) -> float:
+    """The fastest of ``steps`` timed calls of ``step``, after one untimed call that warms up."""
+    step()
+    fastest = math.inf
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 @torch.inference_mode()
@@ -137,14 +144,12 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
     x = torch.randn(cfg.optim.batch_size, 3, size, size, device=device)
     if cfg.speed.channels_last:  # as the cache computes them
         lower, x = lower.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    fastest = math.inf
-    for i in range(steps + 1):
-        start = time.perf_counter()
+
+    def forward() -> None:
         with autocast(device, resolve_amp(cfg.speed.amp, device)):
             lower(x)
-        if i > 0:
-            fastest = min(fastest, time.perf_counter() - start)
-    return len(x) / fastest
+
+    return len(x) / fastest_seconds(forward, steps)
 
 
 def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float, stages_img_s: float,
