@@ -28,15 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.checkpoint import Checkpoint
+from finegrain.config import default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.data.loading import open_image
 from finegrain.data.transforms import eval_transform
+from finegrain.engine.features import extract_features
 from finegrain.engine.new_classes import Space, class_means, features_from_words, gate, prototypes
 from finegrain.engine.probe import fit_probe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_json  # noqa: E402
-from new_classes import class_embeddings, split_features  # noqa: E402
+from new_classes import CPU, class_embeddings, split_features  # noqa: E402
 from peer_timm import DATASETS  # noqa: E402
 
 
@@ -105,6 +107,30 @@ def one_seed(feats: dict, embed: torch.Tensor, seed: int, max_drop: float, views
     z = F.normalize(space(ex), dim=1)
     known_side = (z @ F.normalize(class_means(space(tx[tk]), ty[tk], k), dim=1).T).max(1).values
     score("gate + probe confidence", space, refs, lambda new: new.max(1).values - known_side + 0.03 * unsure)
+    train_z = F.normalize(space(tx[tk]), dim=1)
+    means_z = F.normalize(class_means(space(tx[tk]), ty[tk], k), dim=1)
+    for kn, lam in ((10, 0.5), (10, 1.0), (30, 1.0)):  # CSLS-style: a prototype near many known photos is a hub
+        protos = prototypes(
+            space(refs), features_from_words(emb[:k], emb[k:], class_means(space(tx[tk]), ty[tk], k)), 0.5
+        )
+        hub = (protos @ train_z.T).topk(kn, dim=1).values.mean(1)
+        adjusted = z @ protos.T - lam * hub
+        margin = adjusted.max(1).values - (z @ means_z.T).max(1).values
+        for name, nearest in (("gate", (z @ protos.T).argmax(1)), ("gate+choice", adjusted.argmax(1))):
+            among = 100 * float((nearest[ey >= k] == ey[ey >= k] - k).float().mean())
+            out[f"hub-adjusted {name} k{kn} x{lam:g}"] = {
+                "among_new": among,
+                "new_at_drop": best_new(margin, nearest, known_right, ey, k, max_drop),
+            }
+    for kn in (1, 3, 10):  # the known side: the k nearest known training photos, not the nearest class mean
+        near = (z @ train_z.T).topk(kn, dim=1).values.mean(1)
+        score(f"gate vs {kn} nearest known photos", space, refs, lambda new, near=near: new.max(1).values - near)
+    if "test_mirrored" in feats:  # each test photo seen with its mirror image (the features averaged)
+        ex_saved = ex
+        ex = F.normalize(ex + feats["test_mirrored"], dim=1)
+        known_right = (ex @ probe["weight"].T + probe["bias"]).argmax(1) == ey
+        score("test photo + mirror", space, refs)
+        ex, known_right = ex_saved, logits.argmax(1) == ey
     if views is not None:
         score("12 views", space, views(feats["train_paths"], picks))
     return out
@@ -117,6 +143,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-drop", type=float, default=0.02)
     p.add_argument("--views", action="store_true", help="also the 12-view reference photo (reads the photos)")
+    p.add_argument("--concat", nargs="*", default=[], help="checkpoints whose features are concatenated")
+    p.add_argument("--test-mirrored", action="store_true", help="also each test photo averaged with its mirror")
     p.add_argument("--out", default="benchmarks/results/new_classes_ablation.json")
     args = p.parse_args()
     ckpt = Checkpoint.load(args.checkpoint)
@@ -124,7 +152,18 @@ def main() -> None:
     results = {}
     for name in args.datasets:
         feats = split_features(ckpt, str(DATASETS[name]))
+        for other in args.concat:  # each photo's features of another checkpoint's backbone beside (both unit length)
+            more = split_features(Checkpoint.load(other), str(DATASETS[name]))
+            for key in ("train", "val", "test"):
+                feats[key] = (F.normalize(torch.cat([feats[key][0], more[key][0]], 1), dim=1), feats[key][1])
+            feats["train_mirrored"] = F.normalize(
+                torch.cat([feats["train_mirrored"], more["train_mirrored"]], 1), dim=1
+            )
         feats["train_paths"] = [s.path for s in load_dataset(str(DATASETS[name])).split("train")]
+        if args.test_mirrored:
+            test = load_dataset(str(DATASETS[name])).split("test")
+            x = extract_features(model, test, ckpt.preprocess, CPU, flip=True, cache_dir=default_cache_dir())
+            feats["test_mirrored"] = F.normalize(x.float(), dim=1)
         embed = class_embeddings(name, feats["classes"], Path(tempfile.mkdtemp(prefix="fg-newcls-")))
         views = (lambda paths, picks: reference_views(ckpt, model, [paths[i] for i in picks])) if args.views else None
         seeds = [one_seed(feats, embed, s, args.max_drop, views) for s in args.seeds]

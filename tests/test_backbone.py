@@ -82,3 +82,38 @@ def test_frozen_backbone_has_no_gradients_and_keeps_bn_stats():
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
     assert not model.backbone.training and model.head.training
+
+
+def test_concatenated_backbones_give_each_ones_normalised_features_and_survive_save_and_export(tmp_path):
+    """``--backbone A+B``: each part keeps its own packaged ImageNet weights, and the features are both parts'
+    L2-normalised features side by side (lite0's first), at lite2's input size; a checkpoint reloads and exports
+    to ONNX with the same logits."""
+    from finegrain.checkpoint import Checkpoint
+    from finegrain.export import export_onnx
+    from finegrain.predict import Predictor
+
+    torch.manual_seed(0)
+    model = create_model("baseline", num_classes=3, backbone="tf_efficientnet_lite0+tf_efficientnet_lite2").eval()
+    assert model.preprocess.input_size == 260 and model.backbone.num_features == 1280 + 1280
+    x = torch.randn(2, 3, 260, 260)  # the size the ONNX file is exported at
+    alone = [create_backbone(f"tf_efficientnet_lite{i}").eval() for i in (0, 2)]
+    with torch.no_grad():
+        want = torch.cat([torch.nn.functional.normalize(b(x), dim=1) for b in alone], 1) / 2**0.5
+        torch.testing.assert_close(model.backbone_features(x), want)
+        logits = model(x)
+    Checkpoint.from_model(model, ["a", "b", "c"]).save(tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(Checkpoint.load(tmp_path / "m.pt").build_model().eval()(x), logits)
+    path = export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")["path"]
+    torch.testing.assert_close(Predictor.load(path).logits(x), logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method, backbone, weights, says", [
+    ("bcnn", "tf_efficientnet_lite0+tf_efficientnet_lite2", None, "concatenates pooled features"),
+    ("baseline", "tf_efficientnet_lite0+tf_efficientnet_lite2", "w.pth", "without --weights"),
+    ("baseline", "tf_efficientnet_lite0+", None, "name two or more"),
+    ("baseline", "tf_efficientnet_lite0+resnet18", None, "differently normalised"),
+])  # fmt: skip
+def test_concatenated_backbones_are_refused_where_they_cannot_work(method, backbone, weights, says):
+    with pytest.raises(ConfigError, match=says):
+        create_model(method, num_classes=3, backbone=backbone, pretrained=False, weights=weights)

@@ -69,6 +69,8 @@ def pretrain(images: str | Path, out: str | Path, backbone: str, epochs: int = 2
              seed: int = 0) -> Path:  # fmt: skip
     """SimSiam on ``images`` (a folder or CSV of paths) for ``epochs`` (or until ``time_limit`` minutes); writes
     ``out/backbone.pth`` (the backbone's state dict, timm names) and ``out/pretrain.json``; returns the former."""
+    if "+" in backbone:
+        raise ConfigError(f"pretrain adapts one backbone, and '{backbone}' names several: pretrain each alone")
     files = read_unlabeled_paths(images)
     if len(files) < 2 * batch_size:
         raise ConfigError(f"{len(files)} image(s) in '{images}': self-supervised adaptation needs at least "

@@ -37,7 +37,13 @@ import torch
 import torch.nn as nn
 
 from finegrain.errors import ConfigError
-from finegrain.models.backbone import DEFAULT_BACKBONE, backbone_preprocess, create_backbone, is_token_backbone
+from finegrain.models.backbone import (
+    DEFAULT_BACKBONE,
+    backbone_preprocess,
+    create_backbone,
+    is_concatenated,
+    is_token_backbone,
+)
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,6 +82,11 @@ class FGVCModel(nn.Module):
         super().__init__()
         self._backbone_spec = {"name": backbone, "pretrained": pretrained, "weights": weights}
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, num_classes=0)
+        if self.needs_spatial_maps and is_concatenated(self.backbone):
+            raise ConfigError(
+                f"{type(self).__name__} reads spatial feature maps, and '{backbone}' concatenates pooled features: "
+                "use the baseline method with it, or one backbone"
+            )
         if self.needs_spatial_maps and is_token_backbone(self.backbone):
             raise ConfigError(
                 f"{type(self).__name__} reads spatial feature maps, and '{backbone}' gives tokens: use the "

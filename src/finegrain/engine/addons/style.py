@@ -13,6 +13,7 @@ from finegrain.config import TrainConfig
 from finegrain.data.augment import MixStyle, fourier_mix_batch
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
+from finegrain.errors import ConfigError
 
 
 class FourierMixAddOn(AddOn):
@@ -42,6 +43,9 @@ class MixStyleAddOn(AddOn):
 
     @classmethod
     def add_to(cls, model: nn.Module, p: float) -> None:
+        if not hasattr(model.backbone, "feature_info"):
+            raise ConfigError("--mixstyle mixes the statistics of one backbone's early stages, and a concatenated "
+                              "backbone has several: drop --mixstyle or use one backbone")  # fmt: skip
         mixstyle = MixStyle(p)
         model.mixstyle = mixstyle  # a submodule, so train()/eval() switch it (it has no weights)
         info = model.backbone.feature_info
