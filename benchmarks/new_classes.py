@@ -7,10 +7,12 @@ class brings its words and ONE training photo (drawn by the seed) as its referen
 CUB's 312 class attributes, on flowers17 its name through the sentence encoder. The new classes are added with
 ``finegrain.engine.new_classes`` (prototypes from photo + words in a whitened space, a gate against the known
 classes' prototypes calibrated on pseudo-splits of the known classes), and every test photo is classified among all
-classes. Frozen lite0 features of ``--checkpoint``'s backbone and preprocessing (cached). Prints a table, writes
-JSON.
+classes. Frozen features of ``--checkpoint``'s backbone and preprocessing (cached). Prints a table, writes JSON.
 
-    python benchmarks/new_classes.py --seeds 0 1 2 --out benchmarks/results/new_classes.json
+    finegrain train --data ../shared/data/cub100 --backbone tf_efficientnet_lite0+tf_efficientnet_lite2 \
+        --run-dir runs/concat                                    # the backbone (its head is not used here)
+    python benchmarks/new_classes.py --checkpoint runs/concat/best.pt --out benchmarks/results/new_classes.json
+    python benchmarks/new_classes.py --out benchmarks/results/new_classes_lite0.json    # runs/default: lite0
 """
 
 from __future__ import annotations

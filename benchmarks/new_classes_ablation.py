@@ -10,9 +10,18 @@ the test photos themselves: an upper bound that compares gates, not what ``class
   logit instead (the design before, which calibrated linear rows against the trained logits);
 - ``gate + probe confidence``: the default gate (in cosines) plus 0.03 log(1 - the known head's top probability);
 - ``12 views``: the reference photo's features averaged over 6 crops and their mirror images (``--views``: reads
-  the photos again).
+  the photos again);
+- ``hub-adjusted``: each new prototype's score minus its mean similarity to its k nearest known training photos
+  (CSLS-style; in the gate only, or in the choice among new classes too);
+- ``gate vs k nearest known photos``: the known side of the gate is the mean similarity to the k nearest known
+  training photos instead of the nearest class mean;
+- ``test photo + mirror``: every test photo's features averaged with its mirror image's (``--test-mirrored``);
+- ``--concat CHECKPOINT``: every variant on the features of both backbones side by side.
 
     python benchmarks/new_classes_ablation.py --views      # cub100, seeds 0-2: results/new_classes_ablation.json
+    python benchmarks/new_classes_ablation.py --test-mirrored --out benchmarks/results/new_classes_ablation_gates.json
+    python benchmarks/new_classes_ablation.py --concat runs/lite2/best.pt \
+        --out benchmarks/results/new_classes_ablation_concat.json
 """
 
 from __future__ import annotations
