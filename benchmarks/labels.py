@@ -195,6 +195,10 @@ def pretrain_part(args, work: Path) -> dict:
     return {"cub100": out | {"label_fraction": args.label_fraction, "seeds": runs}}
 
 
+#: the last 2 stages and the head trained on cached maps for 10 epochs (``--train-stages``): where ``--consistency``
+#: applies, so its labels-only and full-labels references train the same way
+MAPS = {"freeze_backbone": False, "train_stages": 2, "epochs": 10}
+
 #: the semi part's runs: (run folder, manifest: the 30% labels or all, options). Labels only, + ``--unlabeled`` (the
 #: probe teacher), 100% of the labels and, with ``--budget``, the noisy student: ``--unlabeled`` with the labels-only
 #: run's kept ``best.pt`` as the teacher, distilling too (kd-alpha 0.5), or only pseudo-labelling (kd-alpha 0); with
@@ -202,7 +206,8 @@ def pretrain_part(args, work: Path) -> dict:
 #: image, as ``--kd-targets auto`` has it with ``--unlabeled``; ``_online``: the teachers run on every batch, what
 #: ``_soft`` did until 2026-11-29); and a second round, the
 #: first student (taught by both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first
-#: student taught by the kept stage (``_kept``). ``teachers`` names the run folders whose ``best.pt`` teach.
+#: student taught by the kept stage (``_kept``); ``maps_*``: the last stages on cached maps, with ``--consistency``
+#: (FixMatch) on the unlabelled images or not. ``teachers`` names the run folders whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
@@ -219,6 +224,9 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
                                                             "kd_alpha": 0.0}),
     "noisy_student_round2": ("student_round2_ft", "few", {"unlabeled": True,
                                                           "teachers": ("student_stages/finetune",), "kd_alpha": 0.0}),
+    "maps_labels_only": ("maps_few", "few", MAPS),
+    "maps_consistency": ("maps_consistency", "few", {**MAPS, "unlabeled": True, "consistency": 1.0}),
+    "maps_full_labels": ("maps_full", "full", MAPS),
 }  # fmt: skip
 
 
@@ -263,17 +271,27 @@ def semi_part(args, work: Path) -> dict:
             for k in keys:
                 results[name][k] = statistics.mean(r[k] for r in runs)
                 results[name][f"{k}_sd"] = statistics.stdev(r[k] for r in runs) if len(runs) > 1 else None
-            low, high = "labels_only" + suffix, "full_labels" + suffix
-            if {low, high} <= set(keys):
-                for k in [k + suffix for k in settings if "unlabeled" in SEMI_SETTINGS[k][2] and k + suffix in keys]:
-                    key = "gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"
-                    # None where labels only did as well as full labels: there is no gap to close
-                    gap = [(r[k] - r[low]) / (r[high] - r[low]) if r[high] > r[low] else None for r in runs]
-                    results[name][key] = None if None in gap else statistics.mean(gap)
-                    mean = {x: results[name][x] for x in (k, low, high)}  # of the means: defined more often
-                    results[name][f"{key}_of_means"] = ((mean[k] - mean[low]) / (mean[high] - mean[low])
-                                                        if mean[high] > mean[low] else None)  # fmt: skip
+            maps = [k for k in settings if k.startswith("maps_")]
+            others = [k for k in settings if k not in maps]
+            for low, high, ks in (("labels_only", "full_labels", others),
+                                  ("maps_labels_only", "maps_full_labels", maps)):  # fmt: skip
+                _gaps(results[name], runs, keys, low + suffix, high + suffix, [k + suffix for k in ks])
     return results
+
+
+def _gaps(out: dict, runs: list, keys: list, low: str, high: str, candidates: list) -> None:
+    """The share of the gap from ``low`` to ``high`` each unlabelled-images setting closes, per seed and of means."""
+    if not {low, high} <= set(keys):
+        return
+    for k in candidates:
+        if k not in keys or "unlabeled" not in SEMI_SETTINGS[k.removesuffix("_finetuned").removesuffix("_head")][2]:
+            continue
+        key = "gap_closed" if k == "with_unlabeled" else f"{k}_gap_closed"
+        # None where labels only did as well as full labels: there is no gap to close
+        gap = [(r[k] - r[low]) / (r[high] - r[low]) if r[high] > r[low] else None for r in runs]
+        out[key] = None if None in gap else statistics.mean(gap)
+        mean = {x: out[x] for x in (k, low, high)}  # of the means: defined more often
+        out[f"{key}_of_means"] = (mean[k] - mean[low]) / (mean[high] - mean[low]) if mean[high] > mean[low] else None
 
 
 def _pseudo_accuracy(report: dict, index) -> float | None:

@@ -44,6 +44,14 @@ def _sr_model(tmp_path):
 SWITCH_ON = {
     "label_noise": lambda tmp: {"label_noise": "prune"},
     "unlabeled": _unlabeled,
+    "consistency": lambda tmp: {
+        **_unlabeled(tmp),
+        "consistency": 1.0,
+        "consistency_threshold": 0.3,
+        "freeze_backbone": False,
+        "train_stages": 2,
+        "map_views": 2,
+    },
     "qat": lambda tmp: {"qat": True, "freeze_backbone": False, "calib_images": 4, "batch_size": 16},
     "mixstyle": lambda tmp: {"mixstyle": 0.5, "freeze_backbone": False},
     "sr_aug": _sr_model,

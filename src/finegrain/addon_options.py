@@ -198,6 +198,15 @@ class LabelOptions:
         "confident first (default: chosen on held-out labelled images among 0.25, 0.5, 1 and none)",
         type=parse_optional_float,
     )  # fmt: skip
+    consistency: float = option(
+        0.0, "weight of a consistency loss on the --unlabeled images while the last stages train on cached maps "
+        "(--train-stages N, or a --budget run that picks it): a confident prediction on an image's plain view "
+        "trains the prediction on its augmented views (FixMatch); 0: off",
+    )  # fmt: skip
+    consistency_threshold: float = option(
+        0.95, "confidence (after distribution alignment) above which a plain view's prediction trains its augmented "
+        "views, for --consistency",
+    )  # fmt: skip
     label_noise: str = option(
         "none", "none, or prune: before training, drop the training images whose label an out-of-fold probe and "
         f"confident learning flag as probably wrong (listed in RUN_DIR/{RunDir.LABEL_ISSUES}; the data is not changed)",
@@ -208,4 +217,14 @@ class LabelOptions:
         require([
             (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),
             (self.label_noise in LABEL_NOISE, f"label-noise must be one of {', '.join(LABEL_NOISE)}"),
+            (self.consistency >= 0, "consistency is a loss weight >= 0 (0: off)"),
+            (0 < self.consistency_threshold < 1, "consistency-threshold is a confidence in (0, 1)"),
+            (not self.consistency or self.unlabeled, "consistency trains on unlabelled images: add --unlabeled DIR"),
+        ])  # fmt: skip
+
+    def check_with(self, cfg) -> None:
+        require([
+            (not self.consistency or cfg.model.train_stages or cfg.recipe.budget is not None,
+             "consistency trains the last stages on cached maps: add --no-freeze-backbone --train-stages 2, or "
+             "--budget MINUTES (it applies where the recipe fine-tunes on maps)"),
         ])  # fmt: skip

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -38,8 +40,19 @@ MAX_CACHE_BYTES = 4 * 2**30
 _LAST: dict = {}
 
 
+@dataclass
 class MapTask(Task):
-    """The upper stages and the head on cached maps of the frozen lower stages, at the run's precision."""
+    """The upper stages and the head on cached maps of the frozen lower stages, at the run's precision. ``lower``,
+    ``augment`` and ``dtype`` let an add-on cache maps of more images the same way (``maps``)."""
+
+    lower: nn.Module | None = None
+    augment: Callable | None = None
+    dtype: torch.dtype = torch.float32
+
+    def maps(self, ctx: Context, samples: list[Sample], views: int, desc: str, augmented: bool = True) -> torch.Tensor:
+        """(views, len(samples), C, h, w): the frozen stages' maps of augmented (else plain) views of ``samples``."""
+        tf = self.augment if augmented else eval_transform(ctx.model.preprocess)
+        return compute_maps(ctx, self.lower, samples, tf, views, desc, self.dtype)
 
 
 class Views:
@@ -101,7 +114,7 @@ def map_task(ctx: Context) -> Task:
     data_source(ctx.index).require_listed("partial fine-tuning on cached maps (--train-stages)",
                                           "fine-tune the whole network (--train-stages 0), or train from a local "
                                           "shard folder")  # fmt: skip
-    if shaping := [a.name for a in ctx.addons if not a.data_only]:
+    if shaping := [a.name for a in ctx.addons if not (a.data_only or a.on_maps)]:
         raise ConfigError(f"--train-stages trains on cached maps, and add-on(s) {', '.join(shaping)} work on images or "
                           "features: drop them, or fine-tune the whole network (--train-stages 0)")  # fmt: skip
     lower, upper = model.split_stages(cfg.model.train_stages)
@@ -136,4 +149,5 @@ def map_task(ctx: Context) -> Task:
         ctx.log("the same maps as the last run in this process: reused")
     train_maps, val_maps = _LAST["maps"]
     val_set = CachedMaps(val_maps, labels["val"]) if val else None
-    return MapTask(upper, CachedMaps(train_maps, labels["train"]), val_set, workers=0)
+    return MapTask(upper, CachedMaps(train_maps, labels["train"]), val_set, workers=0, lower=lower, augment=tf,
+                   dtype=dtype)  # fmt: skip

@@ -247,6 +247,8 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         what = "the whole network" if plan["kind"] == "whole" else f"the last {plan['train_stages']} stages on maps"
         say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning {what}: "
             f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
+        if cfg.labels.consistency and plan["kind"] == "whole":
+            say("--consistency trains on cached maps, and the whole network fits the budget here: not used")
         ft_start = time.perf_counter()
         ft = fit(finetune_config(cfg, head_best, epochs, run_dir / "finetune", time_limit=left / 60,
                                  train_stages=plan["train_stages"], map_views=plan["map_views"]))  # fmt: skip

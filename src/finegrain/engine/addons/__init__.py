@@ -9,6 +9,7 @@ from __future__ import annotations
 from finegrain.config import TrainConfig
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.addons.center import CenterLossAddOn
+from finegrain.engine.addons.consistency import ConsistencyAddOn
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.addons.label_noise import LabelNoiseAddOn
 from finegrain.engine.addons.progressive import ProgressiveAddOn
@@ -17,13 +18,14 @@ from finegrain.engine.addons.sr_aug import SRAugAddOn
 from finegrain.engine.addons.style import FourierMixAddOn, MixStyleAddOn
 from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 
-#: in hook order: the data first (wrong labels left out, then unlabelled images pseudo-labelled by a teacher fitted on
-#: the labels that remain, both scored with the starting backbone), then the model changes (QAT, MixStyle), image
-#: transforms before batch transforms, distillation (which replaces cross-entropy) before center loss (which adds to
-#: whatever the loss is)
+#: in hook order: the data first (wrong labels left out, the unlabelled images read for consistency training before
+#: some of them are pseudo-labelled by a teacher fitted on the labels that remain, both scored with the starting
+#: backbone), then the model changes (QAT, MixStyle), image transforms before batch transforms, distillation (which
+#: replaces cross-entropy) before center loss (which adds to whatever the loss is); consistency adds its loss on
+#: cached maps, where distillation and center loss do not run
 ADDONS: tuple[type[AddOn], ...] = (
-    LabelNoiseAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn, ProgressiveAddOn,
-    DistillAddOn, CenterLossAddOn,
+    LabelNoiseAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn,
+    ProgressiveAddOn, DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 

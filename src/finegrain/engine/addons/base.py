@@ -26,6 +26,9 @@ class AddOn:
     #: True where the add-on only changes which images (and labels) the run trains on, at ``prepare``: the probe,
     #: which solves the head instead of training it, still applies. The others shape gradient training.
     data_only: ClassVar[bool] = False
+    #: True where it also works when the last stages train on cached maps (``engine/map_task.py``), which refuses
+    #: the other add-ons that shape training (they need images or features)
+    on_maps: ClassVar[bool] = False
     #: the files it writes in the run directory (the recipe keeps them with the chosen stage; the add-on contract
     #: test checks a run writes no others)
     files: ClassVar[tuple[str, ...]] = ()
