@@ -1,6 +1,8 @@
 """The budgeted recipe (``finegrain train --budget MINUTES``): what the data needs, decided on its validation split
 within a time budget on this machine.
 
+0. Photos much smaller than the backbone's input (gtsrb's 32 px) are trained at a smaller input instead, unless
+   ``--input-size`` is given (``data/image_sizes.py``).
 1. The head on cached frozen features (``--head auto``: the probe and the epochs' head, the better on validation).
    Cheap on any CPU, and the start of everything else.
 2. This machine's fine-tuning speed, measured (a few training steps at the run's input size and precision), gives
@@ -27,6 +29,8 @@ import torch.nn as nn
 from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
+from finegrain.data import load_dataset
+from finegrain.data.image_sizes import input_for, typical_side
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
@@ -36,6 +40,7 @@ from finegrain.engine.setup import freeze_bn_stats, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
+from finegrain.models.backbone import backbone_preprocess, create_backbone
 from finegrain.models.stages import stage_count
 from finegrain.progress import say
 from finegrain.run_layout import RunDir
@@ -104,7 +109,7 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     module = model
     if train_stages:
         lower, module = model.split_stages(train_stages)  # (freezes the lower stages)
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):  # not inference mode: the step's 'same' padding saves them
             x = lower.eval()(x).float().clone()  # a batch of maps, as the cache gives them
     freeze_bn_stats(module)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
@@ -206,6 +211,24 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
     )  # fmt: skip
 
 
+def small_photos(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The run at a smaller input where its training photos are much smaller than the backbone's input (and no
+    ``--input-size`` was given): ``data/image_sizes.py`` says why and how much; what was decided, for recipe.json."""
+    if cfg.model.input_size is not None:
+        return cfg, {}
+    d = cfg.dataset
+    index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
+                         follow_symlinks=d.follow_symlinks)  # fmt: skip
+    side = typical_side(index.split("train"))
+    native = backbone_preprocess(create_backbone(cfg.model.backbone, pretrained=False)).input_size
+    size = input_for(side, native)
+    if size >= native:
+        return cfg, {}
+    say(f"budget: the training photos are ~{side} px (median longer side): training at {size} px instead of "
+        f"{native} (more epochs in the budget; --input-size {native} to keep it)")  # fmt: skip
+    return cfg.replace(input_size=size), {"input_size": size, "photo_side": side, "native_input_size": native}
+
+
 def train_within_budget(cfg: TrainConfig) -> FitResult:
     """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -215,6 +238,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     run_dir = run_dir_for(cfg)
     stages: dict[str, dict] = {}
 
+    cfg, sized = small_photos(cfg)
     head = fit(head_config(cfg, run_dir / "head"))
     head_best = Checkpoint.load(head.run_dir / RunDir.BEST)
     stages["head"] = {"val_top1": (head_best.metrics or {}).get("val_top1"), "seconds": time.perf_counter() - start,
@@ -242,7 +266,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
     plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views)
     epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
-                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers)}  # fmt: skip
+                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers), **sized}  # fmt: skip
     if epochs >= 1:
         what = "the whole network" if plan["kind"] == "whole" else f"the last {plan['train_stages']} stages on maps"
         say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning {what}: "
