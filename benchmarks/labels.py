@@ -206,8 +206,9 @@ MAPS = {"freeze_backbone": False, "train_stages": 2, "epochs": 10}
 #: image, as ``--kd-targets auto`` has it with ``--unlabeled``; ``_online``: the teachers run on every batch, what
 #: ``_soft`` did until 2026-11-29); and a second round, the
 #: first student (taught by both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first
-#: student taught by the kept stage (``_kept``); ``maps_*``: the last stages on cached maps, with ``--consistency``
-#: (FixMatch) on the unlabelled images or not. ``teachers`` names the run folders whose ``best.pt`` teach.
+#: student taught by the kept stage (``_kept``); ``maps_*``: the last stages on cached maps, with the unlabelled
+#: images' pseudo-labels, and with ``--consistency`` (FixMatch) on them too. ``teachers`` names the run folders
+#: whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
     "with_unlabeled": ("semi", "few", {"unlabeled": True}),
@@ -225,6 +226,7 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "noisy_student_round2": ("student_round2_ft", "few", {"unlabeled": True,
                                                           "teachers": ("student_stages/finetune",), "kd_alpha": 0.0}),
     "maps_labels_only": ("maps_few", "few", MAPS),
+    "maps_unlabeled": ("maps_unlabeled", "few", {**MAPS, "unlabeled": True}),
     "maps_consistency": ("maps_consistency", "few", {**MAPS, "unlabeled": True, "consistency": 1.0}),
     "maps_full_labels": ("maps_full", "full", MAPS),
 }  # fmt: skip

@@ -117,3 +117,15 @@ def test_concatenated_backbones_give_each_ones_normalised_features_and_survive_s
 def test_concatenated_backbones_are_refused_where_they_cannot_work(method, backbone, weights, says):
     with pytest.raises(ConfigError, match=says):
         create_model(method, num_classes=3, backbone=backbone, pretrained=False, weights=weights)
+
+
+def test_a_concatenated_backbones_model_card_names_each_base_model():
+    import yaml
+
+    from finegrain.report.card import card_header
+
+    result = {"top1": 0.5, "top5": 0.9, "mean_class_acc": 0.5}
+    header = card_header("run", "tf_efficientnet_lite0+tf_efficientnet_lite2", "data", "test", result)
+    assert yaml.safe_load(header.split("---\n")[1])["base_model"] == [
+        "timm/tf_efficientnet_lite0.in1k", "timm/tf_efficientnet_lite2.in1k"
+    ]  # fmt: skip

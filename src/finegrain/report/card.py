@@ -44,7 +44,8 @@ def card_header(run_name: str, backbone: str, data: str, split: str, result: dic
     builder, so that the card is read there as it is here: task, base model, data and the measured metrics."""
     from huggingface_hub import EvalResult, ModelCardData  # noqa: PLC0415 - only cards need it
 
-    base = f"timm/{backbone}.in1k" if backbone.startswith("tf_efficientnet_lite") else f"timm/{backbone}"
+    bases = [f"timm/{b}.in1k" if b.startswith("tf_efficientnet_lite") else f"timm/{b}" for b in backbone.split("+")]
+    base = bases[0] if len(bases) == 1 else bases  # concatenated backbones (lite0+lite2): each is a base model
     name = Path(str(data)).name or str(data)
     metrics = [("accuracy", 100 * result["top1"], "top-1 accuracy"),
                ("top_5_accuracy", 100 * result["top5"], "top-5 accuracy"),
