@@ -126,6 +126,6 @@ def test_a_concatenated_backbones_model_card_names_each_base_model():
 
     result = {"top1": 0.5, "top5": 0.9, "mean_class_acc": 0.5}
     header = card_header("run", "tf_efficientnet_lite0+tf_efficientnet_lite2", "data", "test", result)
-    assert yaml.safe_load(header.split("---\n")[1])["base_model"] == [
+    assert next(yaml.safe_load_all(header))["base_model"] == [
         "timm/tf_efficientnet_lite0.in1k", "timm/tf_efficientnet_lite2.in1k"
     ]  # fmt: skip
