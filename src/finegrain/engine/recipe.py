@@ -31,6 +31,7 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
 from finegrain.data import load_dataset
 from finegrain.data.image_sizes import input_for, typical_side
+from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
@@ -214,9 +215,9 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
 def small_photos(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """The run at a smaller input where its training photos are much smaller than the backbone's input (and no
     ``--input-size`` was given): ``data/image_sizes.py`` says why and how much; what was decided, for recipe.json."""
-    if cfg.model.input_size is not None:
-        return cfg, {}
     d = cfg.dataset
+    if cfg.model.input_size is not None or str(d.data).startswith(STREAM):  # a stream is read once, by the run
+        return cfg, {}
     index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
                          follow_symlinks=d.follow_symlinks)  # fmt: skip
     side = typical_side(index.split("train"))
