@@ -29,7 +29,6 @@ import torch.nn as nn
 from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
-from finegrain.data import load_dataset
 from finegrain.data.image_sizes import input_for, typical_side
 from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
@@ -37,7 +36,7 @@ from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
-from finegrain.engine.setup import freeze_bn_stats, run_dir_for
+from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
@@ -218,9 +217,7 @@ def small_photos(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     d = cfg.dataset
     if cfg.model.input_size is not None or str(d.data).startswith(STREAM):  # a stream is read once, by the run
         return cfg, {}
-    index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
-                         follow_symlinks=d.follow_symlinks)  # fmt: skip
-    side = typical_side(index.split("train"))
+    side = typical_side(dataset_index(cfg).split("train"))
     native = backbone_preprocess(create_backbone(cfg.model.backbone, pretrained=False)).input_size
     size = input_for(side, native)
     if size >= native:

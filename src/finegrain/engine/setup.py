@@ -87,12 +87,18 @@ def write_environment(run_dir: Path, cfg: TrainConfig, amp: str, device, threads
     return environment
 
 
+def dataset_index(cfg: TrainConfig, split_file: Path | None = None) -> DatasetIndex:
+    """The dataset the options name, split as they say (or as ``split_file`` records)."""
+    d = cfg.dataset
+    return load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed, split_file=split_file,
+                        follow_symlinks=d.follow_symlinks)  # fmt: skip
+
+
 def load_run_data(cfg: TrainConfig, run_dir: Path, resumed: bool, info: DistInfo) -> DatasetIndex:
     """The dataset and its split (the saved split when resuming); rank 0 records split and config."""
     d = cfg.dataset
     split_file = run_dir / RunDir.SPLIT
-    index = load_dataset(d.data, d.format, d.val_fraction, d.test_fraction, cfg.run.seed,
-                         split_file=split_file if resumed else None, follow_symlinks=d.follow_symlinks)  # fmt: skip
+    index = dataset_index(cfg, split_file if resumed else None)
     if not index.count("train"):
         raise DataError(f"'{d.data}' has no training images after the split")
     if info.is_main:

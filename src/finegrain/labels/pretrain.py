@@ -29,6 +29,7 @@ from finegrain.engine.setup import seed_everything
 from finegrain.env import configure_threads, machine_info
 from finegrain.errors import ConfigError
 from finegrain.models import create_model
+from finegrain.models.backbone import JOIN
 from finegrain.progress import progress_bar
 
 
@@ -69,7 +70,7 @@ def pretrain(images: str | Path, out: str | Path, backbone: str, epochs: int = 2
              seed: int = 0) -> Path:  # fmt: skip
     """SimSiam on ``images`` (a folder or CSV of paths) for ``epochs`` (or until ``time_limit`` minutes); writes
     ``out/backbone.pth`` (the backbone's state dict, timm names) and ``out/pretrain.json``; returns the former."""
-    if "+" in backbone:
+    if JOIN in backbone:
         raise ConfigError(f"pretrain adapts one backbone, and '{backbone}' names several: pretrain each alone")
     files = read_unlabeled_paths(images)
     if len(files) < 2 * batch_size:

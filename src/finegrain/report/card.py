@@ -21,6 +21,7 @@ from finegrain.config import TrainConfig
 from finegrain.escape import csv_value, markdown
 from finegrain.export.onnx import refresh_model_card
 from finegrain.extras import has
+from finegrain.models.backbone import JOIN
 from finegrain.report.html import confused_pairs
 from finegrain.run_layout import RunDir
 
@@ -44,7 +45,7 @@ def card_header(run_name: str, backbone: str, data: str, split: str, result: dic
     builder, so that the card is read there as it is here: task, base model, data and the measured metrics."""
     from huggingface_hub import EvalResult, ModelCardData  # noqa: PLC0415 - only cards need it
 
-    bases = [f"timm/{b}.in1k" if b.startswith("tf_efficientnet_lite") else f"timm/{b}" for b in backbone.split("+")]
+    bases = [f"timm/{b}.in1k" if b.startswith("tf_efficientnet_lite") else f"timm/{b}" for b in backbone.split(JOIN)]
     base = bases[0] if len(bases) == 1 else bases  # concatenated backbones (lite0+lite2): each is a base model
     name = Path(str(data)).name or str(data)
     metrics = [("accuracy", 100 * result["top1"], "top-1 accuracy"),
