@@ -151,6 +151,7 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
     assert (result.run_dir / "split.csv").is_file() and best.dataset().classes == best.classes
     unlabeled = json.loads((result.run_dir / "unlabeled.json").read_text())
     assert len(unlabeled["pseudo_labelled"]) == unlabeled["kept"] > 0
+    assert recipe["unlabeled"] == {"fraction": 1.0, "pseudo_labelled": unlabeled["kept"], "why": unlabeled["why"]}
     own = best.dataset().count("train")  # the epochs were planned for the images trained on, pseudo-labels included
     assert recipe["decision"]["train_images"] == own + unlabeled["kept"]
     assert recipe["decision"]["teachers_per_batch"] == 1  # --kd-targets online: timed with the teacher's pass

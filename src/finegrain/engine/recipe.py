@@ -295,6 +295,10 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
             shutil.copy2(source, run_dir / name)
     recipe = {"budget_min": cfg.recipe.budget, "stages": stages, "decision": decision, "kept": kept, "why": why,
               "total_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    if (run_dir / RunDir.UNLABELED).is_file():  # --unlabeled's guard: whether the kept stage used them, and why
+        report = json.loads((run_dir / RunDir.UNLABELED).read_text())
+        recipe["unlabeled"] = {"fraction": report["fraction"], "pseudo_labelled": len(report["pseudo_labelled"]),
+                               "why": report["why"]}  # fmt: skip
     write_text(run_dir / RunDir.RECIPE, json.dumps(recipe, indent=2))
     say(f"recipe: kept {kept}: {why}; {recipe['total_s'] / 60:.1f} of {cfg.recipe.budget:g} min used")
     history = ft.history if kept == "finetune" else head.history
