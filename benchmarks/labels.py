@@ -188,7 +188,8 @@ def pretrain_part(args, work: Path) -> dict:
         row = {"imagenet": train_top1(few, folder / "imagenet", seed, args.cache_dir)["test_top1"],
                "pretrained": train_top1(few, folder / "pretrained", seed, args.cache_dir,
                                         weights=str(weights))["test_top1"],
-               "pretrain_s": round(pretrain_s, 1), "pretrain_epochs": args.pretrain_epochs}  # fmt: skip
+               "pretrain_s": round(pretrain_s, 1), "pretrain_epochs": args.pretrain_epochs,
+               "adapt_stages": json.loads((folder / "simsiam" / "pretrain.json").read_text()).get("adapt_stages", 0)}  # fmt: skip
         runs.append(row)
         print(f"pretrain seed {seed}: {row}")
     out = {k: statistics.mean(r[k] for r in runs) for k in ("imagenet", "pretrained")}

@@ -202,6 +202,12 @@ def test_pretrain_adapts_the_backbone_that_train_takes_with_weights(tmp_path, ti
     adapted = torch.load(path, weights_only=True)
     assert adapted.keys() == imagenet.keys()
     assert any(not torch.equal(adapted[k], imagenet[k]) for k in imagenet if adapted[k].is_floating_point())
+    # only the last 2 of lite0's 7 stages adapt, BatchNorm statistics frozen (the whole pass cost 18 pt downstream)
+    lower = ("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(5)))
+    same = {k for k in imagenet if torch.equal(adapted[k], imagenet[k])}
+    assert {k for k in imagenet if k.startswith(lower)} <= same
+    assert {k for k in imagenet if k.endswith(("running_mean", "running_var"))} <= same
+    assert any(k.startswith("blocks.6.") and k not in same for k in imagenet)
     root = make_imagefolder(tmp_path / "data", num_classes=2, per_class=6)
     result = fit(tiny_config(root, weights=str(path), epochs=1))
     for k, v in result.model.backbone.state_dict().items():

@@ -209,6 +209,8 @@ def _adapt_commands(sub) -> None:
     flag(p, "batch_size")
     p.add_argument("--lr", type=float, default=0.05, help="base rate, scaled by batch-size/256 (default: 0.05)")
     p.add_argument("--time-limit", type=float, help="minutes after which it stops (the backbone so far is kept)")
+    p.add_argument("--adapt-stages", type=int, default=2, help="the backbone's last stages that adapt, BatchNorm "
+                   "statistics frozen, at a tenth of the rate (default: 2; 0: the whole backbone)")  # fmt: skip
     flag(p, "workers")
     flag(p, "device")
     flag(p, "seed")

@@ -352,7 +352,7 @@ def _sr_train(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     path = pretrain(args.images, args.out, args.backbone, args.epochs, args.batch_size, args.lr, args.time_limit,
-                    args.workers, args.device, args.seed)  # fmt: skip
+                    args.workers, args.device, args.seed, args.adapt_stages)  # fmt: skip
     print(f"adapted backbone: {path}. Use it with: finegrain train --backbone {args.backbone} --weights {path}")
     return 0
 
