@@ -189,7 +189,7 @@ def pretrain_part(args, work: Path) -> dict:
                "pretrained": train_top1(few, folder / "pretrained", seed, args.cache_dir,
                                         weights=str(weights))["test_top1"],
                "pretrain_s": round(pretrain_s, 1), "pretrain_epochs": args.pretrain_epochs,
-               "adapt_stages": json.loads((folder / "simsiam" / "pretrain.json").read_text()).get("adapt_stages", 0)}  # fmt: skip
+               "adapt_stages": json.loads((weights.parent / "pretrain.json").read_text())["adapt_stages"]}  # fmt: skip
         runs.append(row)
         print(f"pretrain seed {seed}: {row}")
     out = {k: statistics.mean(r[k] for r in runs) for k in ("imagenet", "pretrained")}
