@@ -71,8 +71,13 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: f
     return w, b
 
 
+def hits(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Which rows the linear model ``(w, b)`` answers right (bool per row)."""
+    return (x.float() @ w.T + b).argmax(1) == y
+
+
 def accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(((x.float() @ w.T + b).argmax(1) == y).float().mean())
+    return float(hits(w, b, x, y).float().mean())
 
 
 def logistic_regressions(problems: list[tuple[torch.Tensor, torch.Tensor, float]],

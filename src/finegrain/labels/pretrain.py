@@ -36,7 +36,7 @@ from finegrain.env import configure_threads, machine_info
 from finegrain.errors import ConfigError
 from finegrain.models import create_model
 from finegrain.models.backbone import JOIN
-from finegrain.models.stages import check_stages, stage_count
+from finegrain.models.stages import check_stages
 from finegrain.progress import progress_bar
 
 #: the backbone's last stages that adapt (timm's EfficientNet family; 0: every parameter, as before 2026-12-03)
@@ -94,10 +94,7 @@ def pretrain(images: str | Path, out: str | Path, backbone: str, epochs: int = 2
     dev = resolve_device(device)
     model = create_model("baseline", num_classes=1, backbone=backbone)
     if adapt_stages:  # the lower stages stay ImageNet's
-        if not stage_count(model.backbone):
-            raise ConfigError(f"--adapt-stages keeps the lower stages of timm's EfficientNet family, and '{backbone}' "
-                              "is not one: pass --adapt-stages 0 to adapt the whole backbone")  # fmt: skip
-        cut = check_stages(model.backbone, backbone, adapt_stages)
+        cut = check_stages(model.backbone, backbone, adapt_stages, "--adapt-stages")
         for part in (model.backbone.conv_stem, model.backbone.bn1, model.backbone.blocks[:cut]):
             part.requires_grad_(False)
     net = SimSiam(model.backbone, model.backbone.num_features).to(dev)

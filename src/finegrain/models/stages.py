@@ -23,15 +23,15 @@ def stage_count(backbone: nn.Module) -> int:
     return len(backbone.blocks)
 
 
-def check_stages(backbone: nn.Module, name: str, train_stages: int) -> int:
-    """The index of the first trained stage, or a refusal that names the fix."""
+def check_stages(backbone: nn.Module, name: str, train_stages: int, option: str = "--train-stages") -> int:
+    """The index of the first trained stage, or a refusal that names the fix (``option``: the flag that asked)."""
     n = stage_count(backbone)
     if not n:
-        raise ConfigError(f"--train-stages cuts the backbone at a stage of timm's EfficientNet family, and '{name}' "
-                          "is not one: use tf_efficientnet_lite0/1/2 (or fine-tune the whole network: "
-                          "--train-stages 0)")  # fmt: skip
+        raise ConfigError(f"{option} cuts the backbone at a stage of timm's EfficientNet family, and '{name}' "
+                          "is not one: use tf_efficientnet_lite0/1/2 (or train the whole backbone: "
+                          f"{option} 0)")  # fmt: skip
     if not 1 <= train_stages <= n:
-        raise ConfigError(f"--train-stages {train_stages}: '{name}' has {n} stages, so 1 to {n}")
+        raise ConfigError(f"{option} {train_stages}: '{name}' has {n} stages, so 1 to {n}")
     return n - train_stages
 
 

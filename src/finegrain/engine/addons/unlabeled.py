@@ -31,7 +31,7 @@ from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
-from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regressions
+from finegrain.engine.probe import fit_probe, hits, l2_normalise, logistic_regressions
 from finegrain.engine.task import frozen_features
 from finegrain.engine.teachers import load_teachers, teacher_probs
 from finegrain.run_layout import RunDir
@@ -102,10 +102,6 @@ def judge_fractions(x: torch.Tensor, y: torch.Tensor, unlabeled_x: torch.Tensor,
             w, b = next(students)
             right[i].append(hits(w, b, x[held], y[held]))
     return torch.stack([torch.cat(r) for r in right])
-
-
-def hits(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x.float() @ w.T + b).argmax(1) == y
 
 
 def beyond_noise(right: torch.Tensor, base: torch.Tensor) -> tuple[int, float]:
