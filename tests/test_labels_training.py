@@ -216,9 +216,10 @@ def test_pretrain_adapts_the_backbone_that_train_takes_with_weights(tmp_path, ti
 
 def test_the_guard_keeps_labels_only_when_the_unlabelled_images_are_of_other_classes():
     """Unlabelled points drawn from 5 classes the labels never name: pseudo-labels only put them into the wrong
-    classes, so on every one of 10 generated tasks the run keeps the labels alone and says why. Before the guard
-    the best-scoring fraction was used whenever it won by a single held-out image (task 4: +3 of 300)."""
-    for seed in range(10):
+    classes, so on every one of 10 generated tasks the run keeps the labels alone and says why. With the margin at 0
+    the best-scoring fraction is used whenever it wins by a single held-out image (tasks 34 and 36: +3 and +2 of
+    120; none of tasks 0-29 does)."""
+    for seed in range(30, 40):
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(10, 16, generator=g)
 

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
-from finegrain.engine.probe import fit_probe, l2_normalise, logistic_regression
+from finegrain.engine.probe import fit_probe, folds_c, l2_normalise, logistic_regression
 from finegrain.engine.recipe import finetune_speed, train_within_budget
 from finegrain.engine.setup import model_from_config
 from finegrain.engine.train import fit
@@ -90,6 +90,21 @@ def test_penalty_is_chosen_on_validation():
     best = max(r["val_top1"] for r in result["sweep"])
     assert result["val_top1"] == best > 0.9
     assert result["C"] == min(r["C"] for r in result["sweep"] if r["val_top1"] == best)
+
+
+def test_folds_choose_the_penalty_a_one_class_validation_split_cannot_see():
+    # half of the rows are class 0: the strongest penalty answers "class 0" for every row, which a validation split
+    # of class-0 images scores as perfect (a 20-image split of a 30%-labels run sees no more); folds of every class
+    # see it fail on the other half
+    x, y = separable(n=900, seed=2)
+    rows = torch.cat([torch.nonzero(y == 0).flatten()[:150], torch.nonzero(y != 0).flatten()[:150]])
+    rows = rows[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
+    x, y = l2_normalise(x[rows]), y[rows]
+    grid, even, odd = (1e-4, 10.0), torch.arange(0, 300, 2), torch.arange(1, 300, 2)
+    val = odd[y[odd] == 0][:20]
+    assert fit_probe(x[even], y[even], x[val], y[val], 3, grid=grid)["C"] == 1e-4
+    assert folds_c(x, y, [(even, odd), (odd, even)], 3, grid=grid) == 10.0
+    assert folds_c(x, y, [(even, odd), (odd, even)], 3, grid=(10.0, 30.0)) == 10.0  # a tie: the smaller
 
 
 def test_probe_head_is_solved_saved_exported_and_resumes_as_done(imagefolder, tiny_config, tmp_path):

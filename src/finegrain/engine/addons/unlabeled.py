@@ -3,8 +3,9 @@ labelled images.
 
 Before the task is built, the run's starting backbone (ImageNet's, or ``--init-from``'s) gives features of the
 labelled and the unlabelled images (the feature cache keeps both). The teacher is the logistic-regression probe on
-the labelled training images, its C chosen on validation. The most confident fraction of the unlabelled images it
-assigns to each class join the training split, labelled with its prediction. The fraction is chosen among
+the labelled training images, its C chosen on the same held-out images as the fraction (``folds_c``). The most
+confident fraction of the unlabelled images it assigns to each class join the training split, labelled with its
+prediction. The fraction is chosen among
 ``FRACTIONS`` on held-out labelled images (the validation split and a ``CV_FOLDS``-fold cross-validation of the
 training split: per fold a teacher pseudo-labels, the probe is refitted with each fraction, the fold is scored);
 "none" (labels only) is kept unless the best fraction beats it by more than the held-out images' noise
@@ -31,7 +32,7 @@ from finegrain.data.unlabeled import load_unlabeled
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
-from finegrain.engine.probe import fit_probe, hits, l2_normalise, logistic_regressions
+from finegrain.engine.probe import fit_probe, folds_c, hits, l2_normalise, logistic_regression, logistic_regressions
 from finegrain.engine.task import frozen_features
 from finegrain.engine.teachers import load_teachers, teacher_probs
 from finegrain.run_layout import RunDir
@@ -53,9 +54,11 @@ CV_FOLDS = 5
 #: more than this many standard deviations of a paired difference with no effect (sqrt of the images the two answer
 #: differently, McNemar's). Where they do not, the run trains on the labels alone and says so: on plantvillage_tomato
 #: (30% labels) the model a user got with the unlabelled images was 3 pt under labels only (83.0 vs 86.0,
-#: docs/labels.md). Why 1.5 (2026-12-03): at 1.0, unlabelled points drawn from 5 *other* classes passed on 1 of 10
-#: generated tasks (+3 images, noise 2.2: tests/test_labels_training.py); at 2.0, cub100 with 30% labels (seed 0)
-#: would have been refused (+12 of 879 images, noise 7.5), where its pseudo-labels gave +6.5 pt test top-1 on maps.
+#: docs/labels.md). Why 1.5 (2026-12-03, the probe's C from validation): at 1.0, unlabelled points drawn from 5
+#: *other* classes passed on 1 of 10 generated tasks (+3 images, noise 2.2: tests/test_labels_training.py); at 2.0,
+#: cub100 with 30% labels (seed 0) would have been refused (+12 of 879 images, noise 7.5), where its pseudo-labels
+#: gave +6.5 pt test top-1 on maps. With C from the folds (``folds_c``), other classes pass on 2 of 40 tasks at 0
+#: and none at 1.0; cub100 seeds 0 and 1 pass at 1.5 (+14 and +22 images, noise 11.2 and 12.7).
 NOISE_SD = 1.5
 
 
@@ -116,24 +119,26 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
     """The teacher's labels for the unlabelled rows and which to use: ``used`` (bool per row), ``labels``,
     ``fraction`` (None: none used) and what each option scored on held-out labelled images (``tried``). The teacher
     is the probe on the labelled rows or, given, ``teacher``: a checkpoint teacher's probabilities for the rows."""
-    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes)
-    given = teacher is not None
-    probs = teacher if given else (l2_normalise(unlabeled_x) @ probe["weight"].T + probe["bias"]).softmax(1)
-    confidence, labels = probs.max(1)
-    result = {"teacher_C": probe["C"], "labels": labels, "confidence": confidence}
-    if fraction is not None:
-        used = most_confident(confidence, labels, fraction)
-        return {**result, "fraction": fraction, "used": used, "tried": [], "why": "--pseudo-fraction"}
     has_val = val_x is not None and len(val_x) > 0
     x = l2_normalise(torch.cat([train_x, val_x]) if has_val else train_x)
     y = torch.cat([train_y, val_y]) if has_val else train_y
     splits = held_out_splits(train_y, val_y if has_val else None)
+    c = folds_c(x, y, splits, num_classes) if splits else fit_probe(train_x, train_y, None, None, num_classes)["C"]
+    given = teacher is not None
+    if not given:
+        w, b = logistic_regression(l2_normalise(train_x), train_y, num_classes, c)
+        teacher = (l2_normalise(unlabeled_x) @ w.T + b).softmax(1)
+    confidence, labels = teacher.max(1)
+    result = {"teacher_C": c, "labels": labels, "confidence": confidence}
+    if fraction is not None:
+        used = most_confident(confidence, labels, fraction)
+        return {**result, "fraction": fraction, "used": used, "tried": [], "why": "--pseudo-fraction"}
     if not splits:
         f = min(FRACTIONS)
         why = "no validation split and too few images per class to cross-validate: the smallest fraction"
         return {**result, "fraction": f, "used": most_confident(confidence, labels, f), "tried": [], "why": why}
     fixed = (confidence, labels) if given else None
-    right = judge_fractions(x, y, l2_normalise(unlabeled_x), splits, probe["C"], list(FRACTIONS), num_classes, fixed)
+    right = judge_fractions(x, y, l2_normalise(unlabeled_x), splits, c, list(FRACTIONS), num_classes, fixed)
     judged = right.shape[1]
     tried = []
     for f, r in zip([None, *FRACTIONS], right, strict=True):
