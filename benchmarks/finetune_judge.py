@@ -26,26 +26,13 @@ from pathlib import Path
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.engine.addons.unlabeled import NOISE_SD
-from finegrain.engine.features import extract_features
 from finegrain.engine.train import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_json  # noqa: E402
-from labels import MAPS, few_labels  # noqa: E402
-
-
-def held_out_hits(run_dir: Path, cache_dir: str) -> torch.Tensor:
-    """Which of the run's test images (the held-out fold) its best.pt answers right, in the manifest's order."""
-    ckpt = Checkpoint.load(run_dir / "best.pt")
-    model = ckpt.build_model().eval()
-    test = ckpt.dataset().split("test")
-    feats = extract_features(model, test, model.preprocess, torch.device("cpu"), amp="auto", cache_dir=cache_dir,
-                             desc="held-out fold")  # fmt: skip
-    with torch.inference_mode():
-        return model.head(feats).argmax(1) == torch.tensor([s.label for s in test])
+from labels import MAPS, few_labels, test_hits  # noqa: E402
 
 
 def judge_seed(name: str, seed: int, args) -> dict:
@@ -73,7 +60,7 @@ def judge_seed(name: str, seed: int, args) -> dict:
                 cfg = TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed,
                                             cache_dir=args.cache_dir, **MAPS, **extra)  # fmt: skip
                 fit(cfg)
-                done.write_text(json.dumps(held_out_hits(run_dir, args.cache_dir).tolist()))
+                done.write_text(json.dumps(test_hits(run_dir, args.cache_dir).tolist()))  # the held-out fold
             hits[setting].append(torch.tensor(json.loads(done.read_text())))
     base, semi = torch.cat(hits["labels_only"]), torch.cat(hits["unlabeled"])
     row = {"held_out_images": len(base), "labels_only_right": int(base.sum()), "unlabeled_right": int(semi.sum()),

@@ -98,16 +98,21 @@ def write_rows(path: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-def test_top1(run_dir: Path, cache_dir: str) -> float:
-    """The run's best.pt on its test photos: its head on their cached frozen features (at the view it chose)."""
+def test_hits(run_dir: Path, cache_dir: str) -> torch.Tensor:
+    """Which of the run's test photos its best.pt answers right (bool, in the manifest's order): its head on their
+    cached features (at the view it chose)."""
     ckpt = Checkpoint.load(run_dir / "best.pt")
     model = ckpt.build_model().eval()
     test = ckpt.dataset().split("test")
     feats = extract_features(model, test, model.preprocess, torch.device("cpu"), amp="auto", cache_dir=cache_dir,
                              desc="test")  # fmt: skip
     with torch.inference_mode():
-        pred = model.head(feats).argmax(1)
-    return 100 * float((pred == torch.tensor([s.label for s in test])).float().mean())
+        return model.head(feats).argmax(1) == torch.tensor([s.label for s in test])
+
+
+def test_top1(run_dir: Path, cache_dir: str) -> float:
+    """The run's best.pt on its test photos, top-1 in percent."""
+    return 100 * float(test_hits(run_dir, cache_dir).float().mean())
 
 
 def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **options) -> dict:
