@@ -5,11 +5,10 @@ Before the task is built, the run's starting backbone (ImageNet's, or ``--init-f
 labelled and the unlabelled images (the feature cache keeps both). The teacher is the logistic-regression probe on
 the labelled training images, its C chosen on the same held-out images as the fraction (``folds_c``). The most
 confident fraction of the unlabelled images it assigns to each class join the training split, labelled with its
-prediction. The fraction is chosen among
-``FRACTIONS`` on held-out labelled images (the validation split and a ``CV_FOLDS``-fold cross-validation of the
-training split: per fold a teacher pseudo-labels, the probe is refitted with each fraction, the fold is scored);
-"none" (labels only) is kept unless the best fraction beats it by more than the held-out images' noise
-(``NOISE_SD``), so unlabelled images are used only where held-out labels say they help.
+prediction. The fraction is chosen among ``FRACTIONS`` on held-out labelled images (the validation split and a
+``CV_FOLDS``-fold cross-validation of the training split: per fold a teacher pseudo-labels, the probe is refitted
+with each fraction, the fold is scored); "none" (labels only) is kept unless the best fraction beats it by more than
+the held-out images' noise (``NOISE_SD``), so unlabelled images are used only where held-out labels say they help.
 
 With ``--teachers`` (checkpoints, e.g. a fine-tuned run on the same labels and split) the teachers' averaged softmax
 labels the unlabelled images instead of the probe, and distillation also trains on their soft labels unless
@@ -126,7 +125,7 @@ def choose_pseudo_labels(train_x: torch.Tensor, train_y: torch.Tensor, val_x: to
     c = folds_c(x, y, splits, num_classes) if splits else fit_probe(train_x, train_y, None, None, num_classes)["C"]
     given = teacher is not None
     if not given:
-        w, b = logistic_regression(l2_normalise(train_x), train_y, num_classes, c)
+        w, b = logistic_regression(x[: len(train_y)], train_y, num_classes, c)  # x: the training rows first
         teacher = (l2_normalise(unlabeled_x) @ w.T + b).softmax(1)
     confidence, labels = teacher.max(1)
     result = {"teacher_C": c, "labels": labels, "confidence": confidence}
