@@ -45,8 +45,7 @@ from finegrain.config import TrainConfig, default_cache_dir
 from finegrain.data import load_dataset
 from finegrain.engine.features import extract_features
 from finegrain.engine.probe import accuracy, fit_probe, l2_normalise
-from finegrain.engine.recipe import train_within_budget
-from finegrain.engine.train import fit
+from finegrain.engine.recipe import train
 from finegrain.labels.audit import audit_labels
 from finegrain.labels.pretrain import pretrain
 from finegrain.labels.suggest import select
@@ -123,10 +122,9 @@ def train_top1(manifest: Path, run_dir: Path, seed: int, cache_dir: str, **optio
     result = json.loads(done.read_text()) if done.is_file() else {}
     if not result:
         cfg = TrainConfig().replace(data=str(manifest), run_dir=str(run_dir), seed=seed, cache_dir=cache_dir, **options)
-        if cfg.recipe.budget is not None:
-            train_within_budget(cfg)
-        else:
-            fit(cfg)
+        # as `finegrain train` runs the options (budget 0: as given, e.g. the head, or maps epochs with
+        # --unlabeled's judge: engine/unlabeled_judge.py)
+        train(cfg if cfg.recipe.budget is not None else cfg.replace(budget=0))
         result = {"test_top1": test_top1(run_dir, cache_dir)}
     recipe = json.loads((run_dir / "recipe.json").read_text()) if (run_dir / "recipe.json").is_file() else {}
     if "stages" not in result and "stages" in recipe:  # a budgeted run (a head's recipe.json has no stages)

@@ -14,6 +14,7 @@ from finegrain.option_values import option, parse_optional_float, parse_yaml_lis
 from finegrain.run_layout import RunDir
 
 LABEL_NOISE = ("none", "prune")  # what --label-noise can do about wrong training labels
+UNLABELED_JUDGES = ("auto", "probe", "finetune")  # who judges whether --unlabeled images help
 KD_TARGETS = ("auto", "online", "fixed")  # where distillation's soft labels on training images come from
 
 
@@ -198,6 +199,13 @@ class LabelOptions:
         "confident first (default: chosen on held-out labelled images among 0.25, 0.5, 1 and none)",
         type=parse_optional_float,
     )  # fmt: skip
+    unlabeled_judge: str = option(
+        "auto", "who judges whether the --unlabeled images help: probe (a logistic-regression probe refitted with "
+        "them on held-out folds: cheap), finetune (the run's own training on 5 folds of the labelled images, with and "
+        "without them: 10 extra trainings, sees what fine-tuning gains), or auto (finetune for a run that fine-tunes "
+        "for fixed epochs on at most 400 labelled images, else probe)",
+        choices=UNLABELED_JUDGES,
+    )  # fmt: skip
     consistency: float = option(
         0.0, "weight of a consistency loss on the --unlabeled images while the last stages train on cached maps "
         "(--train-stages N, or a --budget run that picks it): a confident prediction on an image's plain view "
@@ -216,6 +224,8 @@ class LabelOptions:
     def validate(self) -> None:
         require([
             (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),
+            (self.unlabeled_judge in UNLABELED_JUDGES,
+             f"unlabeled-judge must be one of {', '.join(UNLABELED_JUDGES)}"),
             (self.label_noise in LABEL_NOISE, f"label-noise must be one of {', '.join(LABEL_NOISE)}"),
             (self.consistency >= 0, "consistency is a loss weight >= 0 (0: off)"),
             (0 < self.consistency_threshold < 1, "consistency-threshold is a confidence in (0, 1)"),

@@ -38,6 +38,7 @@ from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
 from finegrain.engine.train import FitResult, fit
+from finegrain.engine.unlabeled_judge import fit_judged, judge_kind
 from finegrain.env import resolve_amp
 from finegrain.errors import ConfigError
 from finegrain.models.backbone import backbone_preprocess, create_backbone
@@ -83,7 +84,13 @@ def train(cfg: TrainConfig, given: Iterable[str] = ()) -> FitResult:
         return train_within_budget(cfg.replace(budget=budget))
     if cfg.recipe.budget is None:
         say(f"budget: none ({why})")
-    return fit(cfg.replace(budget=None))
+    cfg = cfg.replace(budget=None)
+    if cfg.labels.unlabeled is not None:
+        judge, why = judge_kind(cfg)
+        say(f"--unlabeled: the {judge} judge decides whether they help ({why})")
+        if judge == "finetune":
+            return fit_judged(cfg)
+    return fit(cfg)
 
 
 def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,

@@ -1,0 +1,161 @@
+"""``--unlabeled-judge finetune``: whether the unlabelled images help, judged by the run's own training on folds.
+
+The probe judge (``engine/addons/unlabeled.py``) refits a logistic-regression probe with pseudo-labels, and a probe
+barely moves with them: on plantvillage_tomato with 30% of its labels (180 labelled images) it refused the
+unlabelled images on all three seeds (+0, +5, +3 held-out images against noise 4.2, 6.2, 5.4), while fine-tuning on
+them gained 2-12 pt test top-1. Here the judge is the training itself: per fold of a stratified ``CV_FOLDS``-fold
+split of the labelled training images, the run's options train on the other folds twice, with the labels alone and
+with the probe teacher's ``JUDGE_FRACTION`` most confident pseudo-labels, and both answer the held-out fold. The
+unlabelled images are used only where the second answers more of the held-out images right by more than their noise
+(``NOISE_SD``, as the probe judge reads it). On tomato this saw +22, +21 and +37 of 180 images against noise 9.2,
+9.4 and 10.1 (benchmarks/results/labels_finetune_judge.json, Intel Xeon family 6 model 167, 2026-12-03).
+
+It costs ``2 x CV_FOLDS`` trainings on 80% of the labels before the real one, so ``auto`` uses it only for small
+labelled sets (``FINETUNE_JUDGE_MAX_IMAGES``) of a run that fine-tunes for a fixed number of epochs; elsewhere (a
+frozen backbone, whose head the probe judge models well, a ``--budget`` run, streamed shards, many labels) the probe
+judges. The fold runs live in ``RUN_DIR/unlabeled_judge/``: a run that stopped resumes from the folds it finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+from finegrain.atomic import write_text
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
+from finegrain.data.source import data_source
+from finegrain.data.transforms import eval_transform
+from finegrain.engine import distributed as fgdist
+from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise
+from finegrain.engine.evaluate import evaluate
+from finegrain.engine.setup import dataset_index
+from finegrain.engine.train import FitResult, fit
+from finegrain.progress import say
+from finegrain.run_layout import RunDir
+
+#: the pseudo-label fraction the folds try (each predicted class's most confident half): the fraction measured on
+#: tomato, where half of the 420 unlabelled images took labels-only maps fine-tuning from 74.4 to 81.4% test top-1
+#: (seeds 0-2, docs/labels.md). Trying more fractions would multiply the folds' cost.
+JUDGE_FRACTION = 0.5
+#: ``auto`` judges by fine-tuning up to this many labelled training images: tomato's 180 cost 10 fold runs of about
+#: a minute each on 2 cores (``--train-stages 2 --epochs 10``); cub100's 879 would cost about an hour
+FINETUNE_JUDGE_MAX_IMAGES = 400
+FOLDER = "unlabeled_judge"
+
+
+def judge_kind(cfg: TrainConfig) -> tuple[str, str]:
+    """``("finetune" | "probe", why)`` for a run with ``--unlabeled``."""
+    wanted = cfg.labels.unlabeled_judge
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "probe", "under torchrun: the folds train one at a time in one process"
+    if wanted == "probe":
+        return "probe", "--unlabeled-judge probe"
+    if cfg.labels.pseudo_fraction is not None:
+        return "probe", "--pseudo-fraction given: that fraction is used, not judged"
+    if cfg.recipe.budget:
+        return "probe", "a --budget run: the folds' trainings would not fit its minutes"
+    if cfg.model.freeze_backbone and wanted == "auto":
+        return "probe", "a frozen backbone: the probe judge models its head"
+    index = dataset_index(cfg)
+    if not data_source(index).listed:
+        return "probe", "streamed shards: the folds need every training image by name"
+    if wanted == "auto" and index.count("train") > FINETUNE_JUDGE_MAX_IMAGES:
+        return (
+            "probe",
+            f"{index.count('train')} labelled training images (> {FINETUNE_JUDGE_MAX_IMAGES}): folds cost too much",
+        )
+    return "finetune", f"--unlabeled-judge {wanted}"
+
+
+def held_out_hits(run_dir: Path, workers: int) -> torch.Tensor:
+    """Which test images of the run's own split its ``best.pt`` answers right (bool, in split order)."""
+    ckpt = Checkpoint.load(Path(run_dir) / RunDir.BEST)
+    model = ckpt.build_model()
+    index = ckpt.dataset()
+    dataset, workers, _, samples = data_source(index).evaluation(
+        "test", eval_transform(model.preprocess), False, workers
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
+    device = fgdist.resolve_device(ckpt.train_config().speed.device)
+    metrics = evaluate(model.to(device), loader, len(index.classes), device, amp="auto", keep_predictions=True)
+    return torch.tensor(metrics["predicted"]) == torch.tensor([s.label for s in samples])
+
+
+def fold_manifests(cfg: TrainConfig, folder: Path) -> list[Path]:
+    """One manifest per fold: the other folds train, the fold is the test split, validation stays as it is (the
+    run's test split is never read)."""
+    index = dataset_index(cfg)
+    train, val = index.split("train"), index.split("val")
+    labels = [s.label for s in train]
+    folds = min(CV_FOLDS, min(labels.count(k) for k in set(labels)))
+    if folds < 2:
+        return []
+    kfold = StratifiedKFold(folds, shuffle=True, random_state=0)  # as the probe judge's folds
+    manifests = []
+    for k, (_, held) in enumerate(kfold.split(labels, labels)):
+        held = set(held.tolist())
+        rows = [
+            [s.path.resolve(), index.classes[s.label], "test" if i in held else "train"] for i, s in enumerate(train)
+        ]
+        rows += [[s.path.resolve(), index.classes[s.label], "val"] for s in val]
+        manifests.append(folder / f"fold{k}.csv")
+        if not manifests[-1].is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with manifests[-1].open("w", newline="") as fh:
+                csv.writer(fh).writerows([["path", "label", "split"], *rows])
+    return manifests
+
+
+def judge_by_finetuning(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train labels-only and with pseudo-labels on every fold; the held-out images each answers right, and whether
+    the pseudo-labels are used (``use``) and why."""
+    folder = run_dir / FOLDER
+    manifests = fold_manifests(cfg, folder)
+    if not manifests:
+        return {"use": False, "why": "too few images per class for folds: labels only (the guard cannot judge)"}
+    right: dict[str, list[torch.Tensor]] = {"labels_only": [], "unlabeled": []}
+    for k, manifest in enumerate(manifests):
+        for setting, extra in (
+            ("labels_only", {"unlabeled": None}),
+            ("unlabeled", {"pseudo_fraction": JUDGE_FRACTION}),
+        ):
+            fold_dir = folder / f"{setting}{k}"
+            done = fold_dir / "held_out_hits.json"
+            if not done.is_file():
+                say(f"--unlabeled-judge: fold {k + 1}/{len(manifests)}, {setting.replace('_', ' ')}")
+                fold_cfg = cfg.replace(data=str(manifest), format="manifest", run_dir=str(fold_dir), **extra)
+                fit(fold_cfg)
+                write_text(done, json.dumps(held_out_hits(fold_dir, cfg.speed.workers).tolist()))
+            right[setting].append(torch.tensor(json.loads(done.read_text())))
+    base, semi = torch.cat(right["labels_only"]), torch.cat(right["unlabeled"])
+    gain, noise = beyond_noise(semi, base)
+    use = gain > noise
+    where = f"{len(base)} labelled images held out in {len(manifests)} folds, each trained on the others"
+    verdict = "beyond" if use else "within"
+    why = (f"fine-tuning judge: with the {JUDGE_FRACTION:g} most confident pseudo-labels {gain:+d} of {where} "
+           f"answered right, {verdict} their noise ({noise:.1f} images)")  # fmt: skip
+    return {"use": bool(use), "why": why, "fraction": JUDGE_FRACTION, "held_out_images": len(base),
+            "labels_only_right": int(base.sum()), "unlabeled_right": int(semi.sum()), "gain_images": gain,
+            "noise_images": round(noise, 1)}  # fmt: skip
+
+
+def fit_judged(cfg: TrainConfig) -> FitResult:
+    """``fit`` with the fine-tuning judge deciding whether ``--unlabeled``'s images join; RUN_DIR/unlabeled.json
+    carries the judgement (``judge``) either way."""
+    run_dir = Path(cfg.run.run_dir)
+    judgement = judge_by_finetuning(cfg, run_dir)
+    say(f"--unlabeled: {'used' if judgement['use'] else 'labels only'} ({judgement['why']})")
+    final = cfg.replace(pseudo_fraction=JUDGE_FRACTION) if judgement["use"] else cfg.replace(unlabeled=None)
+    result = fit(final)
+    report_path = run_dir / RunDir.UNLABELED
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {
+        "unlabeled": cfg.labels.unlabeled, "fraction": None, "pseudo_labelled": []}  # fmt: skip
+    report.update({"why": judgement["why"], "judge": judgement})
+    write_text(report_path, json.dumps(report, indent=2))
+    return result
