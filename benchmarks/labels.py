@@ -211,8 +211,9 @@ MAPS = {"freeze_backbone": False, "train_stages": 2, "epochs": 10}
 #: ``_soft`` did until 2026-11-29); and a second round, the
 #: first student (taught by both stages) teaching with its fine-tuned network, or the kept ``best.pt`` of the first
 #: student taught by the kept stage (``_kept``); ``maps_*``: the last stages on cached maps, with the unlabelled
-#: images' pseudo-labels (as judged, or ``_pseudo_half``: the most confident half per class, unjudged), and with
-#: ``--consistency`` (FixMatch) on them too. ``teachers`` names the run folders
+#: images' pseudo-labels (as judged, or ``_pseudo_half`` / ``_all``: the most confident half per class or all,
+#: unjudged; ``_round2``: all, labelled by the ``_pseudo_half`` student), and with ``--consistency`` (FixMatch) on
+#: them too. ``teachers`` names the run folders
 #: whose ``best.pt`` teach.
 SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "labels_only": ("few", "few", {}),
@@ -234,7 +235,11 @@ SEMI_SETTINGS: dict[str, tuple[str, str, dict]] = {
     "maps_unlabeled": ("maps_unlabeled", "few", {**MAPS, "unlabeled": True}),
     "maps_consistency": ("maps_consistency", "few", {**MAPS, "unlabeled": True, "consistency": 1.0}),
     "maps_pseudo_half": ("maps_pseudo_half", "few", {**MAPS, "unlabeled": True, "pseudo_fraction": 0.5}),
+    "maps_pseudo_all": ("maps_pseudo_all", "few", {**MAPS, "unlabeled": True, "pseudo_fraction": 1.0}),
     "maps_full_labels": ("maps_full", "full", MAPS),
+    # a second round: the unguarded half's student pseudo-labels all the unlabelled images (hard labels)
+    "maps_round2": ("maps_round2", "few", {**MAPS, "unlabeled": True, "teachers": ("maps_pseudo_half",),
+                                           "kd_alpha": 0.0, "pseudo_fraction": 1.0}),
 }  # fmt: skip
 
 

@@ -34,7 +34,7 @@ from finegrain.data.transforms import eval_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise
 from finegrain.engine.evaluate import evaluate
-from finegrain.engine.setup import dataset_index
+from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.progress import say
 from finegrain.run_layout import RunDir
@@ -148,7 +148,8 @@ def judge_by_finetuning(cfg: TrainConfig, run_dir: Path) -> dict:
 def fit_judged(cfg: TrainConfig) -> FitResult:
     """``fit`` with the fine-tuning judge deciding whether ``--unlabeled``'s images join; RUN_DIR/unlabeled.json
     carries the judgement (``judge``) either way."""
-    run_dir = Path(cfg.run.run_dir)
+    run_dir = run_dir_for(cfg)  # one folder for the folds and the kept run
+    cfg = cfg.replace(run_dir=str(run_dir))
     judgement = judge_by_finetuning(cfg, run_dir)
     say(f"--unlabeled: {'used' if judgement['use'] else 'labels only'} ({judgement['why']})")
     final = cfg.replace(pseudo_fraction=JUDGE_FRACTION) if judgement["use"] else cfg.replace(unlabeled=None)
