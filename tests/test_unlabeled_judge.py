@@ -26,6 +26,7 @@ def test_auto_judges_by_finetuning_only_small_labelled_sets_of_fixed_epoch_finet
     assert judge_kind(small.replace(pseudo_fraction=0.5))[0] == "probe"
     assert judge_kind(small.replace(budget=5.0))[0] == "probe"
     assert judge_kind(small.replace(freeze_backbone=True))[0] == "probe"
+    assert judge_kind(small.replace(teachers=[str(tmp_path / "t.pt")]))[0] == "probe"
     assert judge_kind(small.replace(freeze_backbone=True, unlabeled_judge="finetune"))[0] == "finetune"
     monkeypatch.setattr(unlabeled_judge, "FINETUNE_JUDGE_MAX_IMAGES", 10)  # 3 classes x 6 training images: too many
     kind, why = judge_kind(small)

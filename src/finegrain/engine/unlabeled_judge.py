@@ -7,8 +7,9 @@ them gained 2-12 pt test top-1. Here the judge is the training itself: per fold 
 split of the labelled training images, the run's options train on the other folds twice, with the labels alone and
 with the probe teacher's ``JUDGE_FRACTION`` most confident pseudo-labels, and both answer the held-out fold. The
 unlabelled images are used only where the second answers more of the held-out images right by more than their noise
-(``NOISE_SD``, as the probe judge reads it). On tomato this saw +22, +21 and +37 of 180 images against noise 9.2,
-9.4 and 10.1 (benchmarks/results/labels_finetune_judge.json, Intel Xeon family 6 model 167, 2026-12-03).
+(``NOISE_SD``, as the probe judge reads it). On tomato (AMD Zen 5, seeds 0-2) it saw +29, +1 and +24 of 160
+held-out images against noise 9.8, 7.5 and 9.0: the kept model closed 27% of the gap to all labels, where the probe
+judge's refusals closed none (docs/labels.md; seed 1's folds gained nothing on the test split either).
 
 It costs ``2 x CV_FOLDS`` trainings on 80% of the labels before the real one, so ``auto`` uses it only for small
 labelled sets (``FINETUNE_JUDGE_MAX_IMAGES``) of a run that fine-tunes for a fixed number of epochs; elsewhere (a
@@ -39,12 +40,13 @@ from finegrain.engine.train import FitResult, fit
 from finegrain.progress import say
 from finegrain.run_layout import RunDir
 
-#: the pseudo-label fraction the folds try (each predicted class's most confident half): the fraction measured on
-#: tomato, where half of the 420 unlabelled images took labels-only maps fine-tuning from 74.4 to 81.4% test top-1
-#: (seeds 0-2, docs/labels.md). Trying more fractions would multiply the folds' cost.
+#: the pseudo-label fraction the folds try (each predicted class's most confident half): on tomato at 30% labels,
+#: unguarded maps fine-tuning with the half went from 74.4 to 81.4% test top-1 (Intel Xeon) and 72.4 to 83.8% (AMD
+#: Zen 5), with all of them 82.3% (Zen 5; seed means of 0-2, docs/labels.md). More fractions would multiply the cost.
 JUDGE_FRACTION = 0.5
-#: ``auto`` judges by fine-tuning up to this many labelled training images: tomato's 180 cost 10 fold runs of about
-#: a minute each on 2 cores (``--train-stages 2 --epochs 10``); cub100's 879 would cost about an hour
+#: ``auto`` judges by fine-tuning up to this many labelled training images: tomato's 160 cost 10 fold runs of about
+#: 40 s each on 2 cores of an AMD Zen 5 (``--train-stages 2 --epochs 10``: 6.5 minutes, against 45 s for the run
+#: itself); cub100's 879, with 2,024 unlabelled images, would cost about an hour
 FINETUNE_JUDGE_MAX_IMAGES = 400
 FOLDER = "unlabeled_judge"
 
@@ -60,6 +62,8 @@ def judge_kind(cfg: TrainConfig) -> tuple[str, str]:
         return "probe", "--pseudo-fraction given: that fraction is used, not judged"
     if cfg.recipe.budget:
         return "probe", "a --budget run: the folds' trainings would not fit its minutes"
+    if cfg.distill.teachers and wanted == "auto":
+        return "probe", "--teachers saw every labelled image: folds judged with their labels would be optimistic"
     if cfg.model.freeze_backbone and wanted == "auto":
         return "probe", "a frozen backbone: the probe judge models its head"
     index = dataset_index(cfg)
