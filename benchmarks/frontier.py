@@ -23,6 +23,7 @@ on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is m
     python benchmarks/frontier.py --parts peer --seeds 0          # 4 x 30 min
     python benchmarks/frontier.py --parts default budget --seeds 0 1
     python benchmarks/frontier.py --summarize
+    python benchmarks/frontier.py --summarize --cpu amd_epyc_family_26_model_2 --name frontier_zen5  # another CPU
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def summarize(args: argparse.Namespace) -> None:
                          "busy": any(p["busy"] for p in peers),
                          "epochs": [p["epochs_done"] for p in peers]}  # fmt: skip
         out["datasets"][name] = d
-        draw(name, d, RESULTS / f"frontier_{name}.png")
-    write_json(RESULTS / "frontier.json", out)
+        draw(name, d, RESULTS / f"{args.name}_{name}.png")
+    write_json(RESULTS / f"{args.name}.json", out)
     print(f"{'dataset':22s}{'default':>16s}" + "".join(f"{'budget ' + f'{b:g}':>16s}" for b in args.budgets)
           + f"{'peer best':>18s}")  # fmt: skip
     for name, d in out["datasets"].items():
@@ -232,6 +233,11 @@ def main() -> None:
     p.add_argument("--work", default=os.path.expanduser("~/.cache/finegrain/frontier"))
     p.add_argument("--summarize", action="store_true", help="merge the pieces into frontier.json and the pictures")
     p.add_argument("--cpu", help="with --summarize: the pieces folder of another CPU")
+    p.add_argument(
+        "--name",
+        default="frontier",
+        help="with --summarize: the results' name (NAME.json, NAME_<dataset>.png; another CPU's beside)",
+    )
     args = p.parse_args()
     summarize(args) if args.summarize else run(args)
 
