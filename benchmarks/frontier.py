@@ -181,6 +181,7 @@ def summarize(args: argparse.Namespace) -> None:
                          "busy": any(p["busy"] for p in peers),
                          "epochs": [p["epochs_done"] for p in peers]}  # fmt: skip
         out["datasets"][name] = d
+        out.setdefault("machine", next(iter(pieces.values()))["machine"])  # the pieces' CPU, not this one's
         draw(name, d, RESULTS / f"{args.name}_{name}.png")
     write_json(RESULTS / f"{args.name}.json", out)
     print(f"{'dataset':22s}{'default':>16s}" + "".join(f"{'budget ' + f'{b:g}':>16s}" for b in args.budgets)

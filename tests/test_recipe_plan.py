@@ -14,8 +14,8 @@ from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finet
 @pytest.mark.parametrize(
     ("whole_img_s", "stages_img_s", "cache_per_view", "kind", "epochs", "views"),
     [
-        (10, 100, 10, "whole", 6, 0),  # 100 s whole epochs: 6 of 600 s fit, enough
-        (5, 100, 10, "stages", 56, 4),  # 200 s whole epochs: 3 fit, too few; the maps' 10 s epochs after a 40 s cache
+        (20, 100, 10, "whole", 12, 0),  # 50 s whole epochs: 12 of 600 s fit, enough
+        (10, 100, 10, "stages", 56, 4),  # 100 s whole epochs: 6 fit, too few; the maps' 10 s epochs after a 40 s cache
         (5, 10, 120, "stages", 3, 2),  # a costly cache: 2 views (240 s) leave three 100-s epochs, 3 views only 2
         (2, 100, 600, "whole", 1, 0),  # the cache alone takes all the time: one whole epoch still fits
         (1, 100, 600, "none", 0, 0),  # nothing fits
@@ -23,7 +23,7 @@ from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finet
     ],
 )
 def test_plan_from_measured_speeds(whole_img_s, stages_img_s, cache_per_view, kind, epochs, views):
-    assert WHOLE_MIN_EPOCHS == 4  # the cases above are written for it
+    assert WHOLE_MIN_EPOCHS == 8  # the cases above are written for it
     plan = plan_finetuning(600, n_train=1000, n_val=0, whole_img_s=whole_img_s, stages_img_s=stages_img_s,
                            cache_s=lambda v: v * cache_per_view, max_views=4)  # fmt: skip
     assert (plan["kind"], plan["finetune_epochs"], plan["map_views"]) == (kind, epochs, views)
