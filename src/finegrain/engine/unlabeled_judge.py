@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
@@ -33,7 +32,7 @@ from finegrain.config import TrainConfig
 from finegrain.data.source import data_source
 from finegrain.data.transforms import eval_transform
 from finegrain.engine import distributed as fgdist
-from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise
+from finegrain.engine.addons.unlabeled import beyond_noise, held_out_splits
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
@@ -96,13 +95,8 @@ def fold_manifests(cfg: TrainConfig, folder: Path) -> list[Path]:
     run's test split is never read)."""
     index = dataset_index(cfg)
     train, val = index.split("train"), index.split("val")
-    labels = [s.label for s in train]
-    folds = min(CV_FOLDS, min(labels.count(k) for k in set(labels)))
-    if folds < 2:
-        return []
-    kfold = StratifiedKFold(folds, shuffle=True, random_state=0)  # as the probe judge's folds
     manifests = []
-    for k, (_, held) in enumerate(kfold.split(labels, labels)):
+    for k, (_, held) in enumerate(held_out_splits(torch.tensor([s.label for s in train]), None)):  # the probe's folds
         held = set(held.tolist())
         rows = [
             [s.path.resolve(), index.classes[s.label], "test" if i in held else "train"] for i, s in enumerate(train)
