@@ -62,6 +62,7 @@ SWITCH_ON = {
     },  # fmt: skip
     "distill": _teacher,
     "center": lambda tmp: {"center_loss": 0.5, "freeze_backbone": False},
+    "mirror_check": lambda tmp: {"mirror_check": True, "freeze_backbone": False},
 }
 
 

@@ -11,13 +11,14 @@ from finegrain.engine.train import fit
     "elapsed, epoch_s, done, expected",
     [
         (10, 10, 1, 12),  # 110 s left of 120: eleven more
-        (44, 20, 4, 8),  # 3.8 epochs fit: the fourth ends 4 s late, closer than stopping 16 s early
+        (44, 20, 4, 8),  # 3.8 epochs fit: stopping would leave 16 s (over 10% of 120), the fourth ends 4 s late
+        (14, 10, 1, 11),  # 10.6 fit: stop 6 s early (within 10%) rather than end 4 s late, though that is closer
         (100, 40, 2, 2),  # 0.5 fit: one more would end 20 s late (over 10% of 120), so stop 20 s early
         (130, 10, 5, 5),  # past the limit: never fewer than done
         (1, 0.01, 1, 300),  # a tiny dataset's 0.01 s epochs: at most MAX_EPOCHS, not 11,900
     ],
 )
-def test_replan_picks_the_end_nearest_the_limit(elapsed, epoch_s, done, expected):
+def test_replan_ends_inside_the_limit_where_it_can(elapsed, epoch_s, done, expected):
     assert replan_epochs(120, elapsed, epoch_s, done) == expected
 
 

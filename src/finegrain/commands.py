@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -28,7 +29,7 @@ from finegrain.engine.setup import run_dir_for
 from finegrain.engine.sr import load_sr, train_sr
 from finegrain.engine.train import fit
 from finegrain.engine.tune import tune
-from finegrain.env import describe
+from finegrain.env import describe, process_age_s
 from finegrain.errors import FinegrainError
 from finegrain.escape import csv_cell
 from finegrain.explain import explain
@@ -82,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = cfg.replace(run_dir=str(run_dir_for(cfg)))
         made = [d for d in (Path(cfg.run.run_dir), *Path(cfg.run.run_dir).parents) if not d.exists()]
         try:
-            run_dir = train_recipe(cfg, _given(args)).run_dir
+            run_dir = train_recipe(cfg, _given(args), started=time.perf_counter() - process_age_s()).run_dir
         except FinegrainError:  # a run that failed before writing anything leaves no folder behind
             stages = sorted(made[0].glob("**/"), reverse=True) if made else []  # a recipe's empty stage folders
             for folder in [*stages, *made]:  # (then the run folder, then the parents it created, while empty)

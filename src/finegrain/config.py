@@ -142,6 +142,11 @@ class AugmentOptions:
         "probability of mirroring each training image; 0 where a mirror image is another class "
         "(keep-left/keep-right signs, text): no mirroring anywhere, cached features included",
     )
+    mirror_check: bool = option(
+        False, "train the first epoch without mirroring, then keep it off where the network answers mirrored "
+        f"validation images of one class as another's and back (keep left/right; RUN_DIR/{RunDir.MIRROR}); the "
+        "default recipe sets it for whole-network fine-tuning unless --hflip is given",
+    )  # fmt: skip
     color_jitter: float = option(0.2, "brightness/contrast/saturation jitter strength")
     random_erasing: float = option(0.0, "probability of erasing a random rectangle of each training image")
     erasing_max_area: float = option(0.25, "largest erased fraction of the image (smallest: 0.02)")

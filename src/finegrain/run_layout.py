@@ -28,6 +28,7 @@ class RunDir:
     SHORT_CARD = "model_card.json"  # its short form, also inside every ONNX export
     TRACKING = "tracking.json"  # which MLflow run the directory logs to
     # written by add-ons, each of which declares the ones it writes in ``AddOn.files``
+    MIRROR = "mirror.json"  # --mirror-check: the mirror-image class pairs found, and the mirroring used
     UNLABELED = "unlabeled.json"  # --unlabeled: the pseudo-labels kept, and whether they helped on validation
     LABEL_ISSUES = "label_issues.csv"  # --label-noise (and `data audit`): images whose label is probably wrong
     LABEL_NOISE = "label_noise.json"  # --label-noise: the summary

@@ -5,9 +5,11 @@ the boxes with the image (what part annotations need); with an image alone they 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torchvision.transforms import functional as TF
 from torchvision.transforms import v2 as T
 
 INTERPOLATION = {
@@ -51,6 +53,16 @@ def eval_transform(pre: Preprocess) -> T.Compose:
             *_to_tensor(pre),
         ]
     )
+
+
+class Mirrored:
+    """``transform`` of the image's mirror image (a class, not a closure: loader workers pickle it)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, img):
+        return self.transform(TF.hflip(img))
 
 
 def train_transform(

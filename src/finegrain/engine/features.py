@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.transforms import functional as TF
 
 from finegrain.checkpoint import save_atomic
 from finegrain.data import ImageDataset, Sample
-from finegrain.data.transforms import Preprocess, eval_transform
+from finegrain.data.transforms import Mirrored, Preprocess, eval_transform
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.env import resolve_amp
 from finegrain.progress import progress_bar
@@ -48,14 +47,6 @@ def file_key(sample: Sample) -> str:
     stat = sample.path.stat()
     key = f"{sample.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     return f"{key}#{sample.member[0]}" if sample.member else key
-
-
-class _Mirrored:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, img):
-        return self.transform(TF.hflip(img))
 
 
 @torch.inference_mode()
@@ -99,7 +90,7 @@ def extract_features(
 def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, device: torch.device, flip: bool,
              batch_size: int, workers: int, amp: str, channels_last: bool, desc: str) -> torch.Tensor:  # fmt: skip
     transform = eval_transform(pre)
-    dataset = ImageDataset(samples, _Mirrored(transform) if flip else transform)
+    dataset = ImageDataset(samples, Mirrored(transform) if flip else transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     model.eval()
     chunks = []

@@ -34,24 +34,29 @@ MIN_IMAGES = 3
 def mirror_pairs(plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  c: float = 100.0) -> list[dict]:  # fmt: skip
     """Pairs of classes that are mirror images of each other, from features of the same images un-mirrored and
-    mirrored: ``[{"classes": (a, b), "share": (a->b, b->a), "images": (n_a, n_b)}]`` (empty: flips are safe).
-    ``c``: the probe's inverse penalty; 100 found the generated pair on 3 of 3 seeds, 1 on 1 of 3."""
+    mirrored, as :func:`pairs_from_answers` reports them (empty: flips are safe). ``c``: the probe's inverse
+    penalty; 100 found the generated pair on 3 of 3 seeds, 1 on 1 of 3."""
     plain, mirrored = l2_normalise(plain.float()), l2_normalise(mirrored.float())
     fold = torch.arange(len(labels)) % 2
-    right = torch.zeros(num_classes, dtype=torch.long)  # per class: images recognised un-mirrored
-    swaps = torch.zeros(num_classes, num_classes, dtype=torch.long)  # [true, predicted when mirrored], of those
+    as_plain, as_mirror = torch.empty_like(labels), torch.empty_like(labels)
     for k in (0, 1):
         fit, score = fold != k, fold == k
         w, b = logistic_regression(plain[fit], labels[fit], num_classes, c)
-        as_plain = (plain[score] @ w.T + b).argmax(1)
-        as_mirror = (mirrored[score] @ w.T + b).argmax(1)
-        y = labels[score]
-        ok = as_plain == y
-        right += torch.bincount(y[ok], minlength=num_classes)
-        swaps += torch.bincount(y[ok] * num_classes + as_mirror[ok], minlength=num_classes**2).view(
-            num_classes, num_classes
-        )
-    share = swaps.double() / right.clamp(min=1)[:, None].double()
+        as_plain[score] = (plain[score] @ w.T + b).argmax(1)
+        as_mirror[score] = (mirrored[score] @ w.T + b).argmax(1)
+    return pairs_from_answers(as_plain, as_mirror, labels, num_classes)
+
+
+def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> list[dict]:  # fmt: skip
+    """Mirror pairs from a classifier's answers on images un-mirrored (``as_plain``) and mirrored (``as_mirror``):
+    of each class's images it recognises un-mirrored, the share whose mirror image it answers with one other
+    class; a pair where that share is at least ``MIN_SHARE`` both ways, on at least ``MIN_IMAGES`` images of each:
+    ``[{"classes": (a, b), "share": (a->b, b->a), "images": (n_a, n_b)}]``."""
+    ok = as_plain == labels
+    right = torch.bincount(labels[ok], minlength=num_classes)
+    swaps = torch.bincount(labels[ok] * num_classes + as_mirror[ok], minlength=num_classes**2)
+    share = swaps.view(num_classes, num_classes).double() / right.clamp(min=1)[:, None].double()
     share.fill_diagonal_(0)
     pairs = []
     for a in range(num_classes):

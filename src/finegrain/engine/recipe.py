@@ -8,7 +8,9 @@ within a time budget on this machine.
 2. This machine's fine-tuning speed, measured (a few training steps at the run's input size and precision), gives
    the first plan of whole-network fine-tuning epochs (from the head, BatchNorm statistics frozen) that fit in what
    is left of the budget; after each epoch the plan and its cosine schedule follow the speed the run actually has
-   (``--replan-epochs``, engine/replan.py), so a machine that slows down or speeds up still ends near the budget.
+   (``--replan-epochs``, engine/replan.py), so a machine that slows down or speeds up still ends near the budget,
+   inside it where an epoch is under a tenth of it. Unless ``--hflip`` is given, whole-network fine-tuning decides
+   mirroring from the data (``--mirror-check``, engine/addons/mirror_check.py).
 3. The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
    ``RUN_DIR/recipe.json`` records every stage's validation numbers and time, and why the one kept was kept.
 """
@@ -54,6 +56,9 @@ EVAL_COST = 0.35  # validation images cost about a third of a training image (fo
 #: cores) the head alone gave 73.8% and ``--budget 10`` 83.6%, and timm's script needed 19 minutes for 82.3%.
 #: Where fine-tuning does not fit or does not validate better, the recipe keeps the head (recipe.json says which).
 DEFAULT_BUDGET = 10.0
+#: seconds of the budget kept for what its fine-tuning clock does not see: the stage's set-up before its first epoch
+#: and the recipe's end (the kept stage copied and loaded)
+END_S = 10.0
 #: partial fine-tuning's cut (``--train-stages``): the last stages trained on cached maps of the rest
 PARTIAL_STAGES = 2
 #: whole-network epochs that must fit for the recipe to prefer them to partial fine-tuning on cached maps. Why 8, not
@@ -80,11 +85,14 @@ def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]
     return DEFAULT_BUDGET, "default"
 
 
-def train(cfg: TrainConfig, given: Iterable[str] = ()) -> FitResult:
-    """``finegrain train``: the recipe within the budget that :func:`budget_for` gives, else ``fit`` as given."""
+def train(cfg: TrainConfig, given: Iterable[str] = (), started: float | None = None) -> FitResult:
+    """``finegrain train``: the recipe within the budget that :func:`budget_for` gives, else ``fit`` as given;
+    ``started``: the ``time.perf_counter()`` the budget counts from (the command's start; default now)."""
     budget, why = budget_for(cfg, given)
     if budget:
-        return train_within_budget(cfg.replace(budget=budget))
+        decide_flips = not {"hflip", "mirror_check"} & set(given)  # mirroring from the data, unless the user said
+        return train_within_budget(cfg.replace(budget=budget, mirror_check=decide_flips or cfg.augment.mirror_check),
+                                   started)  # fmt: skip
     if cfg.recipe.budget is None:
         say(f"budget: none ({why})")
     cfg = cfg.replace(budget=None)
@@ -237,12 +245,13 @@ def small_photos(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     return cfg.replace(input_size=size), {"input_size": size, "photo_side": side, "native_input_size": native}
 
 
-def train_within_budget(cfg: TrainConfig) -> FitResult:
-    """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result."""
+def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitResult:
+    """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result. The budget
+    counts from ``started`` (a ``time.perf_counter()``; default now): the command line passes its process's start."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--budget decides from one process's timing: run it without torchrun (or set --epochs)")
     budget_s = 60 * cfg.recipe.budget
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     run_dir = run_dir_for(cfg)
     stages: dict[str, dict] = {}
 
@@ -270,7 +279,7 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         def cache_s(views: int) -> float:
             return (views * n_train + n_val) * view_s + per_image * (n_train + n_val)
 
-    left = budget_s - (time.perf_counter() - start)
+    left = budget_s - (time.perf_counter() - start) - END_S
     plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views)
     epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
@@ -293,6 +302,9 @@ def train_within_budget(cfg: TrainConfig) -> FitResult:
         stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
                               "kind": plan["kind"], "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
+        if (ft.run_dir / RunDir.MIRROR).is_file():  # --mirror-check: the mirror pairs found, the mirroring used
+            mirror = json.loads((ft.run_dir / RunDir.MIRROR).read_text())
+            stages["finetune"]["mirror"] = {"hflip": mirror["hflip"], "pairs": [p["names"] for p in mirror["pairs"]]}
     ranked = [(s["val_top1"], name) for name, s in stages.items() if s["val_top1"] is not None]
     kept = max(ranked, key=lambda t: (t[0], t[1] == "head"))[1]  # on ties the head: as good, and cheaper
     if len(ranked) > 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-#: how far past the limit a re-plan may end its last epoch rather than stop short by more (a share of the limit)
+#: the share of the limit a re-plan may leave unused, and how far past it an extra epoch may end where it would not
 OVERSHOOT = 0.1
 #: the most epochs a plan holds: on a tiny dataset a long budget would otherwise buy thousands of epochs of
 #: fine-tuning a pretrained network, which no schedule here needs (the budget is then not all used)
@@ -20,16 +20,19 @@ MAX_EPOCHS = 300
 
 
 def replan_epochs(limit_s: float, elapsed_s: float, epoch_s: float, done: int) -> int:
-    """The total number of epochs that ends closest to ``limit_s`` seconds, ``done`` epochs having taken
-    ``elapsed_s`` and the last of them ``epoch_s``: whole epochs that fit, plus one more where it would end at most
-    ``OVERSHOOT`` of the limit late and closer to the limit than stopping would. Never fewer than ``done``, nor more
-    than ``MAX_EPOCHS``."""
+    """The total number of epochs for ``limit_s`` seconds, ``done`` epochs having taken ``elapsed_s`` and the last
+    of them ``epoch_s``: the whole epochs that fit, so the run ends inside its limit; one more only where stopping
+    would leave more than ``OVERSHOOT`` of the limit unused and the extra epoch ends at most that late and closer to
+    the limit. Never fewer than ``done``, nor more than ``MAX_EPOCHS``.
+
+    Why inside first: the default is a 10-minute budget, and the accuracy issue asks for at most 10 minutes. Ending
+    at the nearest epoch end (the rule until 2026-12-03) ran the default 10.2-10.4 minutes on AMD EPYC Zen 5."""
     if epoch_s <= 0:
         return done
     fits = (limit_s - elapsed_s) / epoch_s
     n = max(0, math.floor(fits))
     short = (fits - n) * epoch_s  # unused seconds if we stop after n more
     late = (n + 1 - fits) * epoch_s  # seconds past the limit with one more
-    if fits >= 0 and late <= OVERSHOOT * limit_s and late < short:
+    if fits >= 0 and short > OVERSHOOT * limit_s and late <= OVERSHOOT * limit_s and late < short:
         n += 1
     return max(done, min(done + n, MAX_EPOCHS))

@@ -12,6 +12,7 @@ from finegrain.engine.addons.center import CenterLossAddOn
 from finegrain.engine.addons.consistency import ConsistencyAddOn
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.addons.label_noise import LabelNoiseAddOn
+from finegrain.engine.addons.mirror_check import MirrorCheckAddOn
 from finegrain.engine.addons.progressive import ProgressiveAddOn
 from finegrain.engine.addons.qat import QATAddOn
 from finegrain.engine.addons.sr_aug import SRAugAddOn
@@ -20,12 +21,13 @@ from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 
 #: in hook order: the data first (wrong labels left out, the unlabelled images read for consistency training before
 #: some of them are pseudo-labelled by a teacher fitted on the labels that remain, both scored with the starting
-#: backbone), then the model changes (QAT, MixStyle), image transforms before batch transforms, distillation (which
-#: replaces cross-entropy) before center loss (which adds to whatever the loss is); consistency adds its loss on
-#: cached maps, where distillation and center loss do not run
+#: backbone), then the model changes (QAT, MixStyle), image transforms before batch transforms (the mirror check
+#: after them: it finds the flips inside what they return), distillation (which replaces cross-entropy) before
+#: center loss (which adds to whatever the loss is); consistency adds its loss on cached maps, where distillation
+#: and center loss do not run
 ADDONS: tuple[type[AddOn], ...] = (
     LabelNoiseAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn,
-    ProgressiveAddOn, DistillAddOn, CenterLossAddOn,
+    ProgressiveAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 

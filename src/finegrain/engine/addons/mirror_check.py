@@ -1,0 +1,116 @@
+"""Mirroring decided from data (``--mirror-check``, which the budgeted recipe sets): the first epoch trains without
+it, then the network is asked about mirrored validation images; where one class's mirror images are answered as
+another class's and back (keep left / keep right), mirroring stays off for the run, else it is turned on.
+
+Why: flip augmentation teaches that an image and its mirror image are one class. On gtsrb_finegrained the default
+(20 whole-network epochs at 128 px, mirroring on) made 144 test errors, 76 of them swaps inside the four mirror pairs
+(dangerous curve, turn, go straight or, keep: left/right) (AMD EPYC Zen 5, 2 cores, seed 0, 2026-12-03). Frozen
+ImageNet features cannot see it beforehand (``engine/mirror.py``: even a probe on a 3x3 grid of lite0's last maps
+kept a mirrored "dangerous curve to the left" as itself 50-74% of the time), but a network trained one epoch
+without mirroring has learnt which way the classes point. Where nothing is found, the cost is one epoch without
+mirroring. Writes ``RUN_DIR/mirror.json``: the pairs found, the evidence, and the mirroring used.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torchvision.transforms import v2 as T
+
+from finegrain.atomic import write_text
+from finegrain.data import ImageDataset
+from finegrain.data.transforms import Mirrored, eval_transform
+from finegrain.engine.addons.base import AddOn
+from finegrain.engine.context import Context
+from finegrain.engine.evaluate import evaluate
+from finegrain.engine.mirror import pairs_from_answers
+from finegrain.run_layout import RunDir
+
+#: epochs trained without mirroring before the network is asked
+CHECK_AFTER = 1
+
+
+class MirrorCheckAddOn(AddOn):
+    name = "mirror_check"
+    files = (RunDir.MIRROR,)
+
+    @classmethod
+    def wanted(cls, cfg) -> bool:  # whole-network training on images: the cached views of maps and features are fixed
+        return cfg.augment.mirror_check and cfg.augment.hflip > 0 and not cfg.model.freeze_backbone \
+            and not cfg.model.train_stages  # fmt: skip
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.flips: list[T.RandomHorizontalFlip] = []
+        self.report: dict | None = None  # the decision, once made
+        self.epoch = 0  # the epoch being trained
+        self.ctx: Context | None = None
+        self.called = False  # epoch_start seen in this process
+
+    def train_transform(self, transform):
+        todo = [transform]
+        while todo:  # the flips of the transform, of any Compose inside it and of any wrapped transform
+            t = todo.pop()
+            if isinstance(t, T.RandomHorizontalFlip):
+                self.flips.append(t)
+            todo += [*getattr(t, "transforms", []), *filter(None, [getattr(t, "transform", None)])]
+        self._apply()
+        return transform
+
+    def attach(self, ctx: Context, task) -> None:
+        self.ctx = ctx
+
+    def epoch_start(self, ctx: Context, task, epoch: int) -> bool:
+        """Decides before the epoch after ``CHECK_AFTER``, not on this process's first call: a resumed run's comes
+        before its weights are restored (``load_state_dict`` decides then)."""
+        first, self.called, self.epoch = not self.called, True, epoch
+        if self.report is None and epoch >= CHECK_AFTER and not first:
+            self._decide()
+        return False  # the flips change in place; loader workers start afresh each epoch and take them
+
+    def epoch_info(self, epoch: int) -> dict:
+        return {"hflip": self._hflip()}
+
+    def state_dict(self) -> dict:
+        return {"report": self.report, "next_epoch": self.epoch + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.report = state.get("report")
+        if self.report is None and state.get("next_epoch", 0) >= CHECK_AFTER:
+            self._decide()  # resumed where the uninterrupted run decided: the weights are restored by now
+        self._apply()
+
+    def _hflip(self) -> float:
+        return self.report["hflip"] if self.report is not None else 0.0
+
+    def _apply(self) -> None:
+        for flip in self.flips:
+            flip.p = self._hflip()
+
+    def _decide(self) -> None:
+        ctx = self.ctx
+        index, hflip = ctx.index, self.cfg.augment.hflip
+        val = index.split("val")
+        report = {"after_epochs": CHECK_AFTER, "validation_images": len(val), "pairs": [], "hflip": hflip}
+        if val:
+            labels = torch.tensor([s.label for s in val])
+            tf = eval_transform(ctx.model.preprocess)
+            answers = []
+            with torch.random.fork_rng(devices=[]):  # the training's random stream is the same with or without it
+                for view in (tf, Mirrored(tf)):
+                    loader = torch.utils.data.DataLoader(ImageDataset(val, view), batch_size=self.cfg.optim.batch_size,
+                                                         num_workers=self.cfg.speed.workers)  # fmt: skip
+                    m = evaluate(ctx.model, loader, len(index.classes), ctx.device, amp=ctx.amp,
+                                 channels_last=self.cfg.speed.channels_last, keep_predictions=True)  # fmt: skip
+                    answers.append(torch.tensor(m["predicted"]))
+            pairs = pairs_from_answers(answers[0], answers[1], labels, len(index.classes))
+            report["pairs"] = [{**p, "names": [index.classes[c] for c in p["classes"]]} for p in pairs]
+            report["hflip"] = 0.0 if pairs else hflip
+        self.report = report
+        self._apply()
+        found = "; ".join(" <-> ".join(p["names"]) for p in report["pairs"])
+        ctx.log(f"--mirror-check: {len(report['pairs'])} mirror pair(s) among the classes"
+                + (f" ({found}): mirroring stays off" if found else f": mirroring on (--hflip {hflip:g})"))  # fmt: skip
+        if ctx.info.is_main:
+            write_text(ctx.run_dir / RunDir.MIRROR, json.dumps(report, indent=2))
