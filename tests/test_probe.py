@@ -177,6 +177,19 @@ def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_
         )
 
 
+def test_the_budget_counts_from_when_the_command_started(imagefolder, tiny_config, tmp_path, monkeypatch):
+    """A run whose process started 40 s before a 0.5-minute budget has no time left to fine-tune, even where an
+    epoch would take no time at all."""
+    import finegrain.engine.recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "finetune_speed", lambda *a, **k: 1e6)
+    cfg = tiny_config(imagefolder, head="auto", budget=0.5, run_dir=str(tmp_path / "late"))
+    result = train_within_budget(cfg, started=time.perf_counter() - 40)
+    recipe = json.loads((result.run_dir / "recipe.json").read_text())
+    assert set(recipe["stages"]) == {"head"} and recipe["decision"]["seconds_left"] < 0
+    assert recipe["total_s"] >= 40
+
+
 @pytest.mark.parametrize("finetune_val, kept", [(2.0, "finetune"), (-1.0, "head")])
 def test_budget_keeps_the_stage_that_validates_better(imagefolder, tiny_config, tmp_path, monkeypatch, finetune_val,
                                                       kept):  # fmt: skip
@@ -256,8 +269,12 @@ def test_finegrain_train_spends_the_default_budget_unless_a_schedule_is_given(im
     """Which path `finegrain train` takes, the two trainings replaced by recorders (no training runs)."""
     import finegrain.engine.recipe as recipe
 
-    taken, done = [], SimpleNamespace(run_dir=tmp_path / "run")
-    record = lambda cfg: taken.append(f"recipe {cfg.recipe.budget:g}") or done  # noqa: E731
+    taken, done, called = [], SimpleNamespace(run_dir=tmp_path / "run"), time.perf_counter()
+
+    def record(cfg, started=None):  # the budget counts from the process's start, before this test called main
+        assert started is not None and started < called - 1.0
+        return taken.append(f"recipe {cfg.recipe.budget:g}") or done
+
     monkeypatch.setattr(recipe, "train_within_budget", record)
     monkeypatch.setattr(recipe, "fit", lambda cfg: taken.append("fit" if cfg.recipe.budget is None else "?") or done)
     if yaml:

@@ -11,12 +11,12 @@ other half (cross-fitted, so no image is scored by a probe that saw it). A pair 
 are mostly predicted as each other (class a's as b, b's as a) is a mirror pair; one such pair is enough to turn
 flips off, because the augmentation would teach the model to confuse exactly those classes.
 
-Not yet used by training: on frozen ImageNet lite0 features it finds no pair on any of the four domains, gtsrb
-included (benchmarks/mirror.py, results/mirror.json, Intel Xeon with AMX, 2 cores, 2026-12-02). There the frozen
-features barely tell left from right: a mirrored "dangerous curve to the left" is still predicted as itself 83% of
-the time, and mirrored images go to their partner class no more often than un-mirrored ones do. The signal needs a
-network fine-tuned without flips (e.g. after a first flip-free fine-tuning epoch of ``--budget``); on generated
-mirror-image classes that frozen features do see (diagonal stripes, tests/test_mirror.py) it finds the pair.
+Frozen ImageNet lite0 features cannot tell: the probe finds no pair on any of the four domains, gtsrb included
+(benchmarks/mirror.py, results/mirror.json, Intel Xeon with AMX, 2 cores, 2026-12-02): a mirrored "dangerous curve to
+the left" is still predicted as itself 83% of the time (50-74% with a 3x3 grid of the last maps instead of their
+mean, AMD EPYC Zen 5, 2026-12-03). A network trained a few epochs without mirroring can: ``--mirror-check``
+(engine/addons/mirror_check.py) asks it with :func:`pairs_from_answers`. On generated mirror-image classes that
+frozen features do see (diagonal stripes, tests/test_mirror.py) the probe finds the pair.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from finegrain.engine.probe import l2_normalise, logistic_regression
 
-#: share of a class's correctly recognised images whose mirror image goes to one other class, for a mirror pair
+#: share of a pair's correctly recognised images whose mirror image goes to the other class, for a mirror pair
 MIN_SHARE = 0.5
 #: images of a class (recognised un-mirrored) below which it is not judged
 MIN_IMAGES = 3
@@ -49,20 +49,25 @@ def mirror_pairs(plain: torch.Tensor, mirrored: torch.Tensor, labels: torch.Tens
 
 def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: torch.Tensor,
                        num_classes: int) -> list[dict]:  # fmt: skip
-    """Mirror pairs from a classifier's answers on images un-mirrored (``as_plain``) and mirrored (``as_mirror``):
-    of each class's images it recognises un-mirrored, the share whose mirror image it answers with one other
-    class; a pair where that share is at least ``MIN_SHARE`` both ways, on at least ``MIN_IMAGES`` images of each:
-    ``[{"classes": (a, b), "share": (a->b, b->a), "images": (n_a, n_b)}]``."""
+    """Mirror pairs from a classifier's answers on images un-mirrored (``as_plain``) and mirrored (``as_mirror``).
+    Of each class's images it recognises un-mirrored, the share whose mirror image it answers with one other class;
+    a pair where each class's mirror images go to the other more than to any third class, and at least
+    ``MIN_SHARE`` of both classes' recognised images (together, at least ``MIN_IMAGES`` of each) go across:
+    ``[{"classes": (a, b), "share": (a->b, b->a), "images": (n_a, n_b)}]``.
+
+    Why together, not each way: a network learns left from right one class at a time. On gtsrb_finegrained after 3
+    epochs without mirroring, keep right's mirror images went to keep left 41 of 50 times, keep left's to keep
+    right 14 of 54 (AMD EPYC Zen 5, seed 0, 2026-12-03)."""
     ok = as_plain == labels
     right = torch.bincount(labels[ok], minlength=num_classes)
     swaps = torch.bincount(labels[ok] * num_classes + as_mirror[ok], minlength=num_classes**2)
-    share = swaps.view(num_classes, num_classes).double() / right.clamp(min=1)[:, None].double()
-    share.fill_diagonal_(0)
+    swaps = swaps.view(num_classes, num_classes).double()
+    swaps.fill_diagonal_(0)
     pairs = []
     for a in range(num_classes):
-        b = int(share[a].argmax())
-        mutual = a < b and int(share[b].argmax()) == a and min(right[a], right[b]) >= MIN_IMAGES
-        if mutual and share[a, b] >= MIN_SHARE and share[b, a] >= MIN_SHARE:
-            pairs.append({"classes": (a, b), "share": (round(float(share[a, b]), 3), round(float(share[b, a]), 3)),
-                          "images": (int(right[a]), int(right[b]))})  # fmt: skip
+        b = int(swaps[a].argmax())
+        mutual = a < b and int(swaps[b].argmax()) == a and min(right[a], right[b]) >= MIN_IMAGES
+        if mutual and (swaps[a, b] + swaps[b, a]) / (right[a] + right[b]) >= MIN_SHARE:
+            share = (round(float(swaps[a, b] / right[a]), 3), round(float(swaps[b, a] / right[b]), 3))
+            pairs.append({"classes": (a, b), "share": share, "images": (int(right[a]), int(right[b]))})
     return pairs
