@@ -110,7 +110,7 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     network on images, or (``train_stages``) of its last stages and head on the cached maps of the frozen rest;
     ``teachers`` (distillation's) run on every batch too. One step to warm up, then the fastest of ``steps`` timed
     ones. Without the teachers' pass, a cub100 student with two teachers planned one epoch of 124 s that took 221 s,
-    and its 5-minute run took 6 (2026-11-29, docs/labels.md).
+    and its 5-minute run took 6 (2026-11-29, docs/unlabeled.md).
 
     The fastest, not the mean: a step slowed by other work on the machine must not cancel fine-tuning. On a loaded
     2-core machine (2026-11-28) the mean of 3 steps read 4.6-7.3 img/s against 15-18 idle, and the recipe then

@@ -51,7 +51,7 @@ def load_teachers(ctx: Context) -> Teachers:
 def own_labels_warning(path: str, config: dict, unlabeled: str | None) -> str:
     """A line for a teacher of ``--unlabeled`` images that itself trained on pseudo-labels of the same images, else
     "": it fitted them and hands them back, so a second round learns nothing new (on cub100 the student's head and
-    its fine-tuned network each gave all 2,024 of the first round's labels back unchanged, docs/labels.md)."""
+    its fine-tuned network each gave all 2,024 of the first round's labels back unchanged, docs/unlabeled.md)."""
     own = (config.get("labels") or {}).get("unlabeled")
     if unlabeled is None or own is None or Path(own).expanduser().resolve() != Path(unlabeled).expanduser().resolve():
         return ""
