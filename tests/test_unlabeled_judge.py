@@ -66,7 +66,8 @@ def test_the_folds_train_and_answer_every_labelled_image_and_the_kept_run_follow
     not train on it, and the kept run is what the verdict says."""
     report, config = _judged_run(tmp_path, tiny_config, epochs=2)
     judge = report["judge"]
-    assert judge["held_out_images"] == 24 and judge["use"] == (judge["gain_images"] > judge["noise_images"])
+    assert judge["held_out_images"] == 24
+    assert judge["use"] == (judge["paired_t"] > unlabeled_judge.MIN_T and judge["gain_images"] >= 0)
     assert 0 <= judge["labels_only_right"] <= 24 and 0 <= judge["unlabeled_right"] <= 24
     folds = sorted(p.name for p in (tmp_path / "run" / "unlabeled_judge").glob("*[0-9]"))
     assert folds == sorted(f"{s}{k}" for s in ("labels_only", "unlabeled") for k in range(5))
@@ -76,9 +77,11 @@ def test_the_folds_train_and_answer_every_labelled_image_and_the_kept_run_follow
         assert report["fraction"] is None and report["pseudo_labelled"] == [] and "unlabeled: null" in config
 
 
-def _fake_folds(monkeypatch, labels_only: float, unlabeled: float) -> None:
+def _fake_folds(monkeypatch, labels_only: float, unlabeled: float | None, lift: float = 0.0) -> None:
     """Fold trainings replaced by their answers: labels only answers the first ``labels_only`` share of each fold's
-    held-out images right, with the unlabelled images the last ``unlabeled`` share."""
+    held-out images right, with the unlabelled images the last ``unlabeled`` share (None: the same images as labels
+    only); a right answer gives the true class probability 0.6, a wrong one 0.2 (a little more for some images), and
+    with the unlabelled images ``lift`` more."""
 
     def fake_fit(cfg):  # the folds only: the kept run trains for real
         if Path(cfg.run.run_dir).parent.name != "unlabeled_judge":
@@ -87,29 +90,35 @@ def _fake_folds(monkeypatch, labels_only: float, unlabeled: float) -> None:
 
     real_fit = unlabeled_judge.fit
 
-    def fake_hits(run_dir, workers):
+    def fake_answers(run_dir, workers):
         fold = Path(run_dir).parent / f"fold{Path(run_dir).name[-1]}.csv"
         n = sum(row.endswith(",test") for row in fold.read_text().splitlines())
         if "labels_only" in Path(run_dir).name:
-            return torch.arange(n) < round(labels_only * n)
-        return torch.arange(n) >= n - round(unlabeled * n)
+            hits, extra = torch.arange(n) < round(labels_only * n), 0.0
+        else:
+            last = torch.arange(n) >= n - round((unlabeled or 0) * n)
+            hits, extra = (torch.arange(n) < round(labels_only * n)) if unlabeled is None else last, lift
+        p = torch.where(hits, 0.6, 0.2) + 0.01 * (torch.arange(n) % 3) + extra
+        return {"hits": hits.tolist(), "log_p": p.log().tolist()}
 
     monkeypatch.setattr(unlabeled_judge, "fit", fake_fit)
-    monkeypatch.setattr(unlabeled_judge, "held_out_hits", fake_hits)
+    monkeypatch.setattr(unlabeled_judge, "held_out_answers", fake_answers)
 
 
 def test_the_guard_keeps_labels_only_unless_the_folds_gain_beyond_noise(tmp_path, tiny_config, monkeypatch):
     """The verdict from the folds' answers (24 held-out images): half right -> all right is beyond noise; half ->
-    two thirds, on different images, is within it (+4, 20 answered differently: noise 6.7); losing never passes.
-    The kept run trains on what the verdict says (a judge whose verdict the final run ignored fails here)."""
-    for k, (before, after, use) in enumerate([(0.5, 1.0, True), (0.5, 2 / 3, False), (5 / 6, 0.5, False)]):
+    two thirds, on different images, is within it (t 0.9); losing never passes; the same answers right, but each
+    true class surer (+0.1), passes on log-probabilities (the right-answer count alone refused it: +0 of 24). The
+    kept run trains on what the verdict says (a judge whose verdict the final run ignored fails here)."""
+    cases = [(0.5, 1.0, 0.0, True), (0.5, 2 / 3, 0.0, False), (5 / 6, 0.5, 0.0, False), (0.5, None, 0.1, True)]
+    for k, (before, after, lift, use) in enumerate(cases):
         with monkeypatch.context() as m:
-            _fake_folds(m, before, after)
+            _fake_folds(m, before, after, lift)
             run = tmp_path / str(k)
             report, config = _judged_run(run, tiny_config, epochs=1, run_dir=str(run / "run"))
         judge = report["judge"]
-        assert judge["use"] is use, (before, after, report["why"])
+        assert judge["use"] is use, (before, after, lift, report["why"])
         assert judge["gain_images"] == judge["unlabeled_right"] - judge["labels_only_right"]
-        assert (judge["gain_images"] > 0) is (after > before)
+        assert (judge["gain_images"] > 0) is (after is not None and after > before)
         assert ("pseudo_fraction: 0.5" in config) is use and ("unlabeled: null" in config) is not use
         assert bool(report["pseudo_labelled"]) is use

@@ -105,7 +105,10 @@ class MirrorCheckAddOn(AddOn):
     def _decide(self) -> None:
         ctx, hflip = self.ctx, self.cfg.augment.hflip
         classes, asked = ctx.index.classes, self._asked()
-        labels = torch.tensor([s.label for s in asked])
+        if not asked:  # streamed shards list no images to ask about: mirroring as the options say
+            self._report({"after_epochs": self.after, "images_asked": 0, "pairs": [], "hflip": hflip})
+            return
+        labels = torch.tensor([s.label for s in asked], dtype=torch.long)
         tf = eval_transform(ctx.model.preprocess)
         answers = []
         with torch.random.fork_rng(devices=[]):  # the training's random stream is the same with or without it
@@ -120,6 +123,10 @@ class MirrorCheckAddOn(AddOn):
                   "recognised": round(float((answers[0] == labels).double().mean()), 4),
                   "pairs": [{**p, "names": [classes[c] for c in p["classes"]]} for p in pairs],
                   "hflip": 0.0 if pairs else hflip}  # fmt: skip
+        self._report(report)
+
+    def _report(self, report: dict) -> None:
+        ctx, hflip = self.ctx, self.cfg.augment.hflip
         self.report = report
         self._apply()
         found = "; ".join(" <-> ".join(p["names"]) for p in report["pairs"])
