@@ -12,11 +12,11 @@ are mostly predicted as each other (class a's as b, b's as a) is a mirror pair; 
 flips off, because the augmentation would teach the model to confuse exactly those classes.
 
 Frozen ImageNet lite0 features cannot tell: the probe finds no pair on any of the four domains, gtsrb included
-(benchmarks/mirror.py, results/mirror.json, Intel Xeon with AMX, 2 cores, 2026-12-02): a mirrored "dangerous curve to
-the left" is still predicted as itself 83% of the time (50-74% with a 3x3 grid of the last maps instead of their
+(benchmarks/mirror.py, results/mirror.json, Intel Xeon, 2026-12-02, each way >= 50% then): a mirrored "dangerous curve
+to the left" is still predicted as itself 83% of the time (50-74% with a 3x3 grid of the last maps instead of their
 mean, AMD EPYC Zen 5, 2026-12-03). A network trained a few epochs without mirroring can: ``--mirror-check``
-(engine/addons/mirror_check.py) asks it with :func:`pairs_from_answers`. On generated mirror-image classes that
-frozen features do see (diagonal stripes, tests/test_mirror.py) the probe finds the pair.
+(engine/addons/mirror_check.py) asks it with :func:`pairs_from_answers`. On generated mirror-image classes that frozen
+features do see (diagonal stripes, tests/test_mirror.py) the probe finds the pair.
 """
 
 from __future__ import annotations
