@@ -199,10 +199,13 @@ def test_budget_keeps_the_stage_that_validates_better(imagefolder, tiny_config, 
 
     real_fit = recipe_module.fit
 
-    def fit_scored(cfg, *args, **kwargs):  # the fine-tuning stage runs one epoch and reports the chosen score
+    def fit_scored(cfg, *args, **kwargs):  # the fine-tuning stage runs one epoch, its kept checkpoint the score
         if cfg.model.freeze_backbone:
             return real_fit(cfg, *args, **kwargs)
         result = real_fit(cfg.replace(epochs=1, time_limit=None, replan_epochs=False), *args, **kwargs)
+        kept = Checkpoint.load(result.run_dir / "best.pt")
+        kept.metrics = {**kept.metrics, "val_top1": finetune_val}
+        kept.save(result.run_dir / "best.pt")
         return dataclasses.replace(result, history=[{**r, "val_top1": finetune_val} for r in result.history])
 
     monkeypatch.setattr(recipe_module, "fit", fit_scored)

@@ -42,6 +42,8 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
+#: which epoch becomes best.pt (engine/epochs.py: kept_epoch)
+KEEP_EPOCH = ("best", "last", "auto")
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
@@ -118,6 +120,11 @@ class OptimOptions:
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
     clip_grad: float | None = option(5.0, "clip the gradient norm to this value (0 or none: off)",
                                      type=parse_optional_float)  # fmt: skip
+    keep_epoch: str = option(
+        "best", "the epoch that becomes best.pt: best (the highest validation top-1), last (the schedule's end), or "
+        "auto (the end unless an earlier epoch validates better by more than the split's noise); the default "
+        "recipe sets auto unless given", choices=KEEP_EPOCH,
+    )  # fmt: skip
 
     def validate(self) -> None:
         require([
@@ -126,6 +133,8 @@ class OptimOptions:
             (self.lr > 0, "lr must be > 0"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got '{self.optimizer}'"),
             (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
+            (self.keep_epoch in KEEP_EPOCH,
+             f"keep-epoch must be one of {', '.join(KEEP_EPOCH)}, got '{self.keep_epoch}'"),
         ])  # fmt: skip
 
 

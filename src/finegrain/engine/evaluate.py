@@ -42,11 +42,12 @@ def evaluate(
 ) -> dict:
     """Run ``module`` over ``loader`` ((input, label) batches); exact metrics even when sharded over ranks.
 
-    ``keep_predictions`` adds this process's per-sample predicted class and its probability, in loader order.
+    ``keep_predictions`` adds this process's per-sample predicted class, its probability and the true class, in
+    loader order.
     """
     if isinstance(module, nn.Module):
         module.eval()
-    predicted, confidence = [], []
+    predicted, confidence, labels = [], [], []
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = torch.zeros((), dtype=torch.long)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -64,12 +65,14 @@ def evaluate(
             prob, pred = logits.softmax(1).max(1)
             predicted.append(pred)
             confidence.append(prob)
+            labels.append(y)
     for t in (confmat, top5, loss_sum):
         all_reduce_sum(t)
     metrics = metrics_from_confusion(confmat.numpy(), int(top5), float(loss_sum))
     if keep_predictions:
         metrics["predicted"] = torch.cat(predicted).tolist() if predicted else []
         metrics["confidence"] = torch.cat(confidence).tolist() if confidence else []
+        metrics["labels"] = torch.cat(labels).tolist() if labels else []
     return metrics
 
 

@@ -11,7 +11,9 @@ within a time budget on this machine.
    (``--replan-epochs``, engine/replan.py), so a machine that slows down or speeds up still ends near the budget,
    inside it where an epoch is under a tenth of it. Unless ``--hflip`` is given, whole-network fine-tuning decides
    mirroring from the data (``--mirror-check``, engine/addons/mirror_check.py).
-3. The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
+3. Each stage keeps its schedule's end unless an earlier epoch validates better by more than the validation split's
+   noise (``--keep-epoch auto``, engine/epochs.py: the best of many epochs' scores on 60-300 images is the luckiest).
+   The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
    ``RUN_DIR/recipe.json`` records every stage's validation numbers and time, and why the one kept was kept.
 """
 
@@ -91,8 +93,9 @@ def train(cfg: TrainConfig, given: Iterable[str] = (), started: float | None = N
     budget, why = budget_for(cfg, given)
     if budget:
         decide_flips = not {"hflip", "mirror_check"} & set(given)  # mirroring from the data, unless the user said
-        return train_within_budget(cfg.replace(budget=budget, mirror_check=decide_flips or cfg.augment.mirror_check),
-                                   started)  # fmt: skip
+        keep = cfg.optim.keep_epoch if "keep_epoch" in given else "auto"  # the schedule's end, unless noise says
+        return train_within_budget(cfg.replace(budget=budget, mirror_check=decide_flips or cfg.augment.mirror_check,
+                                               keep_epoch=keep), started)  # fmt: skip
     if cfg.recipe.budget is None:
         say(f"budget: none ({why})")
     cfg = cfg.replace(budget=None)
@@ -299,7 +302,9 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
             for r, now, before in zip(ft.history, plans, [epochs, *plans], strict=False)
             if now != before
         ]
-        stages["finetune"] = {"val_top1": max(r["val_top1"] for r in ft.history) if ft.history else None,
+        kept_ft = Checkpoint.load(ft.run_dir / RunDir.BEST)  # the epoch --keep-epoch kept
+        stages["finetune"] = {"val_top1": (kept_ft.metrics or {}).get("val_top1") if ft.history else None,
+                              "kept_epoch": kept_ft.epoch + 1 if kept_ft.epoch is not None else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
                               "kind": plan["kind"], "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
         if (ft.run_dir / RunDir.MIRROR).is_file():  # --mirror-check: the mirror pairs found, the mirroring used

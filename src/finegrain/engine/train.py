@@ -27,7 +27,7 @@ from finegrain.data.source import data_source
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import build_addons
 from finegrain.engine.context import Context
-from finegrain.engine.epochs import epoch_checkpoint, model_checkpoint, restore, save_epoch
+from finegrain.engine.epochs import KeptEpoch, epoch_checkpoint, model_checkpoint, restore, save_epoch
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.kinds import build_task
 from finegrain.engine.probe import probe_candidate, run_probe, write_recipe
@@ -214,6 +214,7 @@ def fit(
     if last is not None:
         best = restore(last.resume, task, optimizer, ema, ctx)
         ctx.log(f"resumed from {RunDir(run_dir).last} at epoch {start_epoch + 1}")
+    keeper = KeptEpoch(cfg.optim.keep_epoch, last.resume.get("kept_epoch") if last is not None else None)
 
     history = []
     epoch = start_epoch
@@ -232,9 +233,10 @@ def fit(
             row.update(train_one_epoch(ctx, task, module, loader, optimizer, scheduler, ema, epoch))
         scheduler.step(epoch + 1)
         eval_module = ema.module if ema is not None else task.trainable
+        m = None
         if val_loader is not None:
             m = evaluate(eval_module, val_loader, len(index.classes), device, amp=task.precision(ctx.amp),
-                         channels_last=task.channels_last(cfg))  # fmt: skip
+                         channels_last=task.channels_last(cfg), keep_predictions=keeper.wants_answers)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
             mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start, clock() - epoch_start, epoch + 1)
@@ -245,13 +247,14 @@ def fit(
                 scheduler.t_initial = planned * steps  # the cosine schedule now ends with the new plan
             row["planned_epochs"] = planned
         score = row.get("val_top1", row["train_acc"])
+        keeper.saw(epoch + 1, m, score, score >= best)
         rng = fgdist.all_gather_objects(rng_state())  # every rank's, so each resumes its own random stream
         if info.is_main:
             resume_state = {
                 "trainable": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                 "ema": ema.state_dict() if ema is not None else None, "best": max(best, score),
                 "addons": {a.name: a.state_dict() for a in ctx.addons}, "job": fgdist.job_id(),
-                "planned_epochs": planned,
+                "planned_epochs": planned, "kept_epoch": keeper.state_dict(),
             }  # fmt: skip
             save_epoch(ctx, epoch_checkpoint(ctx, task, eval_module, row, epoch), resume_state, score >= best, tracker)
         best = max(best, score)
@@ -259,6 +262,8 @@ def fit(
         if on_epoch is not None:
             on_epoch(row)
         epoch += 1
+    if (kept := keeper.finish(ctx)) is not None:  # --keep-epoch: best.pt is now the schedule's end
+        best = kept
     if probe is not None and task.val_set is not None:  # --head auto: the probe too, and the better on validation
         row = run_probe(ctx, task, *probe)
         if row["val_top1"] > best:
