@@ -130,12 +130,13 @@ class KeptEpoch:
                 return None
             earlier, counts = earlier_is_better(self.best_right, self.end_right)
             if earlier:
-                ctx.log(f"best.pt: epoch {self.best_epoch}, not the end (epoch {self.end_epoch}): it answered "
-                        f"{counts['earlier_only']} validation images right that the end did not, and the end "
-                        f"{counts['end_only']} (z {counts['z']} > {MIN_Z})")  # fmt: skip
+                ctx.log(f"best.pt: epoch {self.best_epoch}, not the end (epoch {self.end_epoch}): right on "
+                        f"{counts['earlier_only']} validation image(s) the end missed, the end on "
+                        f"{counts['end_only']} it missed (z {counts['z']} > {MIN_Z})")  # fmt: skip
                 return None
-            why = (f"epoch {self.best_epoch} validated higher, but by {counts['earlier_only']} images against "
-                   f"{counts['end_only']} (z {counts['z']} <= {MIN_Z}: noise)")  # fmt: skip
+            why = (f"epoch {self.best_epoch} validated higher: right on {counts['earlier_only']} validation "
+                   f"image(s) the end missed, the end on {counts['end_only']} it missed (z {counts['z']} <= {MIN_Z}: "
+                   "noise)")  # fmt: skip
         if ctx.info.is_main:
             record = Checkpoint.load(ctx.run_dir / RunDir.LAST)
             record.resume = None
