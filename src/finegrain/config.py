@@ -42,7 +42,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
-#: which epoch becomes best.pt (engine/epochs.py: kept_epoch)
+#: which epoch becomes best.pt (--keep-epoch; engine/epochs.py: KeptEpoch)
 KEEP_EPOCH = ("best", "last", "auto")
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
