@@ -42,12 +42,12 @@ def evaluate(
 ) -> dict:
     """Run ``module`` over ``loader`` ((input, label) batches); exact metrics even when sharded over ranks.
 
-    ``keep_predictions`` adds this process's per-sample predicted class, its probability and the true class, in
-    loader order.
+    ``keep_predictions`` adds this process's per-sample predicted class, its probability, the true class and the
+    log-probability given to it, in loader order.
     """
     if isinstance(module, nn.Module):
         module.eval()
-    predicted, confidence, labels = [], [], []
+    predicted, confidence, labels, true_log_p = [], [], [], []
     confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = torch.zeros((), dtype=torch.long)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -66,6 +66,7 @@ def evaluate(
             predicted.append(pred)
             confidence.append(prob)
             labels.append(y)
+            true_log_p.append(logits.log_softmax(1)[torch.arange(len(y)), y])
     for t in (confmat, top5, loss_sum):
         all_reduce_sum(t)
     metrics = metrics_from_confusion(confmat.numpy(), int(top5), float(loss_sum))
@@ -73,6 +74,7 @@ def evaluate(
         metrics["predicted"] = torch.cat(predicted).tolist() if predicted else []
         metrics["confidence"] = torch.cat(confidence).tolist() if confidence else []
         metrics["labels"] = torch.cat(labels).tolist() if labels else []
+        metrics["true_log_p"] = torch.cat(true_log_p).tolist() if true_log_p else []
     return metrics
 
 

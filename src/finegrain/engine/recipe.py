@@ -302,9 +302,9 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
             for r, now, before in zip(ft.history, plans, [epochs, *plans], strict=False)
             if now != before
         ]
-        kept_ft = Checkpoint.load(ft.run_dir / RunDir.BEST)  # the epoch --keep-epoch kept
-        stages["finetune"] = {"val_top1": (kept_ft.metrics or {}).get("val_top1") if ft.history else None,
-                              "kept_epoch": kept_ft.epoch + 1 if kept_ft.epoch is not None else None,
+        kept_ft = Checkpoint.load(ft.run_dir / RunDir.BEST) if ft.history else None  # the epoch --keep-epoch kept
+        stages["finetune"] = {"val_top1": (kept_ft.metrics or {}).get("val_top1") if kept_ft else None,
+                              "kept_epoch": kept_ft.epoch + 1 if kept_ft and kept_ft.epoch is not None else None,
                               "seconds": time.perf_counter() - ft_start, "epochs": len(ft.history),
                               "kind": plan["kind"], "replans": replans, "run_dir": str(ft.run_dir)}  # fmt: skip
         if (ft.run_dir / RunDir.MIRROR).is_file():  # --mirror-check: the mirror pairs found, the mirroring used

@@ -36,7 +36,7 @@ from finegrain.data.source import data_source
 from finegrain.data.transforms import eval_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.unlabeled import beyond_noise, held_out_splits
-from finegrain.engine.evaluate import autocast, to_device
+from finegrain.engine.evaluate import evaluate
 from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.progress import say
@@ -96,15 +96,9 @@ def held_out_answers(run_dir: Path, workers: int) -> dict:
     dataset, workers, _, _ = data_source(index).evaluation("test", eval_transform(model.preprocess), False, workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
     device = fgdist.resolve_device(ckpt.train_config().speed.device)
-    model = model.to(device).eval()
-    hits, log_p = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            with autocast(device, "auto"):
-                logits = model(to_device(x, device)).float().cpu()
-            hits += (logits.argmax(1) == y).tolist()
-            log_p += logits.log_softmax(1)[torch.arange(len(y)), y].clamp(min=LOG_P_FLOOR).tolist()
-    return {"hits": hits, "log_p": log_p}
+    m = evaluate(model.to(device), loader, len(index.classes), device, amp="auto", keep_predictions=True)
+    return {"hits": [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)],
+            "log_p": [max(v, LOG_P_FLOOR) for v in m["true_log_p"]]}  # fmt: skip
 
 
 def paired_t(diff: torch.Tensor) -> float:
