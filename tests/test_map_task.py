@@ -89,6 +89,7 @@ def test_partial_finetuning_resumes_exactly(cub, tiny_config, tmp_path, monkeypa
         ({"freeze_backbone": True}, "--no-freeze-backbone"),
         ({"train_stages": 9}, "1 to 7"),
         ({"method": "bcnn"}, "--method baseline"),
+        ({"train_input_size": 48}, "train-input-size crops whole images"),
     ],
 )
 def test_refusals_name_the_fix(cub, tiny_config, tmp_path, overrides, named):

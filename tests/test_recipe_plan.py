@@ -7,6 +7,7 @@ import json
 import pytest
 
 import finegrain.engine.recipe as recipe
+import finegrain.engine.task as task_module
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finetuning, train_within_budget
 
@@ -45,3 +46,33 @@ def test_budget_fine_tunes_the_last_stages_on_maps_on_a_slow_machine(imagefolder
     assert tuned.model.train_stages == PARTIAL_STAGES and tuned.features.map_views == plan["decision"]["map_views"]
     kept = plan["stages"][plan["kept"]]
     assert kept["val_top1"] == max(s["val_top1"] for s in plan["stages"].values())
+
+
+@pytest.mark.parametrize(("test_size", "crop"), [(224, 176), (128, 96), (64, 48), (32, 32)])
+def test_the_recipe_trains_on_crops_of_four_fifths_of_the_test_input(test_size, crop):
+    assert recipe.train_size(test_size) == crop
+
+
+def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_input(imagefolder, tiny_config, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """Whole-network fine-tuning fits (fast machine, partial fine-tuning slower): its training batches are crops of
+    ``train_size(64)`` px, its validation and its checkpoint's input stay at 64; ``--train-input-size`` overrides."""
+    monkeypatch.setattr(recipe, "finetune_speed", lambda *a, train_stages=0, **k: 1e6 if not train_stages else 1e-9)
+    seen = []
+    original = task_module.image_datasets
+
+    def image_datasets(ctx):
+        train_set, val_set = original(ctx)
+        seen.append((tuple(train_set[0][0].shape[-2:]), tuple(val_set[0][0].shape[-2:])))
+        return train_set, val_set
+
+    monkeypatch.setattr(task_module, "image_datasets", image_datasets)
+    for given, crop in ((None, 48), (40, 40)):
+        seen.clear()
+        run = tmp_path / f"crop{given}"
+        result = train_within_budget(tiny_config(imagefolder, budget=0.4, run_dir=str(run), train_input_size=given))
+        plan = json.loads((result.run_dir / "recipe.json").read_text())
+        assert plan["decision"]["kind"] == "whole" and plan["decision"]["train_input_size"] == crop
+        assert seen == [((crop, crop), (64, 64))]
+        tuned = Checkpoint.load(run / "finetune" / "last.pt")
+        assert tuned.train_config().model.train_input_size == crop and tuned.preprocess.input_size == 64

@@ -108,7 +108,9 @@ class ProgressiveOptions:
         """Stages change what the network sees (no cached features); their epochs are the run's."""
         frozen_cache = cfg.model.freeze_backbone and cfg.features.cache_features
         require([(not self.stages or not frozen_cache,
-                  "stages change what the network sees: add --no-cache-features or --no-freeze-backbone")])  # fmt: skip
+                  "stages change what the network sees: add --no-cache-features or --no-freeze-backbone"),
+                 (not self.stages or not cfg.model.train_input_size,
+                  "stages set their own input sizes: drop --train-input-size")])  # fmt: skip
         if self.stages:
             cfg.optim.epochs = sum(s["epochs"] for s in self.stages)
 

@@ -97,10 +97,18 @@ class ModelOptions:
     )
     input_size: int | None = option(None, "input resolution (default: the backbone's)", type=int)
     crop_pct: float = option(1.0, "resize to input_size/crop_pct, then centre-crop (1.0 keeps the whole image)")
+    train_input_size: int | None = option(
+        None, "side of the random-resized training crops (default: --input-size); smaller trains faster, and a "
+        "network trained on such crops tests best at a larger input than it trained at (torchvision's "
+        "--train-crop-size); evaluation, export and serving stay at --input-size", type=int,
+    )  # fmt: skip
 
     def validate(self) -> None:
         require([
             (0 < self.crop_pct <= 1, "crop-pct must be in (0, 1]"),
+            (self.train_input_size is None or self.train_input_size >= 32, "train-input-size must be >= 32 px"),
+            (not (self.train_input_size and self.train_stages),
+             "train-input-size crops whole images, and --train-stages trains on maps cached at --input-size: drop one"),
             (self.train_stages >= 0, "train-stages is a number of backbone stages >= 0 (0: the whole network)"),
             (not (self.train_stages and self.freeze_backbone),
              "train-stages fine-tunes part of the backbone: add --no-freeze-backbone"),

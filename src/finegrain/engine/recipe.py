@@ -6,11 +6,12 @@ within a time budget on this machine.
 1. The head on cached frozen features (``--head auto``: the probe and the epochs' head, the better on validation).
    Cheap on any CPU, and the start of everything else.
 2. This machine's fine-tuning speed, measured (a few training steps at the run's input size and precision), gives
-   the first plan of whole-network fine-tuning epochs (from the head, BatchNorm statistics frozen) that fit in what
-   is left of the budget; after each epoch the plan and its cosine schedule follow the speed the run actually has
-   (``--replan-epochs``, engine/replan.py), so a machine that slows down or speeds up still ends near the budget,
-   inside it where an epoch is under a tenth of it. Unless ``--hflip`` is given, whole-network fine-tuning decides
-   mirroring from the data (``--mirror-check``, engine/addons/mirror_check.py).
+   the first plan of whole-network fine-tuning epochs (from the head, BatchNorm statistics frozen, on training crops
+   of ``TRAIN_SIZE_RATIO`` of the test input) that fit in what is left of the budget; after each epoch the plan
+   and its cosine schedule follow the speed the run actually has (``--replan-epochs``, engine/replan.py), so a
+   machine that slows down or speeds up still ends near the budget, inside it where an epoch is under a tenth of it.
+   Unless ``--hflip`` is given, whole-network fine-tuning decides mirroring from the data (``--mirror-check``,
+   engine/addons/mirror_check.py).
 3. Each stage keeps its schedule's end unless an earlier epoch validates better by more than the validation split's
    noise (``--keep-epoch auto``, engine/epochs.py: the best of many epochs' scores on 60-300 images is the luckiest).
    The stage with the better validation top-1 becomes ``RUN_DIR/best.pt`` (with its split, config and curves);
@@ -68,6 +69,18 @@ PARTIAL_STAGES = 2
 #: below the head's 92.15: head kept, test 90.10), where 24 epochs on maps validated 92.49 and tested 92.06 in the
 #: same 10 minutes; flowers17, tomato and gtsrb fitted 11-31 whole epochs there, so their choice is unchanged.
 WHOLE_MIN_EPOCHS = 8
+#: whole-network fine-tuning's training crops as a fraction of the input it is tested at (``--train-input-size``),
+#: unless that is given. Why: a network trained on random-resized crops sees objects larger than a whole-image
+#: resize shows them, and tests best at an input ~1.15-1.3x the one it trained at (Touvron et al. 2019, "Fixing the
+#: train-test resolution discrepancy"; torchvision's recipes train at 176 and test at 224); and a crop of 0.8x the
+#: side costs ~0.64x the time, so the budget buys ~1.5x the epochs. Before this, the default's runs tested better at
+#: 32 px more than they trained at on all four domains (docs/frontier.md).
+TRAIN_SIZE_RATIO = 0.8
+
+
+def train_size(input_size: int) -> int:
+    """The recipe's training crop for a test input of ``input_size`` px: ``TRAIN_SIZE_RATIO`` of it, in 16 px."""
+    return max(32, 16 * round(TRAIN_SIZE_RATIO * input_size / 16))
 
 
 def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]:
@@ -109,8 +122,8 @@ def train(cfg: TrainConfig, given: Iterable[str] = (), started: float | None = N
 
 def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,
                    teachers: Sequence[nn.Module] = (), train_stages: int = 0) -> float:  # fmt: skip
-    """Training images/s of fine-tuning on this machine, at the run's batch, input size and precision: of the whole
-    network on images, or (``train_stages``) of its last stages and head on the cached maps of the frozen rest;
+    """Training images/s of fine-tuning on this machine, at the run's batch, training input size and precision: of the
+    whole network on images, or (``train_stages``) of its last stages and head on the cached maps of the frozen rest;
     ``teachers`` (distillation's) run on every batch too. One step to warm up, then the fastest of ``steps`` timed
     ones. Without the teachers' pass, a cub100 student with two teachers planned one epoch of 124 s that took 221 s,
     and its 5-minute run took 6 (2026-11-29, docs/unlabeled.md).
@@ -122,7 +135,8 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     model = model.to(device).train()
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    size, batch, amp = model.preprocess.input_size, cfg.optim.batch_size, resolve_amp(cfg.speed.amp, device)
+    size = model.preprocess.input_size if train_stages else cfg.model.train_input_size or model.preprocess.input_size
+    batch, amp = cfg.optim.batch_size, resolve_amp(cfg.speed.amp, device)
     x = torch.randn(batch, 3, size, size, device=device)
     if cfg.speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -179,14 +193,15 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
 
 
 def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float, stages_img_s: float,
-                    cache_s: Callable[[int], float], max_views: int) -> dict:  # fmt: skip
+                    cache_s: Callable[[int], float], max_views: int, val_area: float = 1.0) -> dict:  # fmt: skip
     """Which fine-tuning the seconds left buy, from measured speeds: the whole network where at least
     ``WHOLE_MIN_EPOCHS`` of its epochs fit; else the last ``PARTIAL_STAGES`` stages on cached maps where one of its
     epochs fits after the cache (``cache_s(views)`` seconds); else whole-network epochs where one fits; else none.
+    ``val_area``: a validation image's pixels over a whole-network training crop's (they are smaller).
 
     The cache holds as many views as epochs fit, up to ``max_views``: an epoch draws one view per image, so a view
     that no epoch could draw is time taken from the epochs (on cub100 4 views cost ~3 of the 6 minutes left)."""
-    whole_epoch_s = (n_train + EVAL_COST * n_val) / whole_img_s
+    whole_epoch_s = (n_train + EVAL_COST * val_area * n_val) / whole_img_s
     stages_epoch_s = (n_train + EVAL_COST * n_val) / stages_img_s
     whole = min(math.floor(left_s / whole_epoch_s), MAX_EPOCHS)
 
@@ -213,8 +228,9 @@ def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:
     """Can the recipe fine-tune part of this network on cached maps? The baseline on a backbone cut at stages
     (timm's EfficientNet family), with no add-on that shapes training (they work on images or features; those that
-    only choose the training images, such as ``--unlabeled``'s pseudo-labels, are cached like the rest)."""
-    shaping = any(not a.data_only for a in build_addons(cfg))
+    only choose the training images, such as ``--unlabeled``'s pseudo-labels, are cached like the rest), and no
+    ``--train-input-size`` given (it crops whole images; the maps are cached at the test input)."""
+    shaping = any(not a.data_only for a in build_addons(cfg)) or cfg.model.train_input_size is not None
     return head_best.method == "baseline" and not shaping and stage_count(head_best.build_model().backbone) > 0
 
 
@@ -267,9 +283,11 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
         raise ConfigError("--budget chooses on the validation split: set --val-fraction above 0 (e.g. 0.1)")
 
     device = fgdist.resolve_device(cfg.speed.device)
+    test_size = head_best.preprocess.input_size
+    whole_cfg = cfg if cfg.model.train_input_size else cfg.replace(train_input_size=train_size(test_size))
     online = DistillAddOn.wanted(cfg) and DistillAddOn.online(cfg)  # distilling online: they run on every batch
     teachers = cfg.distill.teachers if online else []
-    speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
+    speed = finetune_speed(head_best.build_model(), len(head_best.classes), whole_cfg, device,
                            teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
     stages_speed, cache_s = 1e-9, lambda views: math.inf  # partial fine-tuning: the baseline's EfficientNets
@@ -283,12 +301,18 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
             return (views * n_train + n_val) * view_s + per_image * (n_train + n_val)
 
     left = budget_s - (time.perf_counter() - start) - END_S
-    plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views)
+    crop = whole_cfg.model.train_input_size
+    plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views,
+                           val_area=(test_size / crop) ** 2)  # fmt: skip
     epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
-                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers), **sized}  # fmt: skip
+                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers), **sized,
+                "train_input_size": crop if plan["kind"] == "whole" else test_size}  # fmt: skip
+    if plan["kind"] == "whole":
+        cfg = whole_cfg
     if epochs >= 1:
-        what = "the whole network" if plan["kind"] == "whole" else f"the last {plan['train_stages']} stages on maps"
+        what = (f"the whole network on {crop} px crops (tested at {test_size})" if plan["kind"] == "whole"
+                else f"the last {plan['train_stages']} stages on maps")  # fmt: skip
         say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning {what}: "
             f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
         if cfg.labels.consistency and plan["kind"] == "whole":

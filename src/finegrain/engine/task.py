@@ -11,7 +11,7 @@ the method turns its training output into a loss (``FGVCModel.compute_loss``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -82,8 +82,11 @@ class FeatureTask(Task):
 
 
 def augmentation(cfg: TrainConfig, pre: Preprocess):
-    """The training images' augmentation the options ask for, at preprocessing ``pre`` (images and cached maps)."""
+    """The training images' augmentation the options ask for, at preprocessing ``pre`` (images and cached maps),
+    its crops at ``--train-input-size`` where given."""
     a = cfg.augment
+    if cfg.model.train_input_size:
+        pre = replace(pre, input_size=cfg.model.train_input_size)
     return train_transform(
         pre, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter, erasing=a.random_erasing,
         erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
