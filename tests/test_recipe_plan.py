@@ -31,6 +31,15 @@ def test_plan_from_measured_speeds(whole_img_s, stages_img_s, cache_per_view, ki
     assert plan["train_stages"] == (PARTIAL_STAGES if kind == "stages" else 0)
 
 
+def test_the_loaders_time_counts_against_whole_network_epochs():
+    """Decoding and augmenting (30 ms an image) turn 50-s epochs (12 fit) into 80-s ones (7 fit: too few): the maps,
+    which decode once for their cache, are chosen instead."""
+    kw = dict(n_train=1000, n_val=0, whole_img_s=20, stages_img_s=100, cache_s=lambda v: v * 10, max_views=4)
+    assert plan_finetuning(600, **kw)["kind"] == "whole"
+    plan = plan_finetuning(600, **kw, load_s=0.03)
+    assert (plan["kind"], plan["whole_epochs_fit"], plan["finetune_epochs"]) == ("stages", 7, 56)
+
+
 def test_budget_fine_tunes_the_last_stages_on_maps_on_a_slow_machine(imagefolder, tiny_config, tmp_path, monkeypatch):
     """Whole-network fine-tuning measured too slow for WHOLE_MIN_EPOCHS, partial fine-tuning fast: the recipe trains
     the last stages on cached maps, says so in recipe.json, and keeps the stage that validates better."""
@@ -73,6 +82,7 @@ def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_inpu
         result = train_within_budget(tiny_config(imagefolder, budget=0.4, run_dir=str(run), train_input_size=given))
         plan = json.loads((result.run_dir / "recipe.json").read_text())
         assert plan["decision"]["kind"] == "whole" and plan["decision"]["train_input_size"] == crop
+        assert plan["decision"]["load_ms"] > 0  # the loader's time, measured on the run's training images
         assert seen == [((crop, crop), (64, 64))]
         tuned = Checkpoint.load(run / "finetune" / "last.pt")
         assert tuned.train_config().model.train_input_size == crop and tuned.preprocess.input_size == 64

@@ -35,6 +35,7 @@ from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
 from finegrain.data.image_sizes import input_for, typical_side
+from finegrain.data.loading import open_sample
 from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
@@ -42,6 +43,7 @@ from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast
 from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
+from finegrain.engine.task import augmentation
 from finegrain.engine.train import FitResult, fit
 from finegrain.engine.unlabeled_judge import fit_judged, judge_kind
 from finegrain.env import resolve_amp
@@ -192,16 +194,31 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
     return len(x) / fastest_seconds(forward, steps)
 
 
+def loading_seconds(cfg: TrainConfig, pre, samples: Sequence, n: int = 16) -> float:
+    """Seconds per image of decoding and augmenting training images (the mean over the first ``n``, one thread): the
+    loader's share of a whole-network epoch, which the step probe does not see. Its workers share the cores the steps
+    use, so the plan adds it in full. Why: without it, epochs took 1.2-1.5x the plan (AMD EPYC Zen 5, 2 cores,
+    2026-12-04: tomato 14 s against 9.3, flowers17 23-25 s against 19.4, cub100 65 s against 47.3), and cub100's
+    plan of 10 whole-network epochs (7 ran, validation 91.13) beat the 27 on cached maps that validate higher."""
+    transform, take = augmentation(cfg, pre), list(samples)[:n]
+    start = time.perf_counter()
+    for sample in take:
+        transform(open_sample(sample))
+    return (time.perf_counter() - start) / max(len(take), 1)
+
+
 def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float, stages_img_s: float,
-                    cache_s: Callable[[int], float], max_views: int, val_area: float = 1.0) -> dict:  # fmt: skip
+                    cache_s: Callable[[int], float], max_views: int, val_area: float = 1.0,
+                    load_s: float = 0.0) -> dict:  # fmt: skip
     """Which fine-tuning the seconds left buy, from measured speeds: the whole network where at least
     ``WHOLE_MIN_EPOCHS`` of its epochs fit; else the last ``PARTIAL_STAGES`` stages on cached maps where one of its
     epochs fits after the cache (``cache_s(views)`` seconds); else whole-network epochs where one fits; else none.
-    ``val_area``: a validation image's pixels over a whole-network training crop's (they are smaller).
+    ``val_area``: a validation image's pixels over a whole-network training crop's (they are smaller); ``load_s``:
+    seconds to decode and augment one image, which every whole-network epoch pays again (the cache pays it once).
 
     The cache holds as many views as epochs fit, up to ``max_views``: an epoch draws one view per image, so a view
     that no epoch could draw is time taken from the epochs (on cub100 4 views cost ~3 of the 6 minutes left)."""
-    whole_epoch_s = (n_train + EVAL_COST * val_area * n_val) / whole_img_s
+    whole_epoch_s = (n_train + EVAL_COST * val_area * n_val) / whole_img_s + load_s * (n_train + n_val)
     stages_epoch_s = (n_train + EVAL_COST * n_val) / stages_img_s
     whole = min(math.floor(left_s / whole_epoch_s), MAX_EPOCHS)
 
@@ -300,13 +317,16 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
         def cache_s(views: int) -> float:
             return (views * n_train + n_val) * view_s + per_image * (n_train + n_val)
 
-    left = budget_s - (time.perf_counter() - start) - END_S
     crop = whole_cfg.model.train_input_size
+    streamed = str(cfg.dataset.data).startswith(STREAM)  # (a stream is read once, by the run)
+    load_s = 0.0 if streamed else loading_seconds(whole_cfg, head_best.preprocess, dataset_index(cfg).split("train"))
+    left = budget_s - (time.perf_counter() - start) - END_S
     plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views,
-                           val_area=(test_size / crop) ** 2)  # fmt: skip
+                           val_area=(test_size / crop) ** 2, load_s=load_s)  # fmt: skip
     epochs, epoch_s = plan["finetune_epochs"], plan["estimated_epoch_s"]
     decision = {"train_images": n_train, "finetune_img_s": round(speed, 1), "stages_img_s": round(stages_speed, 1),
-                "seconds_left": round(left, 1), **plan, "teachers_per_batch": len(teachers), **sized,
+                "seconds_left": round(left, 1), "load_ms": round(1000 * load_s, 1), **plan,
+                "teachers_per_batch": len(teachers), **sized,
                 "train_input_size": crop if plan["kind"] == "whole" else test_size}  # fmt: skip
     if plan["kind"] == "whole":
         cfg = whole_cfg
