@@ -24,7 +24,7 @@ from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finet
     ],
 )
 def test_plan_from_measured_speeds(whole_img_s, stages_img_s, cache_per_view, kind, epochs, views):
-    assert WHOLE_MIN_EPOCHS == 8  # the cases above are written for it
+    assert WHOLE_MIN_EPOCHS == 12  # the cases above are written for it
     plan = plan_finetuning(600, n_train=1000, n_val=0, whole_img_s=whole_img_s, stages_img_s=stages_img_s,
                            cache_s=lambda v: v * cache_per_view, max_views=4)  # fmt: skip
     assert (plan["kind"], plan["finetune_epochs"], plan["map_views"]) == (kind, epochs, views)
