@@ -86,3 +86,19 @@ def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_inpu
         assert seen == [((crop, crop), (64, 64))]
         tuned = Checkpoint.load(run / "finetune" / "last.pt")
         assert tuned.train_config().model.train_input_size == crop and tuned.preprocess.input_size == 64
+
+
+def test_the_loaders_time_is_measured_on_the_images_that_decode(tmp_path):
+    """A broken file among the first images is left to the run (refused, or skipped with --skip-bad), not a crash of
+    the plan; the time per image is that of the ones decoded."""
+    from PIL import Image
+
+    from finegrain.config import TrainConfig
+    from finegrain.data.records import Sample
+    from finegrain.data.transforms import Preprocess
+
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "ok.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    samples = [Sample(tmp_path / name, 0, "train") for name in ("broken.jpg", "ok.jpg", "ok.jpg")]
+    assert recipe.loading_seconds(TrainConfig(), Preprocess(input_size=64), samples) > 0
+    assert recipe.loading_seconds(TrainConfig(), Preprocess(input_size=64), samples[:1]) == 0
