@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 import finegrain.engine.recipe as recipe
 import finegrain.engine.task as task_module
 from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
+from finegrain.data.records import Sample
+from finegrain.data.transforms import Preprocess
 from finegrain.engine.recipe import PARTIAL_STAGES, WHOLE_MIN_EPOCHS, plan_finetuning, train_within_budget
 
 
@@ -91,12 +95,6 @@ def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_inpu
 def test_the_loaders_time_is_measured_on_the_images_that_decode(tmp_path):
     """A broken file among the first images is left to the run (refused, or skipped with --skip-bad), not a crash of
     the plan; the time per image is that of the ones decoded."""
-    from PIL import Image
-
-    from finegrain.config import TrainConfig
-    from finegrain.data.records import Sample
-    from finegrain.data.transforms import Preprocess
-
     Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "ok.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     samples = [Sample(tmp_path / name, 0, "train") for name in ("broken.jpg", "ok.jpg", "ok.jpg")]

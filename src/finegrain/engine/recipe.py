@@ -253,8 +253,10 @@ def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:
     (timm's EfficientNet family), with no add-on that shapes training (they work on images or features; those that
     only choose the training images, such as ``--unlabeled``'s pseudo-labels, are cached like the rest), and no
     ``--train-input-size`` given (it crops whole images; the maps are cached at the test input)."""
-    shaping = any(not a.data_only for a in build_addons(cfg)) or cfg.model.train_input_size is not None
-    return head_best.method == "baseline" and not shaping and stage_count(head_best.build_model().backbone) > 0
+    shaping = any(not a.data_only for a in build_addons(cfg))
+    whole_images = cfg.model.train_input_size is not None
+    return (head_best.method == "baseline" and not shaping and not whole_images
+            and stage_count(head_best.build_model().backbone) > 0)  # fmt: skip
 
 
 def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_dir: Path,
@@ -271,13 +273,13 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
     )  # fmt: skip
 
 
-def small_photos(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """The run at a smaller input where its training photos are much smaller than the backbone's input (and no
-    ``--input-size`` was given): ``data/image_sizes.py`` says why and how much; what was decided, for recipe.json."""
-    d = cfg.dataset
-    if cfg.model.input_size is not None or str(d.data).startswith(STREAM):  # a stream is read once, by the run
+def small_photos(cfg: TrainConfig, train: Sequence | None) -> tuple[TrainConfig, dict]:
+    """The run at a smaller input where its ``train`` photos (None: a stream, read once by the run) are much smaller
+    than the backbone's input (and no ``--input-size`` was given): ``data/image_sizes.py`` says why and how much;
+    what was decided, for recipe.json."""
+    if cfg.model.input_size is not None or train is None:
         return cfg, {}
-    side = typical_side(dataset_index(cfg).split("train"))
+    side = typical_side(train)
     native = backbone_preprocess(create_backbone(cfg.model.backbone, pretrained=False)).input_size
     size = input_for(side, native)
     if size >= native:
@@ -297,7 +299,9 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
     run_dir = run_dir_for(cfg)
     stages: dict[str, dict] = {}
 
-    cfg, sized = small_photos(cfg)
+    # the training images, read before the runs for their sizes and loading time (a stream is read once, by the run)
+    train = None if str(cfg.dataset.data).startswith(STREAM) else dataset_index(cfg).split("train")
+    cfg, sized = small_photos(cfg, train)
     head = fit(head_config(cfg, run_dir / "head"))
     head_best = Checkpoint.load(head.run_dir / RunDir.BEST)
     stages["head"] = {"val_top1": (head_best.metrics or {}).get("val_top1"), "seconds": time.perf_counter() - start,
@@ -324,8 +328,7 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
             return (views * n_train + n_val) * view_s + per_image * (n_train + n_val)
 
     crop = whole_cfg.model.train_input_size
-    streamed = str(cfg.dataset.data).startswith(STREAM)  # (a stream is read once, by the run)
-    load_s = 0.0 if streamed else loading_seconds(whole_cfg, head_best.preprocess, dataset_index(cfg).split("train"))
+    load_s = 0.0 if train is None else loading_seconds(whole_cfg, head_best.preprocess, train)
     left = budget_s - (time.perf_counter() - start) - END_S
     plan = plan_finetuning(left, n_train, n_val, speed, stages_speed, cache_s, cfg.features.map_views,
                            val_area=(test_size / crop) ** 2, load_s=load_s)  # fmt: skip

@@ -87,7 +87,8 @@ def evaluate_checkpoint(
         writer.writerow(["true \\ predicted", *map(csv_cell, index.classes)])
         writer.writerows([csv_cell(name), *row] for name, row in zip(index.classes, confmat.tolist(), strict=True))
     predicted, confidence = metrics.pop("predicted", None), metrics.pop("confidence", None)
-    metrics.pop("labels", None), metrics.pop("true_log_p", None)  # (labels: the samples' own, in the same order)
+    for per_image in ("labels", "true_log_p"):  # (labels: the samples' own, in the same order)
+        metrics.pop(per_image, None)
     result = {**metrics, "checkpoint": str(ckpt.path), "data": str(data)}
     result["engine"] = "onnxruntime" if runner else "torch"
     result["amp_used"] = precision_name("none" if runner else amp, dev)
