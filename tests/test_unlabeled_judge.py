@@ -47,6 +47,20 @@ def test_folds_hold_out_every_training_image_once_and_never_read_the_test_split(
     assert not any(split[r["path"]] == "test" for fold in rows for r in fold)
 
 
+def test_many_labels_are_judged_on_fewer_folds_that_still_hold_out_every_image_once(tmp_path, tiny_config,
+                                                                                    monkeypatch):  # fmt: skip
+    root = make_imagefolder(tmp_path / "data", num_classes=3, per_class=12)
+    cfg = tiny_config(root, test_fraction=0.25)
+    monkeypatch.setattr(unlabeled_judge, "MANY_LABELS", 10)  # 3 classes x 7 training images: many
+    manifests = fold_manifests(cfg, tmp_path / "folds")
+    rows = [list(csv.DictReader(m.open())) for m in manifests]
+    held = [r["path"] for fold in rows for r in fold if r["split"] == "test"]
+    train = [r["path"] for r in rows[0] if r["split"] != "val"]
+    assert len(manifests) == unlabeled_judge.FEW_FOLDS == 2
+    assert sorted(held) == sorted(train), (len(held), len(train))  # every training image held out once
+    assert [sum(r["split"] == "test" for r in fold) for fold in rows] == [11, 10]  # half the 21 labels each
+
+
 def _judged_run(tmp_path, tiny_config, **options) -> tuple[dict, str]:
     """``train`` with ``--unlabeled-judge finetune`` on 4 classes (24 training images) and 32 unlabelled images of 4
     other classes: unlabeled.json and the kept run's config.yaml."""

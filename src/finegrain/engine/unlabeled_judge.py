@@ -11,10 +11,11 @@ by a paired t above ``MIN_T``, and answers no fewer of them right. On tomato (AM
 5.5, all used (the count of right answers, the guard before: +29, +1 and +24 of 160 against noise 9.8, 7.5 and 9.0,
 refused seed 1, whose kept model then scored 67.3% against 84.7% with the pseudo-labels; docs/labels.md).
 
-It costs ``2 x CV_FOLDS`` trainings on 80% of the labels before the real one, so ``auto`` uses it only for small
-labelled sets (``FINETUNE_JUDGE_MAX_IMAGES``) of a run that fine-tunes for a fixed number of epochs; elsewhere (a
-frozen backbone, whose head the probe judge models well, a ``--budget`` run, streamed shards, many labels) the probe
-judges. The fold runs live in ``RUN_DIR/unlabeled_judge/``: a run that stopped resumes from the folds it finished.
+It costs ``2 x CV_FOLDS`` trainings on 80% of the labels before the real one; above ``MANY_LABELS`` labelled
+images, ``FEW_FOLDS`` (four trainings on half the labels: every labelled image is still held out once, so the
+judgement sees as many answers, at a fifth of the training). ``auto`` uses it for labelled sets up to
+``FINETUNE_JUDGE_MAX_IMAGES`` of a run that fine-tunes for a fixed number of epochs; elsewhere (a frozen backbone,
+whose head the probe judge models well, a ``--budget`` run, streamed shards, more labels) the probe judges. The fold runs live in ``RUN_DIR/unlabeled_judge/``: a run that stopped resumes from the folds it finished.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from finegrain.config import TrainConfig
 from finegrain.data.source import data_source
 from finegrain.data.transforms import eval_transform
 from finegrain.engine import distributed as fgdist
-from finegrain.engine.addons.unlabeled import beyond_noise, held_out_splits
+from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise, held_out_splits
 from finegrain.engine.evaluate import evaluate
 from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
@@ -46,10 +47,15 @@ from finegrain.run_layout import RunDir
 #: unguarded maps fine-tuning with the half went from 74.4 to 81.4% test top-1 (Intel Xeon) and 72.4 to 83.8% (AMD
 #: Zen 5), with all of them 82.3% (Zen 5; seed means of 0-2, docs/labels.md). More fractions would multiply the cost.
 JUDGE_FRACTION = 0.5
-#: ``auto`` judges by fine-tuning up to this many labelled training images: tomato's 160 cost 10 fold runs of about
-#: 40 s each on 2 cores of an AMD Zen 5 (``--train-stages 2 --epochs 10``: 6.5 minutes, against 45 s for the run
-#: itself); cub100's 879, with 2,024 unlabelled images, would cost about an hour
-FINETUNE_JUDGE_MAX_IMAGES = 400
+#: above this many labelled training images the judge trains ``FEW_FOLDS`` folds, not ``CV_FOLDS``: tomato's 160
+#: cost 10 fold runs of about 40 s each on 2 cores of an AMD Zen 5 (``--train-stages 2 --epochs 10``: 6.5 minutes,
+#: against 45 s for the run itself); cub100's 879, with 2,024 unlabelled images, would cost about an hour in 5 folds
+MANY_LABELS = 400
+#: folds above ``MANY_LABELS``: each trains on half the labels, and the judgement still reads every labelled image
+#: once (cub100 at 30% labels: 879 held-out answers, against 160 for tomato's five folds)
+FEW_FOLDS = 2
+#: ``auto`` judges by fine-tuning up to this many labelled training images; the probe judges above
+FINETUNE_JUDGE_MAX_IMAGES = 2000
 FOLDER = "unlabeled_judge"
 #: the paired t of the held-out images' true-class log-probability (with pseudo-labels minus without) above which the
 #: unlabelled images are used (about one-sided 2.5%). Why log-probabilities, not right answers: a right/wrong count
@@ -87,6 +93,11 @@ def judge_kind(cfg: TrainConfig) -> tuple[str, str]:
     return "finetune", f"--unlabeled-judge {wanted}"
 
 
+def judge_folds(images: int) -> int:
+    """How many folds the judge trains for ``images`` labelled training images."""
+    return CV_FOLDS if images <= MANY_LABELS else FEW_FOLDS
+
+
 def held_out_answers(run_dir: Path, workers: int) -> dict:
     """The run's ``best.pt`` on the test images of its own split (in split order): which it answers right
     (``hits``) and the log-probability it gives their true class (``log_p``, floored at ``LOG_P_FLOOR``)."""
@@ -115,7 +126,8 @@ def fold_manifests(cfg: TrainConfig, folder: Path) -> list[Path]:
     index = dataset_index(cfg)
     train, val = index.split("train"), index.split("val")
     manifests = []
-    for k, (_, held) in enumerate(held_out_splits(torch.tensor([s.label for s in train]), None)):  # the probe's folds
+    labels = torch.tensor([s.label for s in train])
+    for k, (_, held) in enumerate(held_out_splits(labels, None, judge_folds(len(train)))):
         held = set(held.tolist())
         rows = [
             [s.path.resolve(), index.classes[s.label], "test" if i in held else "train"] for i, s in enumerate(train)

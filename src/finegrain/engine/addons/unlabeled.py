@@ -71,12 +71,13 @@ def most_confident(confidence: torch.Tensor, labels: torch.Tensor, fraction: flo
     return used
 
 
-def held_out_splits(train_y: torch.Tensor, val_y: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def held_out_splits(train_y: torch.Tensor, val_y: torch.Tensor | None,
+                    folds: int = CV_FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """The (fit rows, judged rows) pairs a use of pseudo-labels is judged on, as indices into the training rows
-    followed by the validation rows: all training rows -> the validation split, and ``CV_FOLDS``-fold stratified
+    followed by the validation rows: all training rows -> the validation split, and ``folds``-fold stratified
     cross-validation of the training rows (fewer folds where a class has fewer images; none below two)."""
     n, counts = len(train_y), train_y.bincount()
-    folds = min(CV_FOLDS, int(counts[counts > 0].min()))
+    folds = min(folds, int(counts[counts > 0].min()))
     splits = [] if val_y is None or not len(val_y) else [(torch.arange(n), torch.arange(n, n + len(val_y)))]
     if folds >= 2:
         kfold = StratifiedKFold(folds, shuffle=True, random_state=0)  # fixed: --resume rebuilds the same choice
