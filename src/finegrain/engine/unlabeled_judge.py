@@ -13,9 +13,10 @@ refused seed 1, whose kept model then scored 67.3% against 84.7% with the pseudo
 
 It costs ``2 x CV_FOLDS`` trainings on 80% of the labels before the real one; above ``MANY_LABELS`` labelled
 images, ``FEW_FOLDS`` (four trainings on half the labels: every labelled image is still held out once, so the
-judgement sees as many answers, at a fifth of the training). ``auto`` uses it for labelled sets up to
+judgement sees as many answers, at a quarter of the training). ``auto`` uses it for labelled sets up to
 ``FINETUNE_JUDGE_MAX_IMAGES`` of a run that fine-tunes for a fixed number of epochs; elsewhere (a frozen backbone,
-whose head the probe judge models well, a ``--budget`` run, streamed shards, more labels) the probe judges. The fold runs live in ``RUN_DIR/unlabeled_judge/``: a run that stopped resumes from the folds it finished.
+whose head the probe judge models well, a ``--budget`` run, streamed shards, more labels) the probe judges. The fold
+runs live in ``RUN_DIR/unlabeled_judge/``: a run that stopped resumes from the folds it finished.
 """
 
 from __future__ import annotations
