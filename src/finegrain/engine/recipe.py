@@ -72,6 +72,11 @@ PARTIAL_STAGES = 2
 #: the 24 epochs on maps that validated 92.49 (test 92.06) in the same 10 minutes; flowers17, tomato and gtsrb plan 20
 #: or more whole epochs there (4 until 2026-12-03, 8 until 2026-12-04).
 WHOLE_MIN_EPOCHS = 12
+#: whole-network epochs from which the recipe cut-mixes ``RECIPE_CUTMIX`` of the batches (``--cutmix auto``): by then
+#: a few hundred images are memorised (plantvillage_tomato: training accuracy 1.00 from epoch ~18 of 38) and the
+#: loss has little left to teach without it (``engine/addons/cutmix.py``)
+CUTMIX_MIN_EPOCHS = 30
+RECIPE_CUTMIX = 0.5
 #: whole-network fine-tuning's training crops as a fraction of the input it is tested at (``--train-input-size``),
 #: unless that is given. Why: a network trained on random-resized crops sees objects larger than a whole-image
 #: resize shows them, and tests best at an input ~1.15-1.3x the one it trained at (Touvron et al. 2019, "Fixing the
@@ -245,7 +250,7 @@ def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float,
 
 def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``)."""
-    return cfg.replace(run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None)
+    return cfg.replace(run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None, cutmix=None)
 
 
 def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:
@@ -271,6 +276,18 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
         crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
         time_limit=time_limit, replan_epochs=time_limit is not None,  # the plan follows the speed the run has
     )  # fmt: skip
+
+
+def with_cutmix(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    """Whole-network fine-tuning for ``epochs``: cut-mixed (``RECIPE_CUTMIX``) from ``CUTMIX_MIN_EPOCHS`` where
+    ``--cutmix`` is auto and the loss allows it (not with distillation or center loss); as given otherwise."""
+    if cfg.augment.cutmix is not None or epochs < CUTMIX_MIN_EPOCHS:
+        return cfg
+    try:
+        return cfg.replace(cutmix=RECIPE_CUTMIX, freeze_backbone=False)  # (the fine-tuning stage's backbone)
+    except ConfigError as e:
+        say(f"budget: no CutMix: {e}")
+        return cfg
 
 
 def small_photos(cfg: TrainConfig, train: Sequence | None) -> tuple[TrainConfig, dict]:
@@ -339,6 +356,8 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
                 "train_input_size": crop if plan["kind"] == "whole" else test_size}  # fmt: skip
     if plan["kind"] == "whole":
         cfg = whole_cfg
+        cfg = with_cutmix(cfg, epochs)
+    decision["cutmix"] = cfg.augment.cutmix or 0.0
     if epochs >= 1:
         what = (f"the whole network on {crop} px crops (tested at {test_size})" if plan["kind"] == "whole"
                 else f"the last {plan['train_stages']} stages on maps")  # fmt: skip

@@ -10,6 +10,7 @@ from finegrain.config import TrainConfig
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.addons.center import CenterLossAddOn
 from finegrain.engine.addons.consistency import ConsistencyAddOn
+from finegrain.engine.addons.cutmix import CutMixAddOn
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.addons.label_noise import LabelNoiseAddOn
 from finegrain.engine.addons.mirror_check import MirrorCheckAddOn
@@ -22,12 +23,13 @@ from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 #: in hook order: the data first (wrong labels left out, the unlabelled images read for consistency training before
 #: some of them are pseudo-labelled by a teacher fitted on the labels that remain, both scored with the starting
 #: backbone), then the model changes (QAT, MixStyle), image transforms before batch transforms (the mirror check
-#: after them: it finds the flips inside what they return), distillation (which replaces cross-entropy) before
+#: after them: it finds the flips inside what they return), CutMix (it mixes the labels of what the batch
+#: transforms made, and its loss is cross-entropy's) before distillation (which replaces cross-entropy) before
 #: center loss (which adds to whatever the loss is); consistency adds its loss on cached maps, where distillation
 #: and center loss do not run
 ADDONS: tuple[type[AddOn], ...] = (
     LabelNoiseAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn,
-    ProgressiveAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
+    CutMixAddOn, ProgressiveAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 
