@@ -75,7 +75,7 @@ WHOLE_MIN_EPOCHS = 12
 #: whole-network epochs from which the recipe cut-mixes ``RECIPE_CUTMIX`` of the batches (``--cutmix auto``): by then
 #: a few hundred images are memorised (plantvillage_tomato: training accuracy 1.00 from epoch ~18 of 38) and the
 #: loss has little left to teach without it (``engine/addons/cutmix.py``)
-CUTMIX_MIN_EPOCHS = 30
+CUTMIX_MIN_EPOCHS = 12
 RECIPE_CUTMIX = 0.5
 #: whole-network fine-tuning's training crops as a fraction of the input it is tested at (``--train-input-size``),
 #: unless that is given. Why: a network trained on random-resized crops sees objects larger than a whole-image
@@ -359,7 +359,8 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
         cfg = with_cutmix(cfg, epochs)
     decision["cutmix"] = cfg.augment.cutmix or 0.0
     if epochs >= 1:
-        what = (f"the whole network on {crop} px crops (tested at {test_size})" if plan["kind"] == "whole"
+        mixed = f", {cfg.augment.cutmix:g} of the batches cut-mixed" if cfg.augment.cutmix else ""
+        what = (f"the whole network on {crop} px crops (tested at {test_size}{mixed})" if plan["kind"] == "whole"
                 else f"the last {plan['train_stages']} stages on maps")  # fmt: skip
         say(f"budget: {left / 60:.1f} of {cfg.recipe.budget:g} min left, fine-tuning {what}: "
             f"{epochs} epoch(s) of ~{epoch_s / 60:.1f} min")  # fmt: skip
