@@ -56,6 +56,7 @@ SWITCH_ON = {
     "mixstyle": lambda tmp: {"mixstyle": 0.5, "freeze_backbone": False},
     "sr_aug": _sr_model,
     "fourier_mix": lambda tmp: {"fourier_mix": 0.5, "cache_features": False},
+    "cutmix": lambda tmp: {"cutmix": 1.0, "freeze_backbone": False},
     "progressive": lambda tmp: {
         "stages": [{"epochs": 1, "input_size": 48}, {"epochs": 1, "input_size": 64}],
         "cache_features": False,

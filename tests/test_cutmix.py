@@ -72,3 +72,12 @@ def test_a_long_budgeted_fine_tuning_is_cut_mixed(imagefolder, tiny_config, tmp_
     assert plan["decision"]["kind"] == "whole" and plan["decision"]["finetune_epochs"] >= recipe.CUTMIX_MIN_EPOCHS
     assert plan["decision"]["cutmix"] == recipe.RECIPE_CUTMIX and mixed
     assert Checkpoint.load(run / "finetune" / "last.pt").train_config().augment.cutmix == recipe.RECIPE_CUTMIX
+
+
+def test_a_config_file_may_say_auto_and_nothing_else_that_is_not_a_number():
+    assert TrainConfig.from_dict({"cutmix": "auto", "freeze_backbone": False}).augment.cutmix is None
+    assert TrainConfig.from_dict({"augment": {"cutmix": 0.3}, "freeze_backbone": False}).augment.cutmix == 0.3
+    with pytest.raises(ConfigError, match="cutmix: expected a number"):
+        TrainConfig.from_dict({"cutmix": "lots"})
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        TrainConfig.from_dict({"lr": "auto"})  # auto only where the option reads it

@@ -178,8 +178,8 @@ class AugmentOptions:
                                choices=("random", "mean"))  # fmt: skip
     cutmix: float | None = option(
         None, "probability that a training batch is cut-mixed (a rectangle of another of its images pasted in, the "
-        "labels mixed by its area); auto: the budget recipe decides (on for long whole-network fine-tuning), off "
-        "elsewhere", type=parse_auto_float, metavar="P|auto",
+        "labels mixed by its area); auto (the default): the budget recipe decides (on for long whole-network "
+        "fine-tuning), off elsewhere", type=parse_auto_float, metavar="P|auto",
     )  # fmt: skip
 
     def validate(self) -> None:
@@ -360,7 +360,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Grouped, flat or mixed mappings; unknown names are refused with the known ones listed."""
         home = {f.name: g for g, f in cls.options()}
-        declared = {f.name: f.type for _, f in cls.options()}
+        declared = {f.name: f for _, f in cls.options()}
         groups = {f.name for f in fields(cls)}
         values: dict[str, dict] = {g: {} for g in groups}
         unknown = []
@@ -370,11 +370,11 @@ class TrainConfig:
                 for k, v in value.items():
                     k = k.replace("-", "_")
                     if home.get(k) == key:
-                        values[key][k] = check_value(k, v, declared[k])
+                        values[key][k] = _value(declared[k], v)
                     else:
                         unknown.append(f"{key}.{k}")
             elif key in home:
-                values[home[key]][key] = check_value(key, value, declared[key])
+                values[home[key]][key] = _value(declared[key], value)
             else:
                 unknown.append(key)
         if unknown:
@@ -409,6 +409,13 @@ class TrainConfig:
                 raise ConfigError(f"unknown option '{key}'. Known: {', '.join(sorted(home))}")
             grouped[home[key]][key] = value
         return TrainConfig.from_dict(grouped)
+
+
+def _value(f: Field, value: Any) -> Any:
+    """``value`` checked as option ``f`` declares it; ``auto`` is unset (None) where the flag reads it so."""
+    if value == "auto" and f.metadata.get("cli", {}).get("type") is parse_auto_float:
+        return None
+    return check_value(f.name, value, f.type)
 
 
 def _read_yaml(path: str | Path) -> dict:
