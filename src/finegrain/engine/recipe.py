@@ -72,10 +72,13 @@ PARTIAL_STAGES = 2
 #: the 24 epochs on maps that validated 92.49 (test 92.06) in the same 10 minutes; flowers17, tomato and gtsrb plan 20
 #: or more whole epochs there (4 until 2026-12-03, 8 until 2026-12-04).
 WHOLE_MIN_EPOCHS = 12
-#: whole-network epochs from which the recipe cut-mixes ``RECIPE_CUTMIX`` of the batches (``--cutmix auto``): by then
-#: a few hundred images are memorised (plantvillage_tomato: training accuracy 1.00 from epoch ~18 of 38) and the
-#: loss has little left to teach without it (``engine/addons/cutmix.py``)
-CUTMIX_MIN_EPOCHS = 12
+#: planned whole-network epochs from which the recipe cut-mixes ``RECIPE_CUTMIX`` of the batches (``--cutmix auto``):
+#: in a long schedule a few hundred images are memorised early (tomato: training accuracy 1.00 from epoch ~18 of 38)
+#: and the loss has little left to teach without it (``engine/addons/cutmix.py``). Why 30 (AMD EPYC Zen 5, the
+#: default's runs, seeds 0-1, 2026-12-04, docs/frontier.md): planned 33-51 epochs, tomato and gtsrb validated
+#: +5 of 120 and +2 of 420 images with it (test 94.33 -> 96.33 on both tomato seeds); planned 13-20, flowers17
+#: validated 0 and -3 of 102 (seed 1 then kept the head: test 96.69 against 98.16)
+CUTMIX_MIN_EPOCHS = 30
 RECIPE_CUTMIX = 0.5
 #: whole-network fine-tuning's training crops as a fraction of the input it is tested at (``--train-input-size``),
 #: unless that is given. Why: a network trained on random-resized crops sees objects larger than a whole-image
