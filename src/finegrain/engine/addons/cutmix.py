@@ -6,6 +6,8 @@ training accuracy 1.00 from epoch ~18 of the default's 38), after which the loss
 rectangle keeps each part real (unlike MixUp's blend, which ghosts the small local details a fine-grained class
 differs in) while the label says how much of each image is in view. ``--cutmix P`` mixes a batch with probability
 P; the budget recipe turns it on for long whole-network schedules (``engine/recipe.py``, ``CUTMIX_MIN_EPOCHS``).
+Measured on the default's 10-minute runs (AMD EPYC Zen 5, seeds 0-1, docs/frontier.md): tomato 94.33 -> 96.33 test
+top-1 on both seeds (+5 of 120 validation images), gtsrb +2 of 420 validation images (test +0.1 and -1.0 pt).
 """
 
 from __future__ import annotations
