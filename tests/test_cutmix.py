@@ -10,6 +10,7 @@ import torch
 
 import finegrain.engine.recipe as recipe
 from finegrain.checkpoint import Checkpoint
+from finegrain.cli import main
 from finegrain.config import TrainConfig
 from finegrain.engine.addons.cutmix import CutMixAddOn
 from finegrain.errors import ConfigError
@@ -81,3 +82,9 @@ def test_a_config_file_may_say_auto_and_nothing_else_that_is_not_a_number():
         TrainConfig.from_dict({"cutmix": "lots"})
     with pytest.raises(ConfigError, match="lr: expected a number"):
         TrainConfig.from_dict({"lr": "auto"})  # auto only where the option reads it
+
+
+def test_the_command_line_names_what_cutmix_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--cutmix", "lots"])
+    assert "--cutmix: expected a number or auto, got 'lots'" in capsys.readouterr().err

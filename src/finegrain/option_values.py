@@ -77,7 +77,12 @@ def parse_optional_float(text: str) -> float | None:
 
 def parse_auto_float(text: str) -> float | None:
     """A number, or ``auto`` (None: whoever runs the options decides; ``0`` is a number, not auto)."""
-    return None if text.lower() == "auto" else float(text)
+    if text.lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got '{text}'") from None
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
