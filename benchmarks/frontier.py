@@ -23,7 +23,7 @@ on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is m
     python benchmarks/frontier.py --parts peer --seeds 0          # 4 x 30 min
     python benchmarks/frontier.py --parts default budget --seeds 0 1
     python benchmarks/frontier.py --summarize
-    python benchmarks/frontier.py --summarize --cpu amd_epyc_family_26_model_2 --name frontier_zen5  # another CPU
+    python benchmarks/frontier.py --summarize --cpu intel_r_xeon_r_processor_family_6_model_167 --name frontier_xeon
 """
 
 from __future__ import annotations
