@@ -53,7 +53,8 @@ JUDGE_FRACTION = 0.5
 #: against 45 s for the run itself); cub100's 879, with 2,024 unlabelled images, would cost about an hour in 5 folds
 MANY_LABELS = 400
 #: folds above ``MANY_LABELS``: each trains on half the labels, and the judgement still reads every labelled image
-#: once (cub100 at 30% labels: 879 held-out answers, against 160 for tomato's five folds)
+#: once (cub100 at 30% labels: 780 held-out answers, against 160 for tomato's five folds). Measured there (AMD Zen 5,
+#: seeds 0-2): paired t 18.1, 17.2, 22.2, the half used on each, 86.45% test top-1 against 79.23% labels only
 FEW_FOLDS = 2
 #: ``auto`` judges by fine-tuning up to this many labelled training images; the probe judges above
 FINETUNE_JUDGE_MAX_IMAGES = 2000
