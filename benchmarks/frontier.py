@@ -16,12 +16,15 @@ ends and skipped when present, so the benchmark resumes run by run; ``--summariz
 ``benchmarks/results/frontier.json`` (seed means; the shape the accuracy issue names) and draws
 ``benchmarks/results/frontier_<dataset>.png``. When the default changes, its pieces are renamed
 ``default-LABEL_seedN.json`` (e.g. ``default-wholeft``: the head, then whole-network fine-tuning) and summarised as
-``earlier_defaults.LABEL``. A piece records the cores its run used and the cores everything else
-on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is marked ``busy``
-(its minutes are inflated).
+``earlier_defaults.LABEL``. A tried option on a budget runs as its own pieces, ``--variant LABEL --options "..."``
+(``budgetN-LABEL_seedS.json``), which the summary leaves out. A piece records the cores its run used and the cores
+everything else on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is marked ``busy`` (its
+minutes are inflated).
 
     python benchmarks/frontier.py --parts peer --seeds 0          # 4 x 30 min
     python benchmarks/frontier.py --parts default budget --seeds 0 1
+    python benchmarks/frontier.py --parts budget --budgets 30 --datasets flowers17 --seeds 0 \\
+        --variant input288 --options "--input-size 288"               # a tried option, its own pieces
     python benchmarks/frontier.py --summarize
     python benchmarks/frontier.py --summarize --cpu intel_r_xeon_r_processor_family_6_model_167 --name frontier_xeon
 """
@@ -33,6 +36,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> None:
             if "default" in args.parts:
                 todo.append(("default", f"default_seed{seed}"))
             if "budget" in args.parts and seed in args.budget_seeds:
-                todo += [(f"budget{b:g}", f"budget{b:g}_seed{seed}") for b in args.budgets]
+                tag = f"-{args.variant}" if args.variant else ""
+                todo += [(f"budget{b:g}", f"budget{b:g}{tag}_seed{seed}") for b in args.budgets]
             for kind, part in todo:
                 if piece_path(name, part).is_file():
                     print(f"{name} {part}: done before, skipped")
@@ -131,7 +136,11 @@ def run(args: argparse.Namespace) -> None:
                     row = peer_piece(name, work / f"peer_seed{seed}", seed, args.peer_minutes, img_s)
                 else:
                     run_dir = work / name / part
-                    opts = ["--budget", kind.removeprefix("budget")] if kind.startswith("budget") else []
+                    opts = (
+                        ["--budget", kind.removeprefix("budget"), *shlex.split(args.options)]
+                        if kind.startswith("budget")
+                        else []
+                    )
                     row = finegrain_cli(data, run_dir, seed, *opts)
                 save_piece(name, part, {"seed": seed, **row})
 
@@ -230,6 +239,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 30])
     p.add_argument("--budget-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variant", help="budget pieces only: a label for --options (pieces budgetN-VARIANT_seedS.json)")
+    p.add_argument("--options", default="", help='with --variant: more finegrain train options, e.g. "--ema"')
     p.add_argument("--peer-minutes", type=float, default=30.0)
     p.add_argument("--work", default=os.path.expanduser("~/.cache/finegrain/frontier"))
     p.add_argument("--summarize", action="store_true", help="merge the pieces into frontier.json and the pictures")
@@ -240,6 +251,8 @@ def main() -> None:
         help="with --summarize: the results' name (NAME.json, NAME_<dataset>.png; another CPU's beside)",
     )
     args = p.parse_args()
+    if bool(args.variant) != bool(args.options):
+        p.error("--variant and --options go together: a tried option's pieces need their own name")
     summarize(args) if args.summarize else run(args)
 
 
