@@ -136,8 +136,8 @@ def run(args: argparse.Namespace) -> None:
                     row = peer_piece(name, work / f"peer_seed{seed}", seed, args.peer_minutes, img_s)
                 else:
                     run_dir = work / name / part
-                    budget = kind.removeprefix("budget")  # (kind: "default" or "budgetN")
-                    opts = [] if kind == "default" else ["--budget", budget, *shlex.split(args.options)]
+                    options = ["--budget", kind.removeprefix("budget"), *shlex.split(args.options)]
+                    opts = [] if kind == "default" else options
                     row = finegrain_cli(data, run_dir, seed, *opts)
                 save_piece(name, part, {"seed": seed, **row})
 
