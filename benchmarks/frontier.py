@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 30])
     p.add_argument("--budget-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variant", help="budget pieces only: a label for --options (pieces budgetN-VARIANT_seedS.json)")
-    p.add_argument("--options", default="", help='with --variant: more finegrain train options, as one argument: --options="--ema"')
+    p.add_argument("--options", default="", help='with --variant: more train options, one argument: --options="--ema"')
     p.add_argument("--peer-minutes", type=float, default=30.0)
     p.add_argument("--work", default=os.path.expanduser("~/.cache/finegrain/frontier"))
     p.add_argument("--summarize", action="store_true", help="merge the pieces into frontier.json and the pictures")
