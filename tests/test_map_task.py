@@ -50,8 +50,9 @@ def test_cached_validation_maps_give_the_uncached_logits_and_training_learns(cub
             model = ctx.model.eval()
             images = [eval_transform(model.preprocess)(open_image(s.path)) for s in ctx.index.split("val")]
             with torch.no_grad():
-                seen["cached"] = task.trainable(torch.stack([task.val_set[i][0] for i in range(len(images))]))
-                seen["images"] = model(torch.stack(images))
+                maps = torch.stack([task.val_set[i][0] for i in range(len(images))])
+                seen["cached"] = task.trainable(maps.to(ctx.device)).cpu()
+                seen["images"] = model(torch.stack(images).to(ctx.device)).cpu()
             seen["task"] = task
         return real_epoch(ctx, task, *args, **kwargs)
 

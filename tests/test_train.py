@@ -45,7 +45,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
     probs = torch.tensor([[t["prob"] for t in r["top"]] for r in predictor.predict_files(paths, k=4)])
     from finegrain.data import open_image
 
-    model = result.model.eval()
+    model = result.model.eval().cpu()  # fitted on the run's device (a GPU where there is one)
     x = torch.stack([predictor.transform(open_image(p)) for p in paths])
     with torch.inference_mode():
         expected = model(x).softmax(-1).topk(4).values
@@ -53,6 +53,22 @@ def test_checkpoint_round_trip_gives_identical_predictions(cub, tiny_config):
     rebuilt = ckpt.build_model()
     for k, v in rebuilt.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k].cpu(), atol=0, rtol=0)
+
+
+def test_resume_restores_the_gpus_random_stream_too(monkeypatch):
+    """On an H200 the resume tests failed: dropout on a GPU draws from the GPU's generator, which the checkpoint's
+    random state left out. A stand-in generator (no GPU here) shows it is saved and put back."""
+    from finegrain.engine.setup import rng_state, set_rng_state
+
+    gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new, device="cuda": gpu.update(state=new.clone()))
+    saved = rng_state()
+    gpu["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the epochs after the checkpoint drew from it
+    set_rng_state(saved)
+    assert gpu["state"].tolist() == [1, 2, 3]
 
 
 def test_resume_continues_exactly(cub, tiny_config, tmp_path, monkeypatch):

@@ -37,16 +37,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The random streams a resumed epoch must continue: Python's, NumPy's, torch's on the CPU and, when this
+    process trains on a GPU, that GPU's (dropout, stochastic depth and on-device augmentation draw from it: without
+    it a resumed run on a GPU was not the straight one, seen on an H200)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (train.py sets it)
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a run saved on a GPU, resumed on one
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     kind, key, *rest = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))

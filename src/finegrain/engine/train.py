@@ -171,8 +171,9 @@ def fit(
         addon.prepare(ctx)
     if info.is_main:
         env = write_environment(run_dir, cfg, ctx.amp, device, threads, info)
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu_model"]
         ctx.log(f"precision {env['amp_used']} (--amp {cfg.speed.amp}), {threads['intra_op_threads']} thread(s), "
-                f"{cfg.speed.workers} loader worker(s) on {env['cpu_model']}")  # fmt: skip
+                f"{cfg.speed.workers} loader worker(s) on {where}")  # fmt: skip
     counts = {sp: index.count(sp) for sp in ("train", "val", "test")}
     ctx.log(f"data: {index.format} '{cfg.dataset.data}': {len(index.classes)} classes, {counts}")
     if cfg.speed.channels_last:
