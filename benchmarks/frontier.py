@@ -207,23 +207,35 @@ def draw(name: str, d: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if "peer" in d:
-        xs, ys = zip(*d["peer"]["curve"], strict=True)
-        ax.plot(xs, ys, "o-", color="tab:gray", label="timm train.py (peer), per epoch")
+    # left: the whole range (the peer starts near chance); right: the top, where the points differ
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     fg = [("default", d["default"])] if "default" in d else []
     fg += [(f"--budget {b}", p) for b, p in d.get("budget", {}).items()]
-    if fg:
-        ax.plot([p["minutes"] for _, p in fg], [p["top1"] for _, p in fg], "s-", color="tab:blue", label="finegrain")
-        for label, p in fg:
-            ax.annotate(label, (p["minutes"], p["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    for label, p in d.get("earlier_defaults", {}).items():
-        ax.plot([p["minutes"]], [p["top1"]], "s", mfc="none", color="tab:blue")
-        ax.annotate(f"earlier default ({label})", (p["minutes"], p["top1"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)  # fmt: skip
-    ax.set(xlabel="wall-clock minutes (2-core CPU)", ylabel="test top-1 (%)", title=name)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fg.sort(key=lambda lp: lp[1]["minutes"])
+    earlier = list(d.get("earlier_defaults", {}).values())
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        if "peer" in d:
+            xs, ys = zip(*d["peer"]["curve"], strict=True)
+            ax.plot(xs, ys, "o-", color="tab:gray", label="timm train.py (peer), per epoch")
+            ax.axhline(d["peer"]["best_top1"], ls="--", lw=1, color="tab:gray", label="the peer's best (seed mean)")
+        if fg:
+            ax.plot([p["minutes"] for _, p in fg], [p["top1"] for _, p in fg], "s-", color="tab:blue",
+                    label="finegrain: default and --budget N")  # fmt: skip
+            for label, p in fg:  # the default above its point, budgets below (the default and --budget 10 meet)
+                left = label != "default" and p["minutes"] < 8  # short budgets to the left of theirs
+                offset = (4, 5) if label == "default" else (-4 if left else 4, -11)
+                ax.annotate(label, (p["minutes"], p["top1"]), textcoords="offset points", fontsize=8,
+                            ha="right" if left else "left", xytext=offset)  # fmt: skip
+        if earlier:
+            ax.plot([p["minutes"] for p in earlier], [p["top1"] for p in earlier], "s", mfc="none", color="tab:blue",
+                    label="earlier defaults (docs/frontier.md)")  # fmt: skip
+        if zoom:
+            tops = [p["top1"] for _, p in fg] + [d["peer"]["best_top1"]] if "peer" in d else [p["top1"] for _, p in fg]
+            ax.set_ylim(max(0.0, min(tops) - 4), min(100.5, max(tops) + 1.5))
+        ax.set(xlabel="wall-clock minutes (2-core CPU)", ylabel="test top-1 (%)",
+               title=f"{name}: the top" if zoom else name)  # fmt: skip
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
