@@ -230,7 +230,7 @@ def draw(name: str, d: dict, path: Path) -> None:
             ax.plot([p["minutes"] for p in earlier], [p["top1"] for p in earlier], "s", mfc="none", color="tab:blue",
                     label="earlier defaults (docs/frontier.md)")  # fmt: skip
         if zoom:
-            tops = [p["top1"] for _, p in fg] + [d["peer"]["best_top1"]] if "peer" in d else [p["top1"] for _, p in fg]
+            tops = [p["top1"] for _, p in fg] + ([d["peer"]["best_top1"]] if "peer" in d else [])
             ax.set_ylim(max(0.0, min(tops) - 4), min(100.5, max(tops) + 1.5))
         ax.set(xlabel="wall-clock minutes (2-core CPU)", ylabel="test top-1 (%)",
                title=f"{name}: the top" if zoom else name)  # fmt: skip
