@@ -171,7 +171,7 @@ def fit(
         addon.prepare(ctx)
     if info.is_main:
         env = write_environment(run_dir, cfg, ctx.amp, device, threads, info)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu_model"]
+        where = env["cuda_devices"][device.index or 0] if device.type == "cuda" else env["cpu_model"]  # as recorded
         ctx.log(f"precision {env['amp_used']} (--amp {cfg.speed.amp}), {threads['intra_op_threads']} thread(s), "
                 f"{cfg.speed.workers} loader worker(s) on {where}")  # fmt: skip
     counts = {sp: index.count(sp) for sp in ("train", "val", "test")}
