@@ -10,6 +10,20 @@ from pathlib import Path
 import torch
 from _results import write_json
 
+from finegrain.data import ImageDataset
+from finegrain.engine.evaluate import autocast
+
+
+@torch.inference_mode()
+def probabilities(model, samples, transform) -> torch.Tensor:
+    """Softmax of ``model`` over ``samples`` seen through ``transform`` (bf16 where native, 2 loader workers)."""
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=64, num_workers=2)
+    out = []
+    for x, _ in loader:
+        with autocast(torch.device("cpu"), "auto"):
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1))
+    return torch.cat(out)
+
 
 def top1(p: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 in percent of (summed) probabilities ``p`` against labels ``y``."""

@@ -20,8 +20,7 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.data.transforms import eval_transform
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runs import over_runs, top1  # noqa: E402
-from test_size import probabilities  # noqa: E402
+from _runs import over_runs, probabilities, top1  # noqa: E402
 
 ALPHAS = (0.0, 0.5, 0.7, 0.85, 1.0)
 

@@ -23,7 +23,7 @@ from finegrain.run_layout import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_json  # noqa: E402
-from test_size import probabilities  # noqa: E402
+from _runs import probabilities  # noqa: E402
 
 
 def answers(ckpt: Checkpoint, split: str) -> list[bool]:

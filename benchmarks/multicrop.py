@@ -25,11 +25,10 @@ import torch
 from torchvision.transforms import v2 as T
 
 from finegrain.checkpoint import Checkpoint
-from finegrain.data.transforms import INTERPOLATION, Mirrored, Preprocess, eval_transform
+from finegrain.data.transforms import Mirrored, Preprocess, eval_transform
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runs import over_runs, top1  # noqa: E402
-from test_size import probabilities  # noqa: E402
+from _runs import over_runs, probabilities, top1  # noqa: E402
 
 
 class Corner:
@@ -37,9 +36,9 @@ class Corner:
     centre), then the usual tensor steps (a class: loader workers pickle it)."""
 
     def __init__(self, pre: Preprocess, index: int) -> None:
-        self.resize = T.Resize(round(pre.input_size / pre.crop_pct), interpolation=INTERPOLATION[pre.interpolation])
+        resize, _centre, *tail = eval_transform(pre).transforms
+        self.resize, self.tail = resize, T.Compose(tail)
         self.five, self.index = T.FiveCrop(pre.input_size), index
-        self.tail = T.Compose(eval_transform(pre).transforms[2:])
 
     def __call__(self, img):
         return self.tail(self.five(self.resize(img))[self.index])
