@@ -253,7 +253,7 @@ class RecipeOptions:
 
     budget: float | None = option(
         None, "minutes for the whole training: the head on cached features first, then fine-tuning of the whole "
-        "network for the epochs the rest allows on this machine; the better on validation is kept and "
+        "network for the epochs the rest allows on this machine, kept unless the head validates better beyond noise; "
         f"RUN_DIR/{RunDir.RECIPE} says what was tried and why. Default: 10 for the baseline method, unless any of "
         f"{', '.join('--' + n.replace('_', '-') for n in BY_HAND)} is given (then the options run as given); 0: "
         "the options as given, e.g. the head alone on frozen features (1-5 min)", type=float,

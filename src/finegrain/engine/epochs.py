@@ -74,13 +74,18 @@ def epoch_checkpoint(ctx: Context, task: Task, eval_module: nn.Module, row: dict
 MIN_Z = 2.0
 
 
+def paired_z(a_right: list[bool], b_right: list[bool]) -> dict:
+    """How much better ``a`` answers the same images than ``b``, against their noise. Paired: only the images the two
+    answer differently count (McNemar's z = (a_only - b_only) / sqrt(a_only + b_only); 0 when they agree)."""
+    a = sum(1 for x, y in zip(a_right, b_right, strict=True) if x and not y)
+    b = sum(1 for x, y in zip(a_right, b_right, strict=True) if y and not x)
+    return {"a_only": a, "b_only": b, "z": round((a - b) / math.sqrt(a + b), 2) if a + b else 0.0}
+
+
 def earlier_is_better(earlier: list[bool], end: list[bool], min_z: float = MIN_Z) -> tuple[bool, dict]:
-    """Does the earlier epoch answer the same validation images better than the end, beyond their noise? Paired:
-    only the images the two answer differently count (McNemar's z = (b - c) / sqrt(b + c))."""
-    b = sum(1 for x, y in zip(earlier, end, strict=True) if x and not y)
-    c = sum(1 for x, y in zip(earlier, end, strict=True) if y and not x)
-    z = (b - c) / math.sqrt(b + c) if b + c else 0.0
-    return z > min_z, {"earlier_only": b, "end_only": c, "z": round(z, 2)}
+    """Does the earlier epoch answer the same validation images better than the end, beyond their noise?"""
+    z = paired_z(earlier, end)
+    return z["z"] > min_z, {"earlier_only": z["a_only"], "end_only": z["b_only"], "z": z["z"]}
 
 
 class KeptEpoch:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from finegrain.engine.distributed import all_reduce_sum
+from finegrain.checkpoint import Checkpoint
+from finegrain.data.source import data_source
+from finegrain.data.transforms import eval_transform
+from finegrain.engine.distributed import all_reduce_sum, resolve_device
 from finegrain.env import resolve_amp
 from finegrain.progress import progress_bar
+from finegrain.run_layout import RunDir
 
 
 def autocast(device: torch.device, amp: str):
@@ -76,6 +81,17 @@ def evaluate(
         metrics["labels"] = torch.cat(labels).tolist() if labels else []
         metrics["true_log_p"] = torch.cat(true_log_p).tolist() if true_log_p else []
     return metrics
+
+
+def run_answers(run_dir: str | Path, split: str, workers: int) -> dict:
+    """A run's ``best.pt`` on one split of its own data, in split order, as its config runs it: :func:`evaluate`'s
+    metrics with the per-image answers (``predicted``, ``labels``, ``true_log_p`` ...)."""
+    ckpt = Checkpoint.load(Path(run_dir) / RunDir.BEST)
+    model, index = ckpt.build_model(), ckpt.dataset()
+    dataset, workers, _, _ = data_source(index).evaluation(split, eval_transform(model.preprocess), False, workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
+    device = resolve_device(ckpt.train_config().speed.device)
+    return evaluate(model.to(device), loader, len(index.classes), device, amp="auto", keep_predictions=True)
 
 
 def metrics_from_confusion(confmat: np.ndarray, top5_correct: int, loss_sum: float = 0.0) -> dict:

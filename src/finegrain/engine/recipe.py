@@ -14,9 +14,9 @@ within a time budget on this machine.
    engine/addons/mirror_check.py).
 3. Each stage keeps its schedule's end unless an earlier epoch validates better by more than the validation split's
    noise (``--keep-epoch auto``, engine/epochs.py: the best of many epochs' scores on 60-300 images is the luckiest).
-   The stage with the better validation top-1 (the fine-tuned one on ties) becomes ``RUN_DIR/best.pt`` (with its
-   split, config and curves); ``RUN_DIR/recipe.json`` records every stage's validation numbers and time, and why
-   the one kept was kept.
+   The fine-tuned stage becomes ``RUN_DIR/best.pt`` (with its split, config and curves) unless the head validates
+   better beyond noise (engine/keep_stage.py); ``RUN_DIR/recipe.json`` records every stage's validation numbers and
+   time, and why the one kept was kept.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
-from finegrain.engine.evaluate import autocast
+from finegrain.engine.evaluate import autocast, run_answers
+from finegrain.engine.keep_stage import kept_stage
 from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
 from finegrain.engine.task import augmentation
@@ -88,14 +89,6 @@ RECIPE_CUTMIX = 0.5
 #: side costs ~0.64x the time, so the budget buys ~1.5x the epochs. Before this, the default's runs tested better at
 #: 32 px more than they trained at on all four domains (docs/frontier.md).
 TRAIN_SIZE_RATIO = 0.8
-
-
-#: which stage a validation tie keeps: the fine-tuned network. Both run at the same cost (one architecture), so a tie
-#: is settled by which generalises better, and fine-tuning did on every run measured: on flowers17's `--budget 30
-#: --backbone tf_efficientnet_lite2` (validation 100 of 102 for both) the head kept on the tie tested 95.22 against
-#: the fine-tuned network's 98.53; on five `--budget 30` runs of the four domains the head stage tested 1.8-37 pt
-#: below the fine-tuned network (AMD EPYC Zen 5, 2026-12-04, docs/frontier.md). Until then the head was kept on ties.
-TIE_KEEPS = "finetune"
 
 
 def train_size(input_size: int) -> int:
@@ -318,6 +311,12 @@ def small_photos(cfg: TrainConfig, train: Sequence | None) -> tuple[TrainConfig,
     return cfg.replace(input_size=size), {"input_size": size, "photo_side": side, "native_input_size": native}
 
 
+def validation_right(run_dir: str, workers: int) -> list[bool]:
+    """Which validation images a stage's ``best.pt`` answers right, in split order."""
+    m = run_answers(run_dir, "val", workers)
+    return [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)]
+
+
 def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitResult:
     """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result. The budget
     counts from ``started`` (a ``time.perf_counter()``; default now): the command line passes its process's start."""
@@ -395,11 +394,8 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
         if (ft.run_dir / RunDir.MIRROR).is_file():  # --mirror-check: the mirror pairs found, the mirroring used
             mirror = json.loads((ft.run_dir / RunDir.MIRROR).read_text())
             stages["finetune"]["mirror"] = {"hflip": mirror["hflip"], "pairs": [p["names"] for p in mirror["pairs"]]}
-    ranked = [(s["val_top1"], name) for name, s in stages.items() if s["val_top1"] is not None]
-    kept = max(ranked, key=lambda t: (t[0], t[1] == TIE_KEEPS))[1]
-    if len(ranked) > 1:
-        why = f"the higher validation top-1 ({', '.join(f'{n} {v:.4f}' for v, n in ranked)}; {TIE_KEEPS} on ties)"
-    else:
+    kept, why = kept_stage(stages, lambda stage: validation_right(stages[stage]["run_dir"], cfg.speed.workers))
+    if stages.get("finetune", {}).get("val_top1") is None:
         why = f"no fine-tuning epoch fits in the {left / 60:.1f} min left (one takes ~{epoch_s / 60:.1f} min here)"
     for name in STAGE_FILES:
         source = Path(stages[kept]["run_dir"]) / name

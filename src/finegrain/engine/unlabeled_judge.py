@@ -32,13 +32,10 @@ import torch
 from scipy.stats import ttest_1samp
 
 from finegrain.atomic import write_text
-from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data.source import data_source
-from finegrain.data.transforms import eval_transform
-from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise, held_out_splits
-from finegrain.engine.evaluate import evaluate
+from finegrain.engine.evaluate import run_answers
 from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.progress import say
@@ -103,13 +100,7 @@ def judge_folds(images: int) -> int:
 def held_out_answers(run_dir: Path, workers: int) -> dict:
     """The run's ``best.pt`` on the test images of its own split (in split order): which it answers right
     (``hits``) and the log-probability it gives their true class (``log_p``, floored at ``LOG_P_FLOOR``)."""
-    ckpt = Checkpoint.load(Path(run_dir) / RunDir.BEST)
-    model = ckpt.build_model()
-    index = ckpt.dataset()
-    dataset, workers, _, _ = data_source(index).evaluation("test", eval_transform(model.preprocess), False, workers)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
-    device = fgdist.resolve_device(ckpt.train_config().speed.device)
-    m = evaluate(model.to(device), loader, len(index.classes), device, amp="auto", keep_predictions=True)
+    m = run_answers(run_dir, "test", workers)
     return {"hits": [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)],
             "log_p": [max(v, LOG_P_FLOOR) for v in m["true_log_p"]]}  # fmt: skip
 
