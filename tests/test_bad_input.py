@@ -17,6 +17,7 @@ from finegrain.checkpoint import Checkpoint
 from finegrain.cli import main
 from finegrain.data import load_dataset
 from finegrain.data.loading import decode_image
+from finegrain.engine.evaluate import run_answers
 from finegrain.engine.train import fit
 from finegrain.errors import CheckpointError, DataError, ImageTooLargeError
 from finegrain.export import export_onnx, read_onnx_metadata
@@ -398,3 +399,17 @@ def test_files_a_manifest_names_outside_its_folder_are_allowed_and_listed(tmp_pa
     assert report["ok"] and sorted(report["outside_the_dataset_folder"]) == sorted(map(str, files))
     assert main(["data", "check", str(tmp_path / "m" / "manifest.csv")]) == 0
     assert f"outside the dataset folder: {files[0]}" in capsys.readouterr().out
+
+
+def test_a_runs_answers_leave_out_the_images_its_skip_bad_left_out(tmp_path, tiny_config):
+    """The recipe reads both stages' validation answers (engine/keep_stage.py) from the run's own split, which still
+    lists an unreadable image ``--skip-bad`` left out of training: it must be left out there too, not crash the run
+    at its end."""
+    root = make_imagefolder(tmp_path / "folder")
+    (root / "class_0" / "broken.jpg").write_bytes(b"not an image")
+    run = fit(tiny_config(root, epochs=1, skip_bad=True)).run_dir
+    with (run / "split.csv").open() as f:
+        split = next(row["split"] for row in csv.DictReader(f) if row["path"].endswith("broken.jpg"))
+    m = run_answers(run, split, workers=0)
+    listed = Checkpoint.load(run / "best.pt").dataset().count(split)
+    assert len(m["predicted"]) == len(m["labels"]) == listed - 1

@@ -84,13 +84,15 @@ def evaluate(
 
 
 def run_answers(run_dir: str | Path, split: str, workers: int) -> dict:
-    """A run's ``best.pt`` on one split of its own data, in split order, as its config runs it: :func:`evaluate`'s
-    metrics with the per-image answers (``predicted``, ``labels``, ``true_log_p`` ...)."""
+    """A run's ``best.pt`` on one split of its own data, in split order, as its config runs it (``--skip-bad``: the
+    images it could not read left out, as training left them): :func:`evaluate`'s metrics with the per-image answers
+    (``predicted``, ``labels``, ``true_log_p`` ...)."""
     ckpt = Checkpoint.load(Path(run_dir) / RunDir.BEST)
-    model, index = ckpt.build_model(), ckpt.dataset()
-    dataset, workers, _, _ = data_source(index).evaluation(split, eval_transform(model.preprocess), False, workers)
+    model, index, cfg = ckpt.build_model(), ckpt.dataset(), ckpt.train_config()
+    transform = eval_transform(model.preprocess)
+    dataset, workers, _, _ = data_source(index).evaluation(split, transform, cfg.dataset.skip_bad, workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
-    device = resolve_device(ckpt.train_config().speed.device)
+    device = resolve_device(cfg.speed.device)
     return evaluate(model.to(device), loader, len(index.classes), device, amp="auto", keep_predictions=True)
 
 
