@@ -318,8 +318,9 @@ def validation_right(run_dir: str, workers: int) -> list[bool]:
 
 
 def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitResult:
-    """Head, then fine-tuning for what the budget leaves; the better on validation is the run's result. The budget
-    counts from ``started`` (a ``time.perf_counter()``; default now): the command line passes its process's start."""
+    """Head, then fine-tuning for what the budget leaves; the fine-tuned network is the run's result unless the head
+    validates better beyond noise (engine/keep_stage.py). The budget counts from ``started`` (a
+    ``time.perf_counter()``; default now): the command line passes its process's start."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--budget decides from one process's timing: run it without torchrun (or set --epochs)")
     budget_s = 60 * cfg.recipe.budget
