@@ -5,7 +5,7 @@ each on validation and test, with McNemar's z of the head against the fine-tuned
 the fine-tuned one that started from it (``RUN_DIR/finetune``), the better on validation. With 60-300 validation
 images a lead of one or two is within noise; this shows, run by run, how far the head's validation lead (or lag) is
 from noise (z over the images the two answer differently, as ``--keep-epoch auto`` weighs epochs) and what each
-tests. Each stage's ``best.pt`` at its own input, bf16 where native.
+tests. Each stage's ``best.pt`` read as the recipe reads it (``engine.evaluate.run_answers``).
 
     python benchmarks/stage_choice.py RUN_DIR ... --out benchmarks/results/stage_choice.json
 """
@@ -16,31 +16,23 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from finegrain.checkpoint import Checkpoint
-from finegrain.data.transforms import eval_transform
 from finegrain.engine.epochs import paired_z
+from finegrain.engine.evaluate import run_answers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runs import over_runs, probabilities  # noqa: E402
+from _runs import over_runs  # noqa: E402
 
 
 def measure(run: Path, _flag: str, splits: list[str]) -> dict:
+    """Each stage's answers as the recipe reads them (``run_answers``: its ``best.pt``, its config's precision)."""
     recipe = json.loads((run / "recipe.json").read_text())
-    result = {"kept": recipe["kept"], "why": recipe["why"]}
-    right = {}
+    result, right = {"kept": recipe["kept"], "why": recipe["why"]}, {}
     for stage in ("head", "finetune"):
-        ckpt = Checkpoint.load(run / stage / "best.pt")
-        model, data = ckpt.build_model().eval().to(memory_format=torch.channels_last), ckpt.dataset()
         for split in splits:
-            samples = data.split(split)
-            y = torch.tensor([s.label for s in samples])
-            right[stage, split] = (
-                probabilities(model, samples, eval_transform(model.preprocess)).argmax(1) == y
-            ).tolist()
+            m = run_answers(run / stage, split, workers=2)
+            right[stage, split] = [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)]
             result[f"{split} {stage} right"] = sum(right[stage, split])
-            result[f"{split} images"] = len(y)
+            result[f"{split} images"] = len(m["labels"])
     for split in splits:
         result[f"{split} head vs finetune"] = paired_z(right["head", split], right["finetune", split])
     return result

@@ -2,10 +2,10 @@
 answers the validation images better beyond their noise.
 
 Why not simply the higher validation top-1: both stages run at one cost (one architecture), and with 60-300
-validation images a lead of one or two is noise, while what the two test at is not. Re-read on the 15 ``--budget``
-runs still on disk, four domains (``benchmarks/stage_choice.py``, AMD EPYC Zen 5, 2026-12-04,
-``benchmarks/results/stage_choice.json``): the fine-tuned network tested above its own head on all 15, by 3 to 391
-test images, while on 11 of them the two validated within noise (McNemar's z between -1.73 and 0.58). The one run
+validation images a lead of one or two is noise, while what the two test at is not. Re-read on the 16 ``--budget``
+runs on disk, four domains (``benchmarks/stage_choice.py``, AMD EPYC Zen 5, 2026-12-04,
+``benchmarks/results/stage_choice.json``): the fine-tuned network tested above its own head on all 16, by 2 to 391
+test images, while on 12 of them the two validated within noise (McNemar's z between -1.73 and 1.0). The one run
 where the head validated higher, flowers17 ``--budget 15 --backbone tf_efficientnet_lite2`` (seed 1: head 99,
 fine-tuned 98 of 102, z 0.58), kept the head, which tested 261 of 272 against the fine-tuned network's 269. The rule
 is ``--keep-epoch auto``'s (engine/epochs.py): a paired comparison over the images the two answer differently, the
