@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from finegrain.engine.epochs import paired_z
-from finegrain.engine.evaluate import run_answers
+from finegrain.engine.evaluate import right, run_answers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import over_runs  # noqa: E402
@@ -26,15 +26,14 @@ from _runs import over_runs  # noqa: E402
 def measure(run: Path, _flag: str, splits: list[str]) -> dict:
     """Each stage's answers as the recipe reads them (``run_answers``: its ``best.pt``, its config's precision)."""
     recipe = json.loads((run / "recipe.json").read_text())
-    result, right = {"kept": recipe["kept"], "why": recipe["why"]}, {}
+    result, answers = {"kept": recipe["kept"], "why": recipe["why"]}, {}
     for stage in ("head", "finetune"):
         for split in splits:
-            m = run_answers(run / stage, split, workers=2)
-            right[stage, split] = [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)]
-            result[f"{split} {stage} right"] = sum(right[stage, split])
-            result[f"{split} images"] = len(m["labels"])
+            answers[stage, split] = right(run_answers(run / stage, split, workers=2))
+            result[f"{split} {stage} right"] = sum(answers[stage, split])
+            result[f"{split} images"] = len(answers[stage, split])
     for split in splits:
-        result[f"{split} head vs finetune"] = paired_z(right["head", split], right["finetune", split])
+        result[f"{split} head vs finetune"] = paired_z(answers["head", split], answers["finetune", split])
     return result
 
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 from finegrain.checkpoint import Checkpoint
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
+from finegrain.engine.evaluate import right
 from finegrain.engine.setup import set_rng_state
 from finegrain.engine.task import Task
 from finegrain.engine.tracking import RunTracker, write_curves
@@ -112,13 +113,12 @@ class KeptEpoch:
 
     def saw(self, epoch: int, metrics: dict | None, score: float, is_best: bool) -> None:
         """Epoch ``epoch`` (1-based) ended with validation ``metrics`` (with its answers where wanted)."""
-        right = None
+        answers = None
         if self.wants_answers and metrics is not None:
-            mine = [p == y for p, y in zip(metrics["predicted"], metrics["labels"], strict=True)]
-            right = [r for rank in fgdist.all_gather_objects(mine) for r in rank]
-        self.end_epoch, self.end_right, self.end_score = epoch, right, score
+            answers = [r for rank in fgdist.all_gather_objects(right(metrics)) for r in rank]
+        self.end_epoch, self.end_right, self.end_score = epoch, answers, score
         if is_best:
-            self.best_epoch, self.best_right = epoch, right
+            self.best_epoch, self.best_right = epoch, answers
 
     def state_dict(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_right": self.best_right, "end_epoch": self.end_epoch,

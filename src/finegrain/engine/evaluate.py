@@ -83,6 +83,11 @@ def evaluate(
     return metrics
 
 
+def right(metrics: dict) -> list[bool]:
+    """Which images :func:`evaluate` (with ``keep_predictions``) saw answered right, in loader order."""
+    return [p == y for p, y in zip(metrics["predicted"], metrics["labels"], strict=True)]
+
+
 def run_answers(run_dir: str | Path, split: str, workers: int) -> dict:
     """A run's ``best.pt`` on one split of its own data, in split order, as its config runs it (``--skip-bad``: the
     images it could not read left out, as training left them): :func:`evaluate`'s metrics with the per-image answers

@@ -41,7 +41,7 @@ from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
-from finegrain.engine.evaluate import autocast, run_answers
+from finegrain.engine.evaluate import autocast, right, run_answers
 from finegrain.engine.keep_stage import kept_stage
 from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
@@ -313,8 +313,7 @@ def small_photos(cfg: TrainConfig, train: Sequence | None) -> tuple[TrainConfig,
 
 def validation_right(run_dir: str, workers: int) -> list[bool]:
     """Which validation images a stage's ``best.pt`` answers right, in split order."""
-    m = run_answers(run_dir, "val", workers)
-    return [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)]
+    return right(run_answers(run_dir, "val", workers))
 
 
 def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitResult:

@@ -35,7 +35,7 @@ from finegrain.atomic import write_text
 from finegrain.config import TrainConfig
 from finegrain.data.source import data_source
 from finegrain.engine.addons.unlabeled import CV_FOLDS, beyond_noise, held_out_splits
-from finegrain.engine.evaluate import run_answers
+from finegrain.engine.evaluate import right, run_answers
 from finegrain.engine.setup import dataset_index, run_dir_for
 from finegrain.engine.train import FitResult, fit
 from finegrain.progress import say
@@ -101,7 +101,7 @@ def held_out_answers(run_dir: Path, workers: int) -> dict:
     """The run's ``best.pt`` on the test images of its own split (in split order): which it answers right
     (``hits``) and the log-probability it gives their true class (``log_p``, floored at ``LOG_P_FLOOR``)."""
     m = run_answers(run_dir, "test", workers)
-    return {"hits": [p == y for p, y in zip(m["predicted"], m["labels"], strict=True)],
+    return {"hits": right(m),
             "log_p": [max(v, LOG_P_FLOOR) for v in m["true_log_p"]]}  # fmt: skip
 
 
