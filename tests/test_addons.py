@@ -64,6 +64,7 @@ SWITCH_ON = {
     "distill": _teacher,
     "center": lambda tmp: {"center_loss": 0.5, "freeze_backbone": False},
     "mirror_check": lambda tmp: {"mirror_check": True, "freeze_backbone": False},
+    "low_res": lambda tmp: {"low_res_share": 0.5, "freeze_backbone": False},  # killed in the full-size epoch
 }
 
 

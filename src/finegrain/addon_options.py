@@ -75,8 +75,13 @@ class ProgressiveOptions:
         "with stages, epochs is their sum",
         type=parse_yaml_list, metavar="YAML",
     )  # fmt: skip
+    low_res_share: float = option(
+        0.0, "whole-network fine-tuning on images: this share of the planned epochs first sees its training crops "
+        "downsized (engine/addons/low_res.py), the rest at full size (0: off)",
+    )  # fmt: skip
 
     def validate(self) -> None:
+        require([(0 <= self.low_res_share < 1, "low-res-share is the share of epochs at low resolution, in [0, 1)")])
         for i, stage in enumerate(self.stages, 1):
             if not isinstance(stage, dict):
                 raise ConfigError(f"stage {i} must be a mapping such as {{epochs: 2, input_size: 320}}, got {stage!r}")
@@ -110,7 +115,9 @@ class ProgressiveOptions:
         require([(not self.stages or not frozen_cache,
                   "stages change what the network sees: add --no-cache-features or --no-freeze-backbone"),
                  (not self.stages or not cfg.model.train_input_size,
-                  "stages set their own input sizes: drop --train-input-size")])  # fmt: skip
+                  "stages set their own input sizes: drop --train-input-size"),
+                 (not (self.stages and self.low_res_share),
+                  "stages set their own input sizes: drop --low-res-share")])  # fmt: skip
         if self.stages:
             cfg.optim.epochs = sum(s["epochs"] for s in self.stages)
 

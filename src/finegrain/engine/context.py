@@ -24,6 +24,7 @@ class Context:
     model: nn.Module
     amp: str  # the precision this run computes in ("bf16" or "none"), resolved from cfg.speed.amp
     addons: list = field(default_factory=list)  # finegrain.engine.addons.AddOn, in hook order
+    planned_epochs: int = 0  # the epochs the schedule plans now (``--replan-epochs`` changes it after each epoch)
 
     def log(self, message: str) -> None:
         if self.info.is_main:

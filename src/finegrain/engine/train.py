@@ -194,7 +194,11 @@ def fit(
         return FitResult(run_dir, probe[0], [row], counts)
     seed_everything(cfg.run.seed + info.rank)  # the same training whether or not the feature cache was warm
 
-    start_epoch = last.epoch + 1 if last is not None else 0
+    o, start_epoch = cfg.optim, last.epoch + 1 if last is not None else 0
+    planned = o.epochs  # --epochs; with --replan-epochs, a resumed run continues its last plan
+    if last is not None and cfg.recipe.replan_epochs:
+        planned = last.resume.get("planned_epochs") or planned
+    ctx.planned_epochs = planned
     for addon in ctx.addons:
         addon.epoch_start(ctx, task, start_epoch)
     sampler, loader, val_loader = make_loaders(ctx, task)
@@ -204,10 +208,7 @@ def fit(
     if cfg.speed.compile:  # after DDP, as PyTorch's DDP + compile guide has it; checkpoints keep the plain module
         module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg)
-    o, steps = cfg.optim, len(loader)
-    planned = o.epochs  # --epochs; with --replan-epochs, a resumed run continues its last plan
-    if last is not None and cfg.recipe.replan_epochs:
-        planned = last.resume.get("planned_epochs") or planned
+    steps = len(loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=planned * steps, lr_min=o.min_lr, t_in_epochs=False,
                                   warmup_t=int(o.warmup_epochs * steps), warmup_lr_init=o.lr * 0.01)  # fmt: skip
     ema = ModelEmaV3(task.trainable, decay=cfg.averaging.ema_decay) if cfg.averaging.ema else None
@@ -225,6 +226,7 @@ def fit(
             ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; {RunDir.BEST} "
                     "has the best validated epoch")  # fmt: skip
             break
+        ctx.planned_epochs = planned
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(ctx, task)
         sampler.set_epoch(epoch)
@@ -240,7 +242,9 @@ def fit(
                          channels_last=task.channels_last(cfg), keep_predictions=keeper.wants_answers)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
-            mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start, clock() - epoch_start, epoch + 1)
+            cost = lambda e, n: math.prod(a.epoch_cost(e, n) for a in ctx.addons)  # noqa: E731
+            mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start,
+                                 (clock() - epoch_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
             planned = int(fgdist.all_reduce_sum(torch.tensor(float(mine if info.is_main else 0))).item())
             if planned * steps != scheduler.t_initial:
                 ctx.log(f"epoch {epoch + 1} took {clock() - epoch_start:.0f} s: {planned} epoch(s) now fit in "

@@ -13,6 +13,7 @@ from finegrain.engine.addons.consistency import ConsistencyAddOn
 from finegrain.engine.addons.cutmix import CutMixAddOn
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.addons.label_noise import LabelNoiseAddOn
+from finegrain.engine.addons.low_res import LowResAddOn
 from finegrain.engine.addons.mirror_check import MirrorCheckAddOn
 from finegrain.engine.addons.progressive import ProgressiveAddOn
 from finegrain.engine.addons.qat import QATAddOn
@@ -29,7 +30,7 @@ from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 #: and center loss do not run
 ADDONS: tuple[type[AddOn], ...] = (
     LabelNoiseAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn,
-    CutMixAddOn, ProgressiveAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
+    CutMixAddOn, ProgressiveAddOn, LowResAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 

@@ -2,9 +2,9 @@
 
 The training loop calls them in this order: ``prepare`` (the model may change: QAT, MixStyle; teachers are
 loaded) -> ``train_transform`` (image path) and ``sample_columns`` while the task is built
--> ``attach`` (the built task) -> per epoch ``epoch_start`` / ``epoch_info`` -> per batch ``batch`` then
-``criterion``; ``state_dict`` / ``load_state_dict`` carry an add-on's state through ``last.pt`` so ``--resume``
-is exact.
+-> ``attach`` (the built task) -> per epoch ``epoch_start`` / ``epoch_info`` / ``epoch_cost`` -> per batch
+``batch`` then ``criterion``; ``state_dict`` / ``load_state_dict`` carry an add-on's state through ``last.pt``
+so ``--resume`` is exact.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class AddOn:
     def epoch_info(self, epoch: int) -> dict:
         """Entries for the epoch's metrics row."""
         return {}
+
+    def epoch_cost(self, epoch: int, planned: int) -> float:
+        """Epoch ``epoch``'s (0-based) time under a plan of ``planned`` epochs, relative to an epoch this add-on
+        leaves alone: ``--replan-epochs`` plans with it where epochs differ (``low_res.py``)."""
+        return 1.0
 
     def batch(self, x: torch.Tensor, images: bool) -> torch.Tensor:
         """A training batch, before the forward pass."""
