@@ -2,8 +2,9 @@
 pieces of the same dataset, budget and seed, on validation (what a choice is made on) and test.
 
 Validation is the kept stage's top-1 on the run's validation split (``recipe.json``), as images right of the split
-(``RUN_DIR/split.csv``, where the run folder is still on disk); the pooled row sums every pair's images, the domain
-mean averages the datasets' validation top-1 differences (the issue's "on average across the domains").
+(``RUN_DIR/split.csv`` of either run, where its folder is still on disk: one seed, one split); pooled per budget,
+the images gained over every pair, and the mean over the datasets of each one's validation and test differences
+(the issue's "on average across the domains").
 
     python benchmarks/variants.py lowres75 lowres50 --out benchmarks/results/variants_lowres.json
 """
@@ -51,6 +52,9 @@ def pairs(root: Path, label: str) -> list[dict]:
             print(f"{path.name}: no plain piece {plain.name} to compare with, left out")
             continue
         a, b = (summary(json.loads(p.read_text())) for p in (plain, path))
+        n = a["val_n"] or b["val_n"]  # one seed, one split: either run's split.csv counts both
+        for row in (a, b):
+            row["val_n"], row["val_right"] = n, round(row["val_top1"] * n / 100) if n else None
         rows.append({"dataset": path.parent.name, "budget": float(budget), "seed": int(seed), "plain": a, label: b})
     return rows
 

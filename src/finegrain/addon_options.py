@@ -77,7 +77,8 @@ class ProgressiveOptions:
     )  # fmt: skip
     low_res_share: float = option(
         0.0, "whole-network fine-tuning on images: this share of the planned epochs first sees its training crops "
-        "downsized (engine/addons/low_res.py), the rest at full size (0: off)",
+        "downsized (engine/addons/low_res.py), the rest at full size (0: off; lost on validation on the default's "
+        "domains, docs/frontier-tried.md)",
     )  # fmt: skip
 
     def validate(self) -> None:
