@@ -59,8 +59,8 @@ class LowResAddOn(AddOn):
         self.epoch = epoch
         if self.full_from is None and not self._low(epoch, ctx.planned_epochs):
             self.full_from = epoch
-            ctx.log(f"--low-res-share: epoch {epoch + 1} of {ctx.planned_epochs} on {self.crop} px crops again "
-                    f"(epochs 1-{epoch} on {self.side} px)")  # fmt: skip
+            before = f"epochs 1-{epoch} on {self.side} px" if epoch else "no epoch of the plan left for small crops"
+            ctx.log(f"--low-res-share: epoch {epoch + 1} of {ctx.planned_epochs} on {self.crop} px crops ({before})")
         return False
 
     def _started_low(self, epoch: int) -> bool:  # an epoch ``epoch_start`` has seen
