@@ -48,3 +48,9 @@ def input_for(side: int | None, native: int) -> int:
     if side is None:
         return native
     return min(native, max(MIN_INPUT, 32 * math.ceil(UPSCALE * side / 32)))
+
+
+def scaled_side(side: int, ratio: float) -> int:
+    """``ratio`` of ``side`` px in steps of 16 px (convolutions' tiles), at least 32: the recipe's training crops
+    (engine/recipe.py) and the low-resolution epochs' crops (engine/addons/low_res.py)."""
+    return max(32, 16 * round(ratio * side / 16))

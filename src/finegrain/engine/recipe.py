@@ -35,7 +35,7 @@ import torch.nn as nn
 from finegrain.atomic import write_text
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import BY_HAND, TrainConfig
-from finegrain.data.image_sizes import input_for, typical_side
+from finegrain.data.image_sizes import input_for, scaled_side, typical_side
 from finegrain.data.loading import open_sample
 from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
@@ -93,7 +93,7 @@ TRAIN_SIZE_RATIO = 0.8
 
 def train_size(input_size: int) -> int:
     """The recipe's training crop for a test input of ``input_size`` px: ``TRAIN_SIZE_RATIO`` of it, in 16 px."""
-    return max(32, 16 * round(TRAIN_SIZE_RATIO * input_size / 16))
+    return scaled_side(input_size, TRAIN_SIZE_RATIO)
 
 
 def budget_for(cfg: TrainConfig, given: Iterable[str] = ()) -> tuple[float, str]:

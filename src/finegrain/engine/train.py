@@ -220,6 +220,7 @@ def fit(
 
     history = []
     epoch = start_epoch
+    cost = lambda e, n: math.prod(a.epoch_cost(e, n) for a in ctx.addons)  # noqa: E731  (replan_epochs' epoch costs)
     while epoch < planned:
         epoch_start = clock()
         if history and not cfg.recipe.replan_epochs and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
@@ -242,7 +243,6 @@ def fit(
                          channels_last=task.channels_last(cfg), keep_predictions=keeper.wants_answers)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
-            cost = lambda e, n: math.prod(a.epoch_cost(e, n) for a in ctx.addons)  # noqa: E731
             mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start,
                                  (clock() - epoch_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
             planned = int(fgdist.all_reduce_sum(torch.tensor(float(mine if info.is_main else 0))).item())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.config import TrainConfig
+from finegrain.data.image_sizes import scaled_side
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
 
@@ -30,7 +31,7 @@ LOW_RES_SCALE = 0.7
 
 
 def low_res_side(crop: int) -> int:
-    return max(32, 16 * round(LOW_RES_SCALE * crop / 16))
+    return scaled_side(crop, LOW_RES_SCALE)
 
 
 class LowResAddOn(AddOn):
@@ -50,10 +51,12 @@ class LowResAddOn(AddOn):
         self.crop = self.cfg.model.train_input_size or ctx.model.preprocess.input_size
         self.side = low_res_side(self.crop)
 
-    def _low(self, epoch: int, planned: int) -> bool:
+    def _low(self, epoch: int, planned: int | None = None) -> bool:
+        """Is epoch ``epoch`` on small crops: one ``epoch_start`` has seen (``planned`` None), or one to come under a
+        plan of ``planned`` epochs."""
         if self.full_from is not None:
             return epoch < self.full_from
-        return epoch < round(self.cfg.progressive.low_res_share * planned)
+        return planned is None or epoch < round(self.cfg.progressive.low_res_share * planned)
 
     def epoch_start(self, ctx: Context, task, epoch: int) -> bool:
         self.epoch = epoch
@@ -63,17 +66,14 @@ class LowResAddOn(AddOn):
             ctx.log(f"--low-res-share: epoch {epoch + 1} of {ctx.planned_epochs} on {self.crop} px crops ({before})")
         return False
 
-    def _started_low(self, epoch: int) -> bool:  # an epoch ``epoch_start`` has seen
-        return self.full_from is None or epoch < self.full_from
-
     def epoch_info(self, epoch: int) -> dict:
-        return {"train_crop": self.side if self._started_low(epoch) else self.crop}
+        return {"train_crop": self.side if self._low(epoch) else self.crop}
 
     def epoch_cost(self, epoch: int, planned: int) -> float:
         return (self.side / self.crop) ** 2 if self._low(epoch, planned) else 1.0
 
     def batch(self, x: torch.Tensor, images: bool) -> torch.Tensor:
-        if not images or not self._started_low(self.epoch):
+        if not images or not self._low(self.epoch):
             return x
         size = [max(1, round(s * self.side / self.crop)) for s in x.shape[-2:]]
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
