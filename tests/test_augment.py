@@ -2,11 +2,14 @@ import json
 
 import pytest
 import torch
-from torchvision.transforms import v2  # noqa: F401 - torchvision is what train_transform uses
+from PIL import Image
+from torchvision.transforms import v2
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
 from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch, jigsaw
 from finegrain.data.transforms import Preprocess, train_transform
+from finegrain.engine import recipe
 from finegrain.engine.addons.style import MixStyleAddOn
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
@@ -77,15 +80,48 @@ def test_mixstyle_hooks_act_in_training_only():
     assert not torch.allclose(model(x), ref, atol=1e-4)
 
 
-def test_image_augmentations_need_image_training():
+def test_image_augmentations_need_image_training_and_a_budget_gives_them_to_its_fine_tuning(imagefolder, tiny_config):
     with pytest.raises(ConfigError, match="no-cache-features"):
-        TrainConfig().replace(random_erasing=0.5).validate()
-    TrainConfig().replace(random_erasing=0.5, cache_features=False).validate()
+        fit(tiny_config(imagefolder, random_erasing=0.5))
+    TrainConfig().replace(random_erasing=0.5, cache_features=False).check_images_for_augmentation()
+    # under a budget the head on cached features goes without them and the fine-tuning has them (this failed with
+    # the first error before 2026-12-05: no budgeted run could have them)
+    run = imagefolder.parent / "budget"
+    recipe.train_within_budget(tiny_config(imagefolder, budget=0.3, random_erasing=0.5, run_dir=str(run)))
+    head = Checkpoint.load(run / "head" / "best.pt").train_config()
+    assert head.augment.random_erasing == 0 and recipe.head_config(head, run).augment.random_erasing == 0
+    assert recipe.head_config(tiny_config(imagefolder, random_erasing=0.5), run).augment.cutmix is None
+
+
+def test_auto_augment_adds_torchvision_policy_and_is_refused_where_part_boxes_would_not_follow(cub, tiny_config):
+    img = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
+    for name, policy in (("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)):
+        tf = train_transform(Preprocess(input_size=32), auto_augment=name)
+        assert isinstance(tf.transforms[2], policy)
+        torch.manual_seed(0)
+        outs = [tf.transforms[2](img) for _ in range(20)]
+        assert sum(o.tobytes() != img.tobytes() for o in outs) >= 10  # it acts (identity is one op of many)
+    assert isinstance(train_transform(Preprocess(input_size=32)).transforms[2], v2.ColorJitter)  # off by default
+    with pytest.raises(ConfigError, match="auto-augment must be one of trivial, rand"):
+        TrainConfig().replace(auto_augment="autoaugment", cache_features=False).validate()
+    with pytest.raises(ConfigError, match="--auto-augment augment training images"):
+        TrainConfig().replace(auto_augment="trivial").check_images_for_augmentation()
+    cfg = tiny_config(cub, method="parts", model_kwargs={"part_groups": {"head": ["beak"], "tail": ["tail"]}},
+                      cache_features=False, auto_augment="rand", epochs=1)  # fmt: skip
+    with pytest.raises(ConfigError, match="drop --auto-augment"):
+        fit(cfg)
 
 
 def test_training_with_every_style_augmentation_learns(imagefolder, tiny_config):
     cfg = tiny_config(
-        imagefolder, epochs=4, lr=3e-3, cache_features=False, random_erasing=0.5, fourier_mix=0.5, mixstyle=0.5
+        imagefolder,
+        epochs=4,
+        lr=3e-3,
+        cache_features=False,
+        random_erasing=0.5,
+        fourier_mix=0.5,
+        mixstyle=0.5,
+        auto_augment="trivial",
     )
     assert fit(cfg).history[-1]["val_top1"] >= 0.75  # 4 classes: chance is 0.25
 

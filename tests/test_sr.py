@@ -89,7 +89,7 @@ def test_sr_options_are_checked_and_a_classifier_is_not_an_sr_model(tmp_path):
     with pytest.raises(ConfigError, match="sr-model"):
         TrainConfig().replace(sr_aug=0.5).validate()
     with pytest.raises(ConfigError, match="no-cache-features"):
-        TrainConfig().replace(sr_aug=0.5, sr_model="x.pt").validate()
+        TrainConfig().replace(sr_aug=0.5, sr_model="x.pt").check_images_for_augmentation()
     with pytest.raises(CheckpointError, match="not a super-resolution model"):
         load_sr(make_checkpoint(tmp_path / "c.pt"))
 

@@ -6,9 +6,8 @@ from or read through these classes: nothing else lists the options. Option names
 so a flat mapping (``{"lr": 1e-3}``, the command line's and older checkpoints' shape) and the grouped one
 (``{"optim": {"lr": 1e-3}}``, what ``to_dict`` writes) both load.
 
-Groups: ``dataset``, ``model``, ``optim``, ``augment``, ``features`` (the frozen-feature cache), ``speed``,
-``recipe`` (the time budget), ``run``, and one per training add-on (``engine/addons``), declared in
-addon_options.py. How an option is declared and its value checked: option_values.py.
+Groups: ``dataset``, ``model``, ``optim``, ``augment``, ``features``, ``speed``, ``recipe`` (the budget), ``run``, and
+one per add-on (addon_options.py). How an option is declared and its value checked: option_values.py.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
 #: which epoch becomes best.pt (--keep-epoch; engine/epochs.py: KeptEpoch)
 KEEP_EPOCH = ("best", "last", "auto")
+AUTO_AUGMENT = ("trivial", "rand")  # data/transforms.py builds them
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 
@@ -158,7 +158,7 @@ class AugmentOptions:
     """Image augmentation of full training (with a frozen, cached backbone the head sees fixed views instead, of
     which ``hflip`` alone applies: 0 drops the mirrored view)."""
 
-    IMAGE_LEVEL = ("random_erasing", "cutmix")  # need images every epoch (not cached features)
+    IMAGE_LEVEL = ("random_erasing", "cutmix", "auto_augment")  # need images every epoch (not cached features)
 
     scale_min: float = option(0.35, "smallest area fraction of the random-resized crop")
     hflip: float = option(
@@ -172,6 +172,11 @@ class AugmentOptions:
         "default recipe sets it for whole-network fine-tuning unless --hflip is given",
     )  # fmt: skip
     color_jitter: float = option(0.2, "brightness/contrast/saturation jitter strength")
+    auto_augment: str | None = option(
+        None, "one more random operation per training image (torchvision's): trivial (TrivialAugment Wide: one of 14 "
+        "colour/geometry operations at a random strength) or rand (RandAugment: two at strength 9, rotations up to "
+        "30 degrees); none by default", choices=AUTO_AUGMENT,
+    )  # fmt: skip
     random_erasing: float = option(0.0, "probability of erasing a random rectangle of each training image")
     erasing_max_area: float = option(0.25, "largest erased fraction of the image (smallest: 0.02)")
     erasing_fill: str = option("random", "erased pixels: random noise or mean (the dataset's mean colour)",
@@ -191,6 +196,8 @@ class AugmentOptions:
             (self.erasing_fill in ("random", "mean"),
              f"erasing-fill must be random or mean, got '{self.erasing_fill}'"),
             (self.cutmix is None or 0 <= self.cutmix <= 1, "cutmix is a probability in [0, 1]"),
+            (self.auto_augment in (None, *AUTO_AUGMENT),
+             f"auto-augment must be one of {', '.join(AUTO_AUGMENT)}, got '{self.auto_augment}'"),
         ])  # fmt: skip
 
     def check_with(self, cfg) -> None:
@@ -323,15 +330,23 @@ class TrainConfig:
             check = getattr(group, "check_with", None)
             if check is not None:
                 check(self)
-        image_level = {n: getattr(g, n) for g in self.groups() for n in getattr(g, "IMAGE_LEVEL", ())}
-        used = [n for n, v in image_level.items() if v]  # (unset: off)
-        if used and self.model.freeze_backbone and self.features.cache_features:
-            names = ", ".join("--" + n.replace("_", "-") for n in used)
-            raise ConfigError(
-                f"{names} augment training images, but a frozen backbone trains on cached features: "
-                "add --no-cache-features (frozen backbone, images every epoch) or --no-freeze-backbone"
-            )
         return self
+
+    def image_level(self) -> list[str]:
+        """The options set (unset: off) that change training images every epoch (each group's ``IMAGE_LEVEL``)."""
+        return [n for g in self.groups() for n in getattr(g, "IMAGE_LEVEL", ()) if getattr(g, n)]
+
+    def check_images_for_augmentation(self) -> None:
+        """Cached features are each image's once. Checked by ``fit``: a budget's head goes without them."""
+        if (used := self.image_level()) and self.model.freeze_backbone and self.features.cache_features:
+            raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in used)} augment training images, but "
+                              "a frozen backbone trains on cached features: add --no-cache-features (frozen "
+                              "backbone, images every epoch), --no-freeze-backbone or --budget N")  # fmt: skip
+
+    def without_image_level(self) -> TrainConfig:
+        """This config with every image-level augmentation off (its default): a cached-features stage's."""
+        used = self.image_level()
+        return self.replace(**{f.name: self.option_default(f) for _, f in self.options() if f.name in used})
 
     def groups(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]

@@ -73,13 +73,22 @@ def train_transform(
     erasing: float = 0.0,
     erasing_max_area: float = 0.25,
     erasing_fill: str = "random",
+    auto_augment: str | None = None,
 ) -> T.Compose:
     """Random-resized crop (milder than ImageNet's 0.08: small parts must stay in view), flip, colour, and
-    optionally random erasing of one rectangle (torchvision's), so the model must use more than one cue."""
+    optionally random erasing of one rectangle (torchvision's), so the model must use more than one cue, and
+    one of torchvision's automatic augmentation policies (``auto_augment``: trivial or rand; on images only, so
+    not with part boxes)."""
     ops = [
         T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=INTERPOLATION[pre.interpolation]),
         T.RandomHorizontalFlip(hflip),
     ]
+    if auto_augment == "trivial":
+        ops.append(T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
+    elif auto_augment == "rand":
+        ops.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR))
+    elif auto_augment is not None:
+        raise ValueError(f"auto_augment must be trivial, rand or None, got {auto_augment!r}")
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     ops += _to_tensor(pre)

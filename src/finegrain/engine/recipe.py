@@ -254,8 +254,11 @@ def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float,
 
 
 def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``)."""
-    return cfg.replace(run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None, cutmix=None)
+    """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``); the
+    image-level augmentations asked for (``--random-erasing``, ``--auto-augment`` ...) are for the fine-tuning."""
+    return cfg.without_image_level().replace(
+        run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None
+    )
 
 
 def partial_allowed(cfg: TrainConfig, head_best: Checkpoint) -> bool:

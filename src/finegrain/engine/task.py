@@ -89,7 +89,7 @@ def augmentation(cfg: TrainConfig, pre: Preprocess):
         pre = replace(pre, input_size=cfg.model.train_input_size)
     return train_transform(
         pre, scale=(a.scale_min, 1.0), hflip=a.hflip, color_jitter=a.color_jitter, erasing=a.random_erasing,
-        erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill,
+        erasing_max_area=a.erasing_max_area, erasing_fill=a.erasing_fill, auto_augment=a.auto_augment,
     )  # fmt: skip
 
 
@@ -101,6 +101,11 @@ def image_datasets(ctx: Context) -> tuple[Dataset, Dataset | None]:
     for addon in ctx.addons:
         tf = addon.train_transform(tf)
     extra = model.extra_targets(ctx.index.part_names, cfg.dataset.data)
+    if extra.get("part_groups") and cfg.augment.auto_augment:
+        raise ConfigError(
+            f"--auto-augment {cfg.augment.auto_augment} moves and turns images but not their part boxes, which "
+            f"--method {cfg.model.method} trains on: drop --auto-augment for this method"
+        )
     columns = lambda train: [c for a in ctx.addons for c in a.sample_columns(ctx, train, [False], images=True)]  # noqa: E731
     return data_source(ctx.index).train_val(
         tf, eval_transform(model.preprocess), extra, columns, cfg.optim.batch_size, ctx.info.rank,

@@ -153,6 +153,7 @@ def fit(
     if cfg.recipe.budget:
         raise ConfigError("a time budget runs several trainings: call finegrain.engine.recipe.train_within_budget(cfg)"
                           " (what `finegrain train` does), or set budget to 0 or None")  # fmt: skip
+    cfg.check_images_for_augmentation()
     device = fgdist.resolve_device(cfg.speed.device)
     info = fgdist.init_distributed(device)
     if info.enabled and device.type == "cuda":
