@@ -116,7 +116,7 @@ def test_attended_boxes_find_the_small_patch_that_decides_the_class(tmp_path):
     zoom must cover the disc's region far more often than random boxes of the same sizes do."""
     data = make_part_cub(tmp_path / "cub")
     cfg = TrainConfig().replace(
-        data=str(data), method="racnn", model_kwargs={"apn_start": 15}, freeze_backbone=False, input_size=160,
+        data=str(data), method="racnn", model_kwargs={"apn_start": 15}, freeze_backbone=False, input_size=128,
         epochs=8, batch_size=16, lr=1e-3, workers=0, amp="none", cache_features=False, val_fraction=0.0,
         run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
