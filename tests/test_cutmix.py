@@ -68,7 +68,7 @@ def test_a_long_budgeted_fine_tuning_is_cut_mixed(imagefolder, tiny_config, tmp_
     batch = CutMixAddOn.batch
     monkeypatch.setattr(CutMixAddOn, "batch", lambda self, x, images: mixed.append(1) or batch(self, x, images))
     run = tmp_path / "b"
-    recipe.train_within_budget(tiny_config(imagefolder, budget=0.4, run_dir=str(run)))
+    recipe.train_within_budget(tiny_config(imagefolder, budget=0.25, run_dir=str(run)))
     plan = json.loads((run / "recipe.json").read_text())
     assert plan["decision"]["kind"] == "whole" and plan["decision"]["finetune_epochs"] >= recipe.CUTMIX_MIN_EPOCHS
     assert plan["decision"]["cutmix"] == recipe.RECIPE_CUTMIX and mixed

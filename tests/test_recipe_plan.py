@@ -50,7 +50,7 @@ def test_budget_fine_tunes_the_last_stages_on_maps_on_a_slow_machine(imagefolder
     speeds = {0: 0.1, PARTIAL_STAGES: 1e6}  # img/s by train_stages: one whole epoch takes minutes
     monkeypatch.setattr(recipe, "finetune_speed", lambda *a, train_stages=0, **k: speeds[train_stages])
     monkeypatch.setattr(recipe, "cache_speed", lambda *a, **k: 1e6)
-    cfg = tiny_config(imagefolder, head="auto", budget=0.6, run_dir=str(tmp_path / "b"), map_views=2)
+    cfg = tiny_config(imagefolder, head="auto", budget=0.4, run_dir=str(tmp_path / "b"), map_views=2)
     result = train_within_budget(cfg)
     plan = json.loads((result.run_dir / "recipe.json").read_text())
     assert plan["decision"]["kind"] == "stages" and plan["decision"]["whole_epochs_fit"] == 0
@@ -83,7 +83,7 @@ def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_inpu
     for given, crop in ((None, 48), (40, 40)):
         seen.clear()
         run = tmp_path / f"crop{given}"
-        result = train_within_budget(tiny_config(imagefolder, budget=0.4, run_dir=str(run), train_input_size=given))
+        result = train_within_budget(tiny_config(imagefolder, budget=0.25, run_dir=str(run), train_input_size=given))
         plan = json.loads((result.run_dir / "recipe.json").read_text())
         assert plan["decision"]["kind"] == "whole" and plan["decision"]["train_input_size"] == crop
         assert plan["decision"]["load_ms"] > 0  # the loader's time, measured on the run's training images
