@@ -6,9 +6,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from finegrain.checkpoint import Checkpoint
-from finegrain.config import TrainConfig
+from finegrain.config import AUTO_AUGMENT, TrainConfig
 from finegrain.data.augment import MixStyle, _low_band, fourier_mix, fourier_mix_batch, jigsaw
-from finegrain.data.transforms import Preprocess, train_transform
+from finegrain.data.transforms import AUTO_AUGMENT_POLICIES, Preprocess, train_transform
 from finegrain.engine import recipe
 from finegrain.engine.addons.style import MixStyleAddOn
 from finegrain.engine.train import fit
@@ -97,6 +97,7 @@ def test_image_augmentations_need_image_training_and_a_budget_gives_them_to_its_
 
 def test_auto_augment_adds_torchvision_policy_and_is_refused_where_part_boxes_would_not_follow(cub, tiny_config):
     img = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
+    assert set(AUTO_AUGMENT_POLICIES) == set(AUTO_AUGMENT)  # what the command line offers is what is built
     for name, policy in (("trivial", v2.TrivialAugmentWide), ("rand", v2.RandAugment)):
         tf = train_transform(Preprocess(input_size=32), auto_augment=name)
         assert isinstance(tf.transforms[2], policy)

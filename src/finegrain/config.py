@@ -50,7 +50,7 @@ TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
 #: which epoch becomes best.pt (--keep-epoch; engine/epochs.py: KeptEpoch)
 KEEP_EPOCH = ("best", "last", "auto")
-AUTO_AUGMENT = ("trivial", "rand")  # data/transforms.py builds them
+AUTO_AUGMENT = ("trivial", "rand")  # data/transforms.py: AUTO_AUGMENT_POLICIES builds them
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
 

@@ -55,6 +55,13 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     )
 
 
+#: ``--auto-augment``'s policies by name (config.AUTO_AUGMENT lists the same names, for the command line)
+AUTO_AUGMENT_POLICIES: dict[str, Callable[[], T.Transform]] = {
+    "trivial": lambda: T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR),
+    "rand": lambda: T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR),
+}
+
+
 class Mirrored:
     """``transform`` of the image's mirror image (a class, not a closure: loader workers pickle it)."""
 
@@ -83,12 +90,8 @@ def train_transform(
         T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=INTERPOLATION[pre.interpolation]),
         T.RandomHorizontalFlip(hflip),
     ]
-    if auto_augment == "trivial":
-        ops.append(T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
-    elif auto_augment == "rand":
-        ops.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BILINEAR))
-    elif auto_augment is not None:
-        raise ValueError(f"auto_augment must be trivial, rand or None, got {auto_augment!r}")
+    if auto_augment is not None:
+        ops.append(AUTO_AUGMENT_POLICIES[auto_augment]())
     if color_jitter > 0:
         ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     ops += _to_tensor(pre)
