@@ -48,8 +48,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 TRACKERS = ("tensorboard", "mlflow")  # experiment trackers `--log` can name
 HEADS = ("auto", "probe", "sgd")  # how a head on cached features is fitted
-#: which epoch becomes best.pt (--keep-epoch; engine/epochs.py: KeptEpoch)
-KEEP_EPOCH = ("best", "last", "auto")
+KEEP_EPOCH = ("best", "last", "auto")  # which epoch becomes best.pt (--keep-epoch; engine/epochs.py: KeptEpoch)
 AUTO_AUGMENT = ("trivial", "rand")  # data/transforms.py: AUTO_AUGMENT_POLICIES builds them
 
 DEFAULT_DATA = os.environ.get("FINEGRAIN_DATA", "../shared/data/cub100")
@@ -66,9 +65,7 @@ class DataOptions:
     val_fraction: float = option(0.1, "fraction of each class's training images held out for validation")
     test_fraction: float = option(0.2, "fraction of each class held out as test when the dataset has no test split")
     skip_bad: bool = option(False, "skip unreadable images (and report them) instead of stopping")
-    follow_symlinks: bool = option(
-        False, "read ImageFolder class folders that are links to places outside the dataset (off: refused, named)"
-    )
+    follow_symlinks: bool = option(False, "read ImageFolder class folders linked from outside it (off: refused)")
     class_info: str | None = option(
         None,
         "folder of class descriptions / reference images / attributes "
@@ -133,6 +130,8 @@ class OptimOptions:
     warmup_epochs: float = option(1.0, "linear warm-up length in epochs")
     min_lr: float = option(1e-6, "final learning rate of the cosine schedule")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    layer_decay: float = option(1.0, "layer-wise lr decay: each backbone stage nearer the input learns this factor "
+                                "slower than the next (1: off; BEiT/ConvNeXt fine-tune at 0.65-0.8)")  # fmt: skip
     clip_grad: float | None = option(5.0, "clip the gradient norm to this value (0 or none: off)",
                                      type=parse_optional_float)  # fmt: skip
     keep_epoch: str = option(
@@ -148,6 +147,7 @@ class OptimOptions:
             (self.lr > 0, "lr must be > 0"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw or sgd, got '{self.optimizer}'"),
             (0 <= self.label_smoothing < 1, "label-smoothing must be in [0, 1)"),
+            (0 < self.layer_decay <= 1, "layer-decay must be in (0, 1] (1: off)"),
             (self.keep_epoch in KEEP_EPOCH,
              f"keep-epoch must be one of {', '.join(KEEP_EPOCH)}, got '{self.keep_epoch}'"),
         ])  # fmt: skip

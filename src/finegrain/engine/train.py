@@ -208,7 +208,7 @@ def fit(
         module = DistributedDataParallel(module, find_unused_parameters=task.unused_parameters(model))
     if cfg.speed.compile:  # after DDP, as PyTorch's DDP + compile guide has it; checkpoints keep the plain module
         module = torch.compile(module)
-    optimizer = make_optimizer(task.trainable, cfg)
+    optimizer = make_optimizer(task.trainable, cfg, model)
     steps = len(loader)
     scheduler = CosineLRScheduler(optimizer, t_initial=planned * steps, lr_min=o.min_lr, t_in_epochs=False,
                                   warmup_t=int(o.warmup_epochs * steps), warmup_lr_init=o.lr * 0.01)  # fmt: skip
