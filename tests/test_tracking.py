@@ -121,7 +121,7 @@ def test_wheel_installs_with_its_declared_dependencies_trains_and_predicts(tmp_p
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     (Path(site) / "torch_stack.pth").write_text(f"{_torch_stack(tmp_path / 'torch_stack')}\n")
     env = {**os.environ, "PYTHONPATH": ""}  # (a PYTHONPATH to a source tree would make pip skip the wheel)
-    subprocess.run([py, "-m", "pip", "install", "-q", str(wheel)], check=True, env=env)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", str(wheel)], check=True, env=env)
     installed = subprocess.run([py, "-m", "pip", "list", "--format", "json"], check=True, capture_output=True,
                                text=True, env=env).stdout  # fmt: skip
     names = {d["name"].lower() for d in json.loads(installed)}
@@ -144,7 +144,7 @@ def test_wheel_installs_with_its_declared_dependencies_trains_and_predicts(tmp_p
     assert json.loads(out)[0]["top"][0]["class"] == image.parent.name
     refused = subprocess.run([finegrain, "serve", run], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert refused.returncode == 2 and "pip install 'finegrain[serve]'" in refused.stderr, refused.stderr
-    subprocess.run([py, "-m", "pip", "install", "-q", f"{wheel}[serve]"], check=True, env=env)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", f"{wheel}[serve]"], check=True, env=env)
     with running_server([finegrain, "serve", run], env=env, cwd=tmp_path) as base:
         page = httpx.get(f"{base}/", timeout=5)
         assert page.status_code == 200 and '<input id="file"' in page.text
