@@ -177,7 +177,7 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig, model: nn.Module | None 
     timm's schedulers multiply every value they set by), the head (largest scale) first."""
     o = cfg.optim
     scales = layer_scales(model if model is not None else module, o.layer_decay)
-    groups: dict[tuple[float, bool], list] = {}
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}  # (as before --layer-decay: resumable)
     for p in module.parameters():
         if p.requires_grad:  # no weight decay on biases and norms
             groups.setdefault((scales.get(id(p), 1.0), p.ndim > 1), []).append(p)
