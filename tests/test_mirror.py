@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from finegrain.data.transforms import eval_transform
-from finegrain.engine.mirror import mirror_pairs
+from finegrain.engine.mirror import candidate_pairs, mirror_pairs, pairs_from_answers
 from finegrain.models import create_model
 
 from .conftest import synthetic_image
@@ -49,3 +49,15 @@ def test_classes_that_survive_mirroring_give_no_pair():
     labels = [c for c in range(4) for _ in range(20)]
     plain, mirrored = features([synthetic_image(c, rng, 96) for c in labels])
     assert mirror_pairs(plain, mirrored, torch.tensor(labels), 4) == []
+
+
+def test_candidates_below_the_share_are_kept_as_evidence_not_pairs():
+    """mirror.json lists the strongest candidate pairs even when none is a pair, so a miss can be read off it."""
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    as_mirror = labels.clone()
+    as_mirror[:4], as_mirror[10:13] = 1, 0  # 7 of 20 go across: 0.35 pooled, below MIN_SHARE
+    candidates = candidate_pairs(labels, as_mirror, labels, 3)
+    assert [(c["classes"], c["share"], c["pooled"]) for c in candidates] == [((0, 1), (0.4, 0.3), 0.35)]
+    assert pairs_from_answers(labels, as_mirror, labels, 3) == []
+    as_mirror[13:16] = 0  # 10 of 20: a pair
+    assert [p["classes"] for p in pairs_from_answers(labels, as_mirror, labels, 3)] == [(0, 1)]

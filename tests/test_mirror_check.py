@@ -1,6 +1,7 @@
-"""--mirror-check (the budgeted recipe's): mirroring is decided after a first epoch without it, from the network's
-answers on mirrored validation images. Classes that are mirror images of each other keep it off; ordinary ones
-get it back from the second epoch. (Resume across the decision: tests/test_addons.py.)"""
+"""--mirror-check (the budgeted recipe's): mirroring is decided after epochs without it (3, a tenth of a long run;
+one in these 2-epoch runs), from the network's answers on mirrored validation images. Classes that are mirror images
+of each other keep it off; ordinary ones get it back after the check. (Resume across the decision:
+tests/test_addons.py.)"""
 
 import json
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from finegrain.engine import recipe
+from finegrain.engine.addons.mirror_check import MirrorCheckAddOn
 from finegrain.engine.train import fit
 
 from .conftest import synthetic_image
@@ -39,6 +41,7 @@ def run(tmp_path, tiny_config, draw):
 def test_mirror_image_classes_keep_mirroring_off(tmp_path, tiny_config):
     result, report = run(tmp_path, tiny_config, mirror_classes)
     assert [p["names"] for p in report["pairs"]] == [["class_0", "class_1"]], report
+    assert report["candidates"][0]["names"] == ["class_0", "class_1"] and report["candidates"][0]["pooled"] >= 0.5
     assert report["hflip"] == 0.0
     assert [r["hflip"] for r in result.history] == [0.0, 0.0]
 
@@ -59,3 +62,9 @@ def test_the_budgeted_recipe_decides_mirroring_unless_the_user_did(given, expect
     cfg = tiny_config(tmp_path, budget=None) if "budget" not in given else tiny_config(tmp_path, budget=3.0)
     recipe.train(cfg.replace(epochs=3), given)
     assert seen and seen[0].augment.mirror_check is expected
+
+
+@pytest.mark.parametrize(("epochs", "after"), [(2, 1), (6, 2), (9, 3), (39, 3), (52, 5), (87, 8), (103, 10), (164, 10)])
+def test_a_long_run_asks_after_a_tenth_of_its_epochs(epochs, after, tiny_config, tmp_path):
+    """Three epochs were too few on a 30-minute gtsrb run (87 planned): no pair found, mirroring on, -10 pt."""
+    assert MirrorCheckAddOn(tiny_config(tmp_path, epochs=epochs)).after == after

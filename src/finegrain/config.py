@@ -167,7 +167,7 @@ class AugmentOptions:
         "(keep-left/keep-right signs, text): no mirroring anywhere, cached features included",
     )
     mirror_check: bool = option(
-        False, "train the first epoch without mirroring, then keep it off where the network answers mirrored "
+        False, "train 3 epochs (a tenth of a long run) unmirrored, then keep it off where the network answers mirrored "
         f"validation images of one class as another's and back (keep left/right; RUN_DIR/{RunDir.MIRROR}); the "
         "default recipe sets it for whole-network fine-tuning unless --hflip is given",
     )  # fmt: skip

@@ -58,6 +58,19 @@ def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: 
     Why together, not each way: a network learns left from right one class at a time. On gtsrb_finegrained after 3
     epochs without mirroring, keep right's mirror images went to keep left 41 of 50 times, keep left's to keep
     right 14 of 54 (AMD EPYC Zen 5, seed 0, 2026-12-03)."""
+    return [c for c in candidate_pairs(as_plain, as_mirror, labels, num_classes) if is_pair(c)]
+
+
+def is_pair(candidate: dict) -> bool:
+    """Is a :func:`candidate_pairs` entry a mirror pair (``MIN_IMAGES`` of each class, ``MIN_SHARE`` pooled)?"""
+    return min(candidate["images"]) >= MIN_IMAGES and candidate["pooled"] >= MIN_SHARE
+
+
+def candidate_pairs(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: torch.Tensor,
+                    num_classes: int) -> list[dict]:  # fmt: skip
+    """Every pair of classes whose recognised images' mirror images go to each other more than to any third class,
+    strongest first, with the shares each way and ``pooled`` (both classes' images together): the evidence
+    :func:`pairs_from_answers` judges, kept in mirror.json so a miss can be seen."""
     ok = as_plain == labels
     right = torch.bincount(labels[ok], minlength=num_classes)
     swaps = torch.bincount(labels[ok] * num_classes + as_mirror[ok], minlength=num_classes**2)
@@ -66,8 +79,10 @@ def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: 
     pairs = []
     for a in range(num_classes):
         b = int(swaps[a].argmax())
-        mutual = a < b and int(swaps[b].argmax()) == a and min(right[a], right[b]) >= MIN_IMAGES
-        if mutual and (swaps[a, b] + swaps[b, a]) / (right[a] + right[b]) >= MIN_SHARE:
+        if a < b and int(swaps[b].argmax()) == a and min(right[a], right[b]) > 0 and swaps[a, b] + swaps[b, a] > 0:
             share = (round(float(swaps[a, b] / right[a]), 3), round(float(swaps[b, a] / right[b]), 3))
-            pairs.append({"classes": (a, b), "share": share, "images": (int(right[a]), int(right[b]))})
-    return pairs
+            pooled = round(float((swaps[a, b] + swaps[b, a]) / (right[a] + right[b])), 3)
+            pairs.append(
+                {"classes": (a, b), "share": share, "pooled": pooled, "images": (int(right[a]), int(right[b]))}
+            )
+    return sorted(pairs, key=lambda c: -c["pooled"])
