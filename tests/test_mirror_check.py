@@ -66,5 +66,5 @@ def test_the_budgeted_recipe_decides_mirroring_unless_the_user_did(given, expect
 
 @pytest.mark.parametrize(("epochs", "after"), [(2, 1), (6, 2), (9, 3), (39, 3), (52, 5), (87, 8), (103, 10), (164, 10)])
 def test_a_long_run_asks_after_a_tenth_of_its_epochs(epochs, after, tiny_config, tmp_path):
-    """Three epochs were too few on a 30-minute gtsrb run (87 planned): no pair found, mirroring on, -10 pt."""
+    """Three epochs were too few on a 30-minute gtsrb run (100 planned, 87 run): no pair found, mirroring on, -10 pt."""
     assert MirrorCheckAddOn(tiny_config(tmp_path, epochs=epochs)).after == after

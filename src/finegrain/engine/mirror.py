@@ -63,14 +63,15 @@ def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: 
 
 def is_pair(candidate: dict) -> bool:
     """Is a :func:`candidate_pairs` entry a mirror pair (``MIN_IMAGES`` of each class, ``MIN_SHARE`` pooled)?"""
-    return min(candidate["images"]) >= MIN_IMAGES and candidate["pooled"] >= MIN_SHARE
+    return min(candidate["images"]) >= MIN_IMAGES and sum(candidate["across"]) >= MIN_SHARE * sum(candidate["images"])
 
 
 def candidate_pairs(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: torch.Tensor,
                     num_classes: int) -> list[dict]:  # fmt: skip
     """Every pair of classes whose recognised images' mirror images go to each other more than to any third class,
-    strongest first, with the shares each way and ``pooled`` (both classes' images together): the evidence
-    :func:`pairs_from_answers` judges, kept in mirror.json so a miss can be seen."""
+    strongest first, with the images going across each way (``across``, of ``images``), their shares and ``pooled``
+    (both classes' images together): the evidence :func:`pairs_from_answers` judges, kept in mirror.json so a miss
+    can be seen."""
     ok = as_plain == labels
     right = torch.bincount(labels[ok], minlength=num_classes)
     swaps = torch.bincount(labels[ok] * num_classes + as_mirror[ok], minlength=num_classes**2)
@@ -80,9 +81,8 @@ def candidate_pairs(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: tor
     for a in range(num_classes):
         b = int(swaps[a].argmax())
         if a < b and int(swaps[b].argmax()) == a and min(right[a], right[b]) > 0 and swaps[a, b] + swaps[b, a] > 0:
-            share = (round(float(swaps[a, b] / right[a]), 3), round(float(swaps[b, a] / right[b]), 3))
-            pooled = round(float((swaps[a, b] + swaps[b, a]) / (right[a] + right[b])), 3)
-            pairs.append(
-                {"classes": (a, b), "share": share, "pooled": pooled, "images": (int(right[a]), int(right[b]))}
-            )
+            across, images = (int(swaps[a, b]), int(swaps[b, a])), (int(right[a]), int(right[b]))
+            share = tuple(round(n / m, 3) for n, m in zip(across, images, strict=True))
+            pooled = round(sum(across) / sum(images), 3)  # for reading; is_pair judges the counts
+            pairs.append({"classes": (a, b), "share": share, "pooled": pooled, "across": across, "images": images})
     return sorted(pairs, key=lambda c: -c["pooled"])

@@ -12,11 +12,11 @@ without mirroring, 25% after two, and after three 52-70% for three pairs (danger
 trained to the end: all four pairs, 67-100% of validation images. So the check comes after ``CHECK_AFTER`` epochs
 (fewer in short runs: a third of them), and after a tenth (at most ``CHECK_AFTER_MAX``) of a run of 40 epochs or
 more: three epochs are too few where the network learns slowly. A 30-minute gtsrb run cropping from 0.08 of the image
-(87 epochs planned) found no pair after 3 epochs (the strongest candidate: 60 vs 80 km/h, 5%), so mirroring came on
-and it tested 87.5% against 97.6% for the plain recipe; the same stage asked after 8 epochs found three pairs, 76-87%
-of their images going across, the next candidate 15% (AMD EPYC Zen 5, seed 0, 2026-12-05). flowers17 and tomato runs
-asked after 5 and 10 epochs had no candidate at all. Where nothing is found, the cost is those epochs without
-mirroring.
+(100 epochs planned, 87 run) found no pair after 3 epochs (the strongest candidate: 60 vs 80 km/h, 5%), so mirroring
+came on and it tested 87.5% against 97.6% for the plain recipe; the same stage asked after 8 epochs found three
+pairs, 76-87% of their images going across, the next candidate 15% (AMD EPYC Zen 5, seed 0, 2026-12-05). flowers17
+and tomato runs asked after 5 and 10 epochs had no candidate at all. Where nothing is found, the cost is those epochs
+without mirroring.
 ``RUN_DIR/mirror.json`` holds the pairs found, the strongest candidates (found or not), and the mirroring used.
 """
 
