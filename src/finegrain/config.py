@@ -167,9 +167,9 @@ class AugmentOptions:
         "(keep-left/keep-right signs, text): no mirroring anywhere, cached features included",
     )
     mirror_check: bool = option(
-        False, "train 3 epochs (a tenth of a long run) unmirrored, then keep it off where the network answers mirrored "
-        f"validation images of one class as another's and back (keep left/right; RUN_DIR/{RunDir.MIRROR}); the "
-        "default recipe sets it for whole-network fine-tuning unless --hflip is given",
+        False, "train 3 epochs (a tenth of a long run, at most 10) unmirrored, then keep it off where the network "
+        f"answers mirrored validation images of one class as another's and back (left/right; RUN_DIR/{RunDir.MIRROR}); "
+        "the default recipe sets it for whole-network fine-tuning unless --hflip is given",
     )  # fmt: skip
     color_jitter: float = option(0.2, "brightness/contrast/saturation jitter strength")
     auto_augment: str | None = option(

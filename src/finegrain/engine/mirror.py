@@ -52,8 +52,8 @@ def pairs_from_answers(as_plain: torch.Tensor, as_mirror: torch.Tensor, labels: 
     """Mirror pairs from a classifier's answers on images un-mirrored (``as_plain``) and mirrored (``as_mirror``).
     Of each class's images it recognises un-mirrored, the share whose mirror image it answers with one other class;
     a pair where each class's mirror images go to the other more than to any third class, and at least
-    ``MIN_SHARE`` of both classes' recognised images (together, at least ``MIN_IMAGES`` of each) go across:
-    ``[{"classes": (a, b), "share": (a->b, b->a), "images": (n_a, n_b)}]``.
+    ``MIN_SHARE`` of both classes' recognised images (together, at least ``MIN_IMAGES`` of each) go across: the
+    :func:`candidate_pairs` entries that :func:`is_pair` accepts (``classes``, ``share``, ``across``, ``images``).
 
     Why together, not each way: a network learns left from right one class at a time. On gtsrb_finegrained after 3
     epochs without mirroring, keep right's mirror images went to keep left 41 of 50 times, keep left's to keep
