@@ -129,3 +129,23 @@ def test_a_concatenated_backbones_model_card_names_each_base_model():
     assert next(yaml.safe_load_all(header))["base_model"] == [
         "timm/tf_efficientnet_lite0.in1k", "timm/tf_efficientnet_lite2.in1k"
     ]  # fmt: skip
+
+
+def test_drop_path_skips_blocks_in_training_only_and_is_kept_by_the_checkpoint(tmp_path):
+    from finegrain.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, pretrained=False, drop_rate=0.0)
+    model = create_model("baseline", drop_path_rate=0.3, **kw)
+    plain = create_model("baseline", **kw)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    model.train(), plain.train()
+    assert torch.equal(plain(x), plain(x))  # batch statistics alone are deterministic
+    assert not torch.equal(model(x), model(x)), "drop_path_rate did not reach the backbone's blocks"
+    plain.load_state_dict(model.state_dict())  # (the training forwards moved BatchNorm's running statistics)
+    model.eval(), plain.eval()
+    assert torch.equal(model(x), plain(x))  # inference is the same network
+    assert model.model_kwargs["drop_path_rate"] == 0.3
+    rebuilt = Checkpoint.load(Checkpoint.from_model(model, classes=["a", "b", "c"]).save(tmp_path / "m.pt"))
+    assert rebuilt.build_model().model_kwargs["drop_path_rate"] == 0.3

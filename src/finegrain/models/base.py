@@ -78,10 +78,13 @@ class FGVCModel(nn.Module):
         pretrained: bool = True,
         weights: str | Path | None = None,
         freeze_backbone: bool = False,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self._backbone_spec = {"name": backbone, "pretrained": pretrained, "weights": weights}
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, num_classes=0)
+        if drop_path_rate:  # stochastic depth: residual blocks skipped at random while training (timm's drop_path)
+            self._backbone_spec["drop_path_rate"] = drop_path_rate
+        self.backbone = create_backbone(num_classes=0, **self._backbone_spec)
         if self.needs_spatial_maps and is_concatenated(self.backbone):
             raise ConfigError(
                 f"{type(self).__name__} reads spatial feature maps, and '{backbone}' concatenates pooled features: "
