@@ -88,7 +88,7 @@ class ModelOptions:
     init_from: str | None = option(None, "start from the weights of a finegrain checkpoint (same classes)")
     drop_rate: float = option(0.2, "dropout before the classifier")
     model_kwargs: dict = option(
-        {}, "method options as KEY=VALUE (YAML values), e.g. layers=[3,final] reduce_dim=128 pooling=rm",
+        {}, "method options as KEY=VALUE (YAML values), e.g. layers=[3,final] pooling=rm; drop_path_rate=P: any method",
         type=parse_key_value, nargs="*", metavar="KEY=VALUE",
     )  # fmt: skip
     freeze_backbone: bool = option(True, "train only the head (fast: features are computed once and cached)")
