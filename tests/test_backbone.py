@@ -2,6 +2,7 @@ import pytest
 import timm
 import torch
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data import eval_transform, open_image
 from finegrain.errors import CheckpointError, ConfigError
 from finegrain.models import create_backbone, create_model, list_models, map_efficientnet_pytorch_keys
@@ -132,8 +133,6 @@ def test_a_concatenated_backbones_model_card_names_each_base_model():
 
 
 def test_drop_path_skips_blocks_in_training_only_and_is_kept_by_the_checkpoint(tmp_path):
-    from finegrain.checkpoint import Checkpoint
-
     torch.manual_seed(0)
     kw = dict(num_classes=3, pretrained=False, drop_rate=0.0)
     model = create_model("baseline", drop_path_rate=0.3, **kw)
