@@ -148,3 +148,9 @@ def test_drop_path_skips_blocks_in_training_only_and_is_kept_by_the_checkpoint(t
     assert model.model_kwargs["drop_path_rate"] == 0.3
     rebuilt = Checkpoint.load(Checkpoint.from_model(model, classes=["a", "b", "c"]).save(tmp_path / "m.pt"))
     assert rebuilt.build_model().model_kwargs["drop_path_rate"] == 0.3
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_a_backbone_without_drop_path_says_so_not_that_a_download_failed(pretrained):
+    with pytest.raises(ConfigError, match="'inception_v3' does not take drop_path_rate"):
+        create_model("baseline", num_classes=3, backbone="inception_v3", pretrained=pretrained, drop_path_rate=0.1)

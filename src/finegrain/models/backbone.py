@@ -164,6 +164,11 @@ def create_backbone(
     hub = pretrained and weights is None and name not in LITE_PACKAGES
     try:
         model = timm.create_model(name, pretrained=hub, num_classes=num_classes, **kwargs)
+    except TypeError as e:  # before any download: the architecture itself does not take an option
+        if not kwargs:
+            raise
+        raise ConfigError(f"backbone '{name}' does not take {', '.join(kwargs)} ({e}): drop it from --model-kwargs, "
+                          "or pick a backbone that has it (EfficientNets, ResNets, ViTs)") from e  # fmt: skip
     except Exception as e:  # noqa: BLE001 - hub download errors come in many types
         if not hub:
             raise
