@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -100,3 +101,13 @@ def test_the_loaders_time_is_measured_on_the_images_that_decode(tmp_path):
     samples = [Sample(tmp_path / name, 0, "train") for name in ("broken.jpg", "ok.jpg", "ok.jpg")]
     assert recipe.loading_seconds(TrainConfig(), Preprocess(input_size=64), samples) > 0
     assert recipe.loading_seconds(TrainConfig(), Preprocess(input_size=64), samples[:1]) == 0
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_fine_tuning_stage_keeps_the_users_batchnorm_choice(tmp_path, frozen):
+    """``--budget 30 --no-freeze-bn-stats`` fine-tunes with batch statistics (the stage once forced them frozen and
+    dropped the flag without a word); the default stays frozen."""
+    head = SimpleNamespace(path=tmp_path / "head.pt", preprocess=Preprocess(input_size=64))
+    cfg = TrainConfig().replace(freeze_bn_stats=frozen, budget=30.0)
+    stage = recipe.finetune_config(cfg, head, epochs=5, run_dir=tmp_path / "finetune")
+    assert stage.model.freeze_bn_stats is frozen and not stage.model.freeze_backbone and stage.recipe.budget is None

@@ -280,7 +280,7 @@ def finetune_config(cfg: TrainConfig, head_best: Checkpoint, epochs: int, run_di
     return cfg.replace(
         run_dir=str(run_dir), init_from=str(head_best.path), freeze_backbone=False, epochs=epochs,
         train_stages=train_stages, map_views=map_views or cfg.features.map_views,
-        lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), freeze_bn_stats=True, budget=None,
+        lr=cfg.recipe.finetune_lr, warmup_epochs=min(1.0, 0.25 * epochs), budget=None,
         crop_pct=head_best.preprocess.crop_pct,  # the view the head was chosen with
         time_limit=time_limit, replan_epochs=time_limit is not None,  # the plan follows the speed the run has
     )  # fmt: skip
