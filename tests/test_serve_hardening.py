@@ -134,7 +134,10 @@ def test_slow_clients_are_cut_off_and_normal_ones_served(checkpoint, tmp_path):
 @pytest.mark.slow
 def test_slow_clients_reopened_at_once_cannot_crowd_out_ordinary_requests(checkpoint):
     """More slow connections than --max-connections, each reopened the moment it is cut: before, every ordinary
-    request got 503 (221 of 222 in the issue's run, 40 of 40 here); now the oldest waiting connection makes room."""
+    request got 503 (221 of 222 in the issue's run, 40 of 40 here); now the oldest waiting connection makes room.
+    Every ordinary request is answered: when the caps also closed connections whose bytes were not yet read, an
+    ordinary one accepted in a burst of slow ones was cut now and then (2 of 20 in CI; 5 of 8 runs on a busy
+    machine)."""
     options = ["--max-connections", "48", "--max-waiting", "16", "--max-waiting-per-client", "8"]
     with running_server([sys.executable, "-m", "finegrain", "serve", checkpoint, *options]) as base:
         port, stop, cut = int(base.rsplit(":", 1)[1]), threading.Event(), [0]
@@ -174,7 +177,7 @@ def test_slow_clients_reopened_at_once_cannot_crowd_out_ordinary_requests(checkp
                 codes.append(type(e).__name__)
         stop.set()
         attacker.join(5)
-    assert codes.count(200) >= 19 and 503 not in codes, codes
+    assert codes == [200] * 20, codes
     assert cut[0] > 0  # the slow ones were the ones closed
 
 
