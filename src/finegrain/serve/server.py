@@ -9,12 +9,12 @@ body that stops arriving. ``limit_concurrency`` bounds open connections (uvicorn
 The deadline alone did not keep the service up: 300 connections that send a partial request line, reopened as soon
 as they were cut, kept the open-connection count at uvicorn's limit, and 221 of 222 ordinary requests got 503 over
 45 s (the hostile-files issue). So connections still sending their head are also capped, all clients together
-(``max_waiting``) and per client address (``max_waiting_per_client``); a new connection past a cap closes the oldest
-waiting one, which is the slowest: an ordinary request completes its head in milliseconds and leaves the waiting
-set at once, so it is admitted ahead of the slow ones, and slow clients can never hold more than ``max_waiting`` of
-the ``limit_concurrency`` connections. That limit (``--max-connections``) is 1,024: with it at 256, connections
-the cap had closed but the event loop had not yet released still counted, and under 1,000 slow clients reopening
-at once a few ordinary requests got uvicorn's own 503, which the app never sees and /metrics cannot count.
+(``max_waiting``) and per client address (``max_waiting_per_client``); past a cap the oldest slow ones are closed
+(:class:`WaitingRoom`): an ordinary request completes its head in milliseconds and leaves the waiting set at once,
+so it is admitted ahead of the slow ones. ``limit_concurrency`` (``--max-connections``, 1,024) counts only
+connections that have sent a request (:class:`AdmittedConnections`): with it at 256 and counting every socket,
+connections the cap had closed but the event loop had not yet released still counted, and under 1,000 slow clients
+reopening at once a few ordinary requests got uvicorn's own 503, which the app never sees and /metrics cannot count.
 """
 
 from __future__ import annotations
