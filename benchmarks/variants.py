@@ -43,6 +43,11 @@ def summary(piece: dict) -> dict:
             "epochs": kept.get("epochs"), "kept": recipe["kept"], "busy": piece["busy"]}  # fmt: skip
 
 
+def val_cell(row: dict) -> str:
+    """Validation images right / of, or the top-1 in percent where both runs' folders (their split.csv) are gone."""
+    return f"{row['val_right']}/{row['val_n']}" if row["val_n"] else f"{row['val_top1']:.2f}%"
+
+
 def pairs(root: Path, label: str) -> list[dict]:
     rows = []
     for path in sorted(root.glob(f"*/budget*-{label}_seed*.json")):
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'test plain':>10} {'test ' + label:>14} {'min':>11}")  # fmt: skip
         for r in rows:
             a, b = r["plain"], r[label]
-            print(f"{r['dataset']:<20} {r['budget']:>6g} {r['seed']:>4} {a['val_right']}/{a['val_n']:<6} "
-                  f"{b['val_right']}/{b['val_n']:<10} {a['test_top1']:>10.2f} {b['test_top1']:>14.2f} "
+            print(f"{r['dataset']:<20} {r['budget']:>6g} {r['seed']:>4} {val_cell(a):<10} {val_cell(b):<14} "
+                  f"{a['test_top1']:>10.2f} {b['test_top1']:>14.2f} "
                   f"{a['minutes']:>5.1f}/{b['minutes']:<5.1f}")  # fmt: skip
         pooled = {f"{b:g}": pool([r for r in rows if r["budget"] == b], label)
                   for b in sorted({r["budget"] for r in rows})}  # fmt: skip
