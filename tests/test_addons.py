@@ -43,6 +43,7 @@ def _sr_model(tmp_path):
 #: files: unlabelled images, a teacher, a super-resolution model)
 SWITCH_ON = {
     "label_noise": lambda tmp: {"label_noise": "prune"},
+    "train_on_val": lambda tmp: {"train_on_val": True, "freeze_backbone": False},
     "unlabeled": _unlabeled,
     "consistency": lambda tmp: {
         **_unlabeled(tmp),

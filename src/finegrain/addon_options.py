@@ -231,6 +231,11 @@ class LabelOptions:
         choices=LABEL_NOISE,
     )  # fmt: skip
 
+    train_on_val: bool = option(
+        False, "also train on the validation images (a final refit, for a fixed schedule): validation scores then "
+        "count images the model has seen; split.csv keeps them as validation, test is untouched",
+    )  # fmt: skip
+
     def validate(self) -> None:
         require([
             (self.pseudo_fraction is None or 0 < self.pseudo_fraction <= 1, "pseudo-fraction must be in (0, 1]"),

@@ -255,9 +255,10 @@ def plan_finetuning(left_s: float, n_train: int, n_val: int, whole_img_s: float,
 
 def head_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The first stage of the recipe: the head on cached features of the frozen backbone (``--head auto``); the
-    image-level augmentations asked for (``--random-erasing``, ``--auto-augment`` ...) are for the fine-tuning."""
+    image-level augmentations asked for (``--random-erasing``, ``--auto-augment`` ...) and ``--train-on-val`` are
+    for the fine-tuning (the head's validation stays held out: it decides the stages' plan)."""
     return cfg.without_image_level().replace(
-        run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None
+        run_dir=str(run_dir), freeze_backbone=True, cache_features=True, budget=None, train_on_val=False
     )
 
 

@@ -19,18 +19,19 @@ from finegrain.engine.addons.progressive import ProgressiveAddOn
 from finegrain.engine.addons.qat import QATAddOn
 from finegrain.engine.addons.sr_aug import SRAugAddOn
 from finegrain.engine.addons.style import FourierMixAddOn, MixStyleAddOn
+from finegrain.engine.addons.train_on_val import TrainOnValAddOn
 from finegrain.engine.addons.unlabeled import UnlabeledAddOn
 
-#: in hook order: the data first (wrong labels left out, the unlabelled images read for consistency training before
-#: some of them are pseudo-labelled by a teacher fitted on the labels that remain, both scored with the starting
-#: backbone), then the model changes (QAT, MixStyle), image transforms before batch transforms (the mirror check
-#: after them: it finds the flips inside what they return), CutMix (it mixes the labels of what the batch
-#: transforms made, and its loss is cross-entropy's) before distillation (which replaces cross-entropy) before
-#: center loss (which adds to whatever the loss is); consistency adds its loss on cached maps, where distillation
-#: and center loss do not run
+#: in hook order: the data first (wrong labels left out, the validation images added for a refit, the unlabelled
+#: images read for consistency training before some of them are pseudo-labelled by a teacher fitted on the labels
+#: that remain, both scored with the starting backbone), then the model changes (QAT, MixStyle), image transforms
+#: before batch transforms (the mirror check after them: it finds the flips inside what they return), CutMix (it
+#: mixes the labels of what the batch transforms made, and its loss is cross-entropy's) before distillation (which
+#: replaces cross-entropy) before center loss (which adds to whatever the loss is); consistency adds its loss on
+#: cached maps, where distillation and center loss do not run
 ADDONS: tuple[type[AddOn], ...] = (
-    LabelNoiseAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn, FourierMixAddOn,
-    CutMixAddOn, ProgressiveAddOn, LowResAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
+    LabelNoiseAddOn, TrainOnValAddOn, ConsistencyAddOn, UnlabeledAddOn, QATAddOn, MixStyleAddOn, SRAugAddOn,
+    FourierMixAddOn, CutMixAddOn, ProgressiveAddOn, LowResAddOn, MirrorCheckAddOn, DistillAddOn, CenterLossAddOn,
 )  # fmt: skip
 
 

@@ -1,0 +1,34 @@
+"""``--train-on-val`` (engine/addons/train_on_val.py): the validation images are trained on as well, while the saved
+split still lists them as validation and leaves the test images alone."""
+
+from __future__ import annotations
+
+import csv
+
+from finegrain.engine.train import fit
+from finegrain.run_layout import RunDir
+
+from .conftest import make_imagefolder
+
+
+def _split_rows(run_dir):
+    with open(run_dir / RunDir.SPLIT, newline="") as f:
+        return sorted(tuple(r) for r in csv.reader(f))
+
+
+def test_validation_images_are_trained_on_and_the_saved_split_is_unchanged(tmp_path, tiny_config):
+    data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
+    plain = fit(tiny_config(data, run_dir=str(tmp_path / "plain"), epochs=1))
+    refit = fit(tiny_config(data, run_dir=str(tmp_path / "refit"), epochs=1, train_on_val=True))
+    assert plain.counts["val"] > 0
+    assert refit.counts["train"] == plain.counts["train"] + plain.counts["val"]
+    assert refit.counts["val"] == plain.counts["val"]  # still validated on (as seen images)
+    assert _split_rows(tmp_path / "refit") == _split_rows(tmp_path / "plain")
+
+
+def test_the_budget_recipes_head_stage_keeps_validation_held_out(tiny_config, tmp_path):
+    from finegrain.engine.recipe import head_config
+
+    cfg = tiny_config(tmp_path, train_on_val=True, budget=5.0)
+    assert head_config(cfg, tmp_path / "head").labels.train_on_val is False
+    assert cfg.labels.train_on_val is True
