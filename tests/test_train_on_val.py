@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
+from finegrain.data import load_dataset
+from finegrain.data.shards import write_shards
 from finegrain.engine.train import fit
+from finegrain.errors import ConfigError
 from finegrain.run_layout import RunDir
 
 from .conftest import make_imagefolder
@@ -32,3 +37,13 @@ def test_the_budget_recipes_head_stage_keeps_validation_held_out(tiny_config, tm
     cfg = tiny_config(tmp_path, train_on_val=True, budget=5.0)
     assert head_config(cfg, tmp_path / "head").labels.train_on_val is False
     assert cfg.labels.train_on_val is True
+
+
+def test_nothing_to_add_or_a_stream_is_refused_by_name(tmp_path, tiny_config):
+    data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
+    with pytest.raises(ConfigError, match="no validation images to train on.*drop --train-on-val"):
+        fit(tiny_config(data, epochs=1, val_fraction=0.0, train_on_val=True))
+    write_shards(load_dataset(data, seed=0, val_fraction=0.2), tmp_path / "shards", shard_size=8, progress=False)
+    shards = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    with pytest.raises(ConfigError, match="--train-on-val.*streamed shards"):
+        fit(tiny_config("wds:" + "::".join(shards), epochs=1, cache_features=False, train_on_val=True))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from finegrain.data.source import data_source
 from finegrain.engine.addons.base import AddOn
 from finegrain.engine.context import Context
+from finegrain.errors import ConfigError
 
 
 class TrainOnValAddOn(AddOn):
@@ -25,7 +27,12 @@ class TrainOnValAddOn(AddOn):
         return cfg.labels.train_on_val
 
     def prepare(self, ctx: Context) -> None:
+        data_source(ctx.index).require_listed("--train-on-val adds the validation images to the training list",
+                                              "use a local shard folder or the dataset itself")  # fmt: skip
         val = ctx.index.split("val")
+        if not val:
+            raise ConfigError("--train-on-val: this run has no validation images to train on (--val-fraction 0, or "
+                              "a split without them): drop --train-on-val, or give --val-fraction")  # fmt: skip
         ctx.index.samples = [*ctx.index.samples, *(replace(s, split="train") for s in val)]
         ctx.log(f"--train-on-val: the {len(val)} validation images are trained on too; validation scores count "
                 "images the model has seen")  # fmt: skip
