@@ -196,7 +196,8 @@ class QuantizationOptions:
 
 @dataclass
 class LabelOptions:
-    """Training with fewer or imperfect labels (``engine/addons/unlabeled.py``, ``engine/addons/label_noise.py``)."""
+    """Training with fewer or imperfect labels, and on which labelled images (``engine/addons/unlabeled.py``,
+    ``label_noise.py``, ``train_on_val.py``)."""
 
     unlabeled: str | None = option(
         None, "folder of unlabelled images (or a CSV of image paths with an empty label column): a probe on the "
