@@ -4,11 +4,15 @@ split still lists them as validation and leaves the test images alone."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
+import yaml
 
+from finegrain.checkpoint import Checkpoint
 from finegrain.data import load_dataset
 from finegrain.data.shards import write_shards
+from finegrain.engine.recipe import train_within_budget
 from finegrain.engine.train import fit
 from finegrain.errors import ConfigError
 from finegrain.run_layout import RunDir
@@ -31,12 +35,13 @@ def test_validation_images_are_trained_on_and_the_saved_split_is_unchanged(tmp_p
     assert _split_rows(tmp_path / "refit") == _split_rows(tmp_path / "plain")
 
 
-def test_the_budget_recipes_head_stage_keeps_validation_held_out(tiny_config, tmp_path):
-    from finegrain.engine.recipe import head_config
-
-    cfg = tiny_config(tmp_path, train_on_val=True, budget=5.0)
-    assert head_config(cfg, tmp_path / "head").labels.train_on_val is False
-    assert cfg.labels.train_on_val is True
+def test_the_budget_recipe_keeps_them_from_its_head_and_plans_for_them(tmp_path, tiny_config):
+    data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
+    result = train_within_budget(tiny_config(data, head="auto", budget=0.5, train_on_val=True))
+    recipe = json.loads((result.run_dir / RunDir.RECIPE).read_text())
+    head = Checkpoint.load(recipe["stages"]["head"]["run_dir"] + "/best.pt").dataset()
+    assert yaml.safe_load((tmp_path / "run" / "head" / RunDir.CONFIG).read_text())["labels"]["train_on_val"] is False
+    assert recipe["decision"]["train_images"] == head.count("train") + head.count("val")
 
 
 def test_nothing_to_add_or_a_stream_is_refused_by_name(tmp_path, tiny_config):

@@ -349,6 +349,7 @@ def train_within_budget(cfg: TrainConfig, started: float | None = None) -> FitRe
     speed = finetune_speed(head_best.build_model(), len(head_best.classes), whole_cfg, device,
                            teachers=[Checkpoint.load(t).build_model().to(device).eval() for t in teachers])  # fmt: skip
     n_train, n_val = head.counts["train"], head.counts["val"]  # as trained: pseudo-labelled images count
+    n_train += n_val if cfg.labels.train_on_val else 0  # the fine-tuning trains on them too (its head did not)
     stages_speed, cache_s = 1e-9, lambda views: math.inf  # partial fine-tuning: the baseline's EfficientNets
     if partial_allowed(cfg, head_best):
         stages_speed = finetune_speed(head_best.build_model(), len(head_best.classes), cfg, device,
