@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,8 +40,9 @@ def test_the_budget_recipe_keeps_them_from_its_head_and_plans_for_them(tmp_path,
     data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
     result = train_within_budget(tiny_config(data, head="auto", budget=0.5, train_on_val=True))
     recipe = json.loads((result.run_dir / RunDir.RECIPE).read_text())
-    head = Checkpoint.load(recipe["stages"]["head"]["run_dir"] + "/best.pt").dataset()
-    assert yaml.safe_load((tmp_path / "run" / "head" / RunDir.CONFIG).read_text())["labels"]["train_on_val"] is False
+    head_dir = Path(recipe["stages"]["head"]["run_dir"])
+    head = Checkpoint.load(head_dir / RunDir.BEST).dataset()
+    assert yaml.safe_load((head_dir / RunDir.CONFIG).read_text())["labels"]["train_on_val"] is False
     assert recipe["decision"]["train_images"] == head.count("train") + head.count("val")
 
 
