@@ -22,6 +22,7 @@ from finegrain.data import ImageDataset, Sample
 from finegrain.data.transforms import Mirrored, Preprocess, eval_transform
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.env import resolve_amp
+from finegrain.models.folded import folded
 from finegrain.progress import progress_bar
 from finegrain.torchfile import load_tensors
 
@@ -92,13 +93,24 @@ def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, devic
     transform = eval_transform(pre)
     dataset = ImageDataset(samples, Mirrored(transform) if flip else transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    model.eval()
+    model = frozen_pass(model, lambda m, x: m.backbone_features(x), pre.input_size, device, amp, channels_last)
     chunks = []
     for x, _ in progress_bar(loader, desc=desc + (" (mirrored)" if flip else ""), unit="batch"):
         x = to_device(x, device, channels_last)
         with autocast(device, amp):
             chunks.append(model.backbone_features(x).float().cpu())
     return torch.cat(chunks)
+
+
+def frozen_pass(model: nn.Module, forward, size: int, device: torch.device, amp: str, channels_last: bool) -> nn.Module:
+    """``model`` for a frozen forward pass: in fp32, a copy with its BatchNorms folded into their convolutions where
+    that gives the same ``forward(model, x)`` (``models/folded.py``: lite0 1.40x faster at 224 px, 1.10x at 128, on
+    an AVX2-only CPU), laid out channels-last when asked; in bf16 the model itself, in eval mode."""
+    model.eval()
+    if resolve_amp(amp, device) != "none":
+        return model
+    runner = folded(model, forward, torch.randn(2, 3, size, size, device=device))
+    return runner.to(memory_format=torch.channels_last) if channels_last and runner is not model else runner
 
 
 def _read_store(path: Path) -> dict[str, torch.Tensor]:

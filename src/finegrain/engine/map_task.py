@@ -28,7 +28,7 @@ from finegrain.data.source import data_source
 from finegrain.data.transforms import eval_transform
 from finegrain.engine.context import Context
 from finegrain.engine.evaluate import autocast, to_device
-from finegrain.engine.features import file_key, state_digest
+from finegrain.engine.features import file_key, frozen_pass, state_digest
 from finegrain.engine.task import Task, augmentation
 from finegrain.errors import ConfigError
 from finegrain.progress import progress_bar
@@ -91,7 +91,8 @@ def compute_maps(ctx: Context, lower: nn.Module, samples: list[Sample], transfor
     """``lower``'s maps of ``views`` views of each of ``samples``: (views, len(samples), C, h, w), the same for the
     same seed (its own generator; the run's random stream is left as it was)."""
     cfg = ctx.cfg
-    lower.eval()
+    lower = frozen_pass(lower, lambda m, x: m(x), ctx.model.preprocess.input_size, ctx.device, ctx.amp,
+                        cfg.speed.channels_last)  # fmt: skip
     dataset = ImageDataset(samples, Views(transform, views))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)

@@ -42,6 +42,7 @@ from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
 from finegrain.engine.evaluate import autocast, right, run_answers
+from finegrain.engine.features import frozen_pass
 from finegrain.engine.keep_stage import kept_stage
 from finegrain.engine.replan import MAX_EPOCHS
 from finegrain.engine.setup import dataset_index, freeze_bn_stats, run_dir_for
@@ -194,6 +195,7 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
     model = model.to(device).eval()
     lower, _ = model.split_stages(train_stages)
     size = model.preprocess.input_size
+    lower = frozen_pass(lower, lambda m, t: m(t), size, device, cfg.speed.amp, cfg.speed.channels_last)
     x = torch.randn(cfg.optim.batch_size, 3, size, size, device=device)
     if cfg.speed.channels_last:  # as the cache computes them
         lower, x = lower.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
