@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,21 +21,21 @@ from finegrain.engine.evaluate import autocast
 from finegrain.env import configure_threads, cpu_family_model, cpu_model, resolve_amp
 from finegrain.models import create_model
 from finegrain.models.folded import folded
+from finegrain.predict import images_per_second
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_json  # noqa: E402
 
 
-def images_per_second(model: torch.nn.Module, x: torch.Tensor, amp: str, repeats: int) -> float:
-    """``len(x)`` over the fastest of ``repeats`` timed passes, after one that warms up."""
-    with torch.inference_mode(), autocast(x.device, amp):
-        model.backbone_features(x)
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.backbone_features(x)
-            fastest = min(fastest, time.perf_counter() - start)
-    return len(x) / fastest
+def rate(model: torch.nn.Module, x: torch.Tensor, amp: str, repeats: int) -> float:
+    """Images/s of ``model``'s features on ``x`` at ``amp`` (the fastest of ``repeats`` passes after a warm-up)."""
+
+    @torch.inference_mode()
+    def features(t: torch.Tensor) -> torch.Tensor:
+        with autocast(t.device, amp):
+            return model.backbone_features(t)
+
+    return images_per_second(features, x, repeats)
 
 
 def main() -> None:
@@ -64,8 +63,8 @@ def main() -> None:
             diff = float((fold.backbone_features(x) - model.backbone_features(x)).abs().max())
         rates: dict[str, list[float]] = {"as_trained": [], "folded": []}
         for _ in range(args.rounds):  # alternating, so a change in the machine's load touches both alike
-            rates["as_trained"].append(images_per_second(model, x, amp, args.repeats))
-            rates["folded"].append(images_per_second(fold, x, amp, args.repeats))
+            rates["as_trained"].append(rate(model, x, amp, args.repeats))
+            rates["folded"].append(rate(fold, x, amp, args.repeats))
         plain, quick = statistics.median(rates["as_trained"]), statistics.median(rates["folded"])
         rows.append({"input_size": size, "as_trained_img_s": round(plain, 1), "folded_img_s": round(quick, 1),
                      "ratio": round(quick / plain, 2), "max_abs_diff": diff, "rates": rates})  # fmt: skip

@@ -104,8 +104,8 @@ def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, devic
 
 def frozen_pass(model: nn.Module, forward, size: int, device: torch.device, amp: str, channels_last: bool) -> nn.Module:
     """``model`` for a frozen forward pass: in fp32, a copy with its BatchNorms folded into their convolutions where
-    that gives the same ``forward(model, x)`` (``models/folded.py``: lite0 1.40x faster at 224 px, 1.10x at 128, on
-    an AVX2-only CPU), laid out channels-last when asked; in bf16 the model itself, in eval mode."""
+    that gives the same ``forward(model, x)`` (``models/folded.py``: lite0 1.4-1.6x faster at 224 px, 1.1-1.5x at 128,
+    on an AVX2-only CPU), laid out channels-last when asked; in bf16 the model itself, in eval mode."""
     model.eval()
     if resolve_amp(amp, device) != "none":
         return model

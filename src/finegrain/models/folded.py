@@ -4,7 +4,8 @@ and the map cache of partial fine-tuning).
 Why: in eval mode a BatchNorm is a per-channel scale and shift, which the convolution before it can apply itself
 (``torch.nn.utils.fuse_conv_bn_eval``), so the pass skips a read and a write of every map. On an AVX2-only CPU without
 native bf16, where those passes run in fp32, PyTorch spent 31% of a lite0 forward in BatchNorm: lite0 at 224 px,
-batch 32, channels-last, AMD EPYC Zen 3 (family 25 model 1), 2 cores, 2026-12-06: 31 img/s as trained, 42 folded
+batch 32, channels-last, AMD EPYC Zen 3 (family 25 model 1), 2 cores, 2026-12-06 (``benchmarks/frozen_pass.py``, two
+runs): 29.5 and 27.6 img/s as trained, 41.4 and 44.4 folded
 (the default's cub100 head stage there spent 4 of its 5.7 minutes caching features). bf16 passes are left as they are:
 folded weights round differently there, and on a CPU with native bf16 the pass was not the bottleneck.
 """
