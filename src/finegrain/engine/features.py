@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -102,15 +102,16 @@ def _compute(model: nn.Module, samples: Sequence[Sample], pre: Preprocess, devic
     return torch.cat(chunks)
 
 
-def frozen_pass(model: nn.Module, forward, size: int, device: torch.device, amp: str, channels_last: bool) -> nn.Module:
-    """``model`` for a frozen forward pass: in fp32, a copy with its BatchNorms folded into their convolutions where
-    that gives the same ``forward(model, x)`` (``models/folded.py``: lite0 1.4-1.6x faster at 224 px, 1.1-1.5x at 128,
-    on an AVX2-only CPU), laid out channels-last when asked; in bf16 the model itself, in eval mode."""
+def frozen_pass(model: nn.Module, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor], size: int,
+                device: torch.device, amp: str, channels_last: bool) -> nn.Module:  # fmt: skip
+    """``model`` for a frozen forward pass, in eval mode and laid out channels-last when asked: in fp32, a copy with
+    its BatchNorms folded into their convolutions where that gives the same ``forward(model, x)``
+    (``models/folded.py``: lite0 1.4-1.6x faster at 224 px, 1.1-1.5x at 128, on an AVX2-only CPU); in bf16 the model
+    itself."""
     model.eval()
-    if resolve_amp(amp, device) != "none":
-        return model
-    runner = folded(model, forward, torch.randn(2, 3, size, size, device=device))
-    return runner.to(memory_format=torch.channels_last) if channels_last and runner is not model else runner
+    if resolve_amp(amp, device) == "none":
+        model = folded(model, forward, torch.randn(2, 3, size, size, device=device))
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def _read_store(path: Path) -> dict[str, torch.Tensor]:

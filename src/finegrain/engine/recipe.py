@@ -198,7 +198,7 @@ def cache_speed(model: nn.Module, cfg: TrainConfig, device: torch.device, train_
     lower = frozen_pass(lower, lambda m, t: m(t), size, device, cfg.speed.amp, cfg.speed.channels_last)
     x = torch.randn(cfg.optim.batch_size, 3, size, size, device=device)
     if cfg.speed.channels_last:  # as the cache computes them
-        lower, x = lower.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def forward() -> None:
         with autocast(device, resolve_amp(cfg.speed.amp, device)):
