@@ -130,6 +130,18 @@ def tiny_config(tmp_path: Path):
     return tiny_config_factory(tmp_path)
 
 
+@pytest.fixture
+def budget_clock_stopped(monkeypatch):
+    """The budget's clock (``recipe.clock``) stopped at 0: the head stage takes none of the budget, so a budgeted
+    test plans its fine-tuning from the speeds it mocks and the loader time it measures, not from how fast or busy
+    the machine running it is (the cut-mix test planned 27 epochs where it needs 30 on an AMD EPYC Zen 3, and two
+    plan tests found no time left beside another job). The fine-tuning's own ``--time-limit`` still runs on the
+    real clock."""
+    from finegrain.engine import recipe  # noqa: PLC0415
+
+    monkeypatch.setattr(recipe, "clock", lambda: 0.0)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     os.environ.setdefault("OMP_NUM_THREADS", "2")

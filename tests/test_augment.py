@@ -80,6 +80,7 @@ def test_mixstyle_hooks_act_in_training_only():
     assert not torch.allclose(model(x), ref, atol=1e-4)
 
 
+@pytest.mark.usefixtures("budget_clock_stopped")
 def test_image_augmentations_need_image_training_and_a_budget_gives_them_to_its_fine_tuning(
     imagefolder, tiny_config, monkeypatch
 ):
@@ -90,7 +91,7 @@ def test_image_augmentations_need_image_training_and_a_budget_gives_them_to_its_
     # machine plans it) has them; before 2026-12-05 no budgeted run could have them (the first error)
     monkeypatch.setattr(recipe, "finetune_speed", lambda *a, train_stages=0, **k: 1e6 if not train_stages else 1e-9)
     run = imagefolder.parent / "budget"
-    recipe.train_within_budget(tiny_config(imagefolder, budget=0.25, random_erasing=0.5, run_dir=str(run)))
+    recipe.train_within_budget(tiny_config(imagefolder, budget=0.2, random_erasing=0.5, run_dir=str(run)))
     assert Checkpoint.load(run / "head" / "best.pt").train_config().augment.random_erasing == 0
     assert Checkpoint.load(run / "finetune" / "last.pt").train_config().augment.random_erasing == 0.5
 

@@ -60,6 +60,7 @@ def test_the_recipe_cutmixes_long_whole_network_schedules_where_the_loss_allows(
     assert recipe.with_cutmix(cfg, epochs).augment.cutmix == used
 
 
+@pytest.mark.usefixtures("budget_clock_stopped")
 def test_a_long_budgeted_fine_tuning_is_cut_mixed(imagefolder, tiny_config, tmp_path, monkeypatch):
     """A mocked fast machine plans many whole-network epochs: recipe.json and the stage's config say CutMix, and
     the training batches were mixed."""

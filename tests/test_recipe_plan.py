@@ -45,21 +45,22 @@ def test_the_loaders_time_counts_against_whole_network_epochs():
     assert (plan["kind"], plan["whole_epochs_fit"], plan["finetune_epochs"]) == ("stages", 7, 56)
 
 
+@pytest.mark.usefixtures("budget_clock_stopped")
 def test_budget_fine_tunes_the_last_stages_on_maps_on_a_slow_machine(imagefolder, tiny_config, tmp_path, monkeypatch):
     """Whole-network fine-tuning measured too slow for WHOLE_MIN_EPOCHS, partial fine-tuning fast: the recipe trains
-    the last stages on cached maps, says so in recipe.json, and keeps the stage that validates better."""
+    the last stages on cached maps, says so in recipe.json, and the run holds the stage it keeps."""
     speeds = {0: 0.1, PARTIAL_STAGES: 1e6}  # img/s by train_stages: one whole epoch takes minutes
     monkeypatch.setattr(recipe, "finetune_speed", lambda *a, train_stages=0, **k: speeds[train_stages])
     monkeypatch.setattr(recipe, "cache_speed", lambda *a, **k: 1e6)
-    cfg = tiny_config(imagefolder, head="auto", budget=0.4, run_dir=str(tmp_path / "b"), map_views=2)
+    cfg = tiny_config(imagefolder, head="auto", budget=0.25, run_dir=str(tmp_path / "b"), map_views=2)
     result = train_within_budget(cfg)
     plan = json.loads((result.run_dir / "recipe.json").read_text())
     assert plan["decision"]["kind"] == "stages" and plan["decision"]["whole_epochs_fit"] == 0
     assert plan["stages"]["finetune"]["kind"] == "stages" and plan["stages"]["finetune"]["epochs"] >= 1
     tuned = Checkpoint.load(tmp_path / "b" / "finetune" / "last.pt").train_config()
     assert tuned.model.train_stages == PARTIAL_STAGES and tuned.features.map_views == plan["decision"]["map_views"]
-    kept = plan["stages"][plan["kept"]]
-    assert kept["val_top1"] == max(s["val_top1"] for s in plan["stages"].values())
+    kept = plan["stages"][plan["kept"]]  # (which stage is kept: tests/test_probe.py, with scores it sets)
+    assert Checkpoint.load(result.run_dir / "best.pt").metrics["val_top1"] == kept["val_top1"]
 
 
 @pytest.mark.parametrize(("test_size", "crop"), [(224, 176), (128, 96), (64, 48), (32, 32)])
@@ -67,6 +68,7 @@ def test_the_recipe_trains_on_crops_of_four_fifths_of_the_test_input(test_size, 
     assert recipe.train_size(test_size) == crop
 
 
+@pytest.mark.usefixtures("budget_clock_stopped")
 def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_input(imagefolder, tiny_config, tmp_path,
                                                                                  monkeypatch):  # fmt: skip
     """Whole-network fine-tuning fits (fast machine, partial fine-tuning slower): its training batches are crops of
@@ -84,7 +86,7 @@ def test_whole_network_fine_tuning_trains_on_smaller_crops_and_tests_at_the_inpu
     for given, crop in ((None, 48), (40, 40)):
         seen.clear()
         run = tmp_path / f"crop{given}"
-        result = train_within_budget(tiny_config(imagefolder, budget=0.25, run_dir=str(run), train_input_size=given))
+        result = train_within_budget(tiny_config(imagefolder, budget=0.2, run_dir=str(run), train_input_size=given))
         plan = json.loads((result.run_dir / "recipe.json").read_text())
         assert plan["decision"]["kind"] == "whole" and plan["decision"]["train_input_size"] == crop
         assert plan["decision"]["load_ms"] > 0  # the loader's time, measured on the run's training images
