@@ -5,16 +5,25 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import pickle
+
+# pytest-xdist (`-n N`): the N workers share the cores, each with its share of threads, set before torch is imported:
+# OpenMP threads oversubscribed spin against each other (a head's two threads ran at 1% of their idle speed beside
+# another PyTorch job: finegrain.env.HEAD_THREADS)
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from finegrain.checkpoint import Checkpoint
@@ -130,6 +139,12 @@ def tiny_config(tmp_path: Path):
     return tiny_config_factory(tmp_path)
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """The slow tests first (in their order, then the rest in theirs): the workers of ``-n`` then start on the long
+    tests and share out the short ones at the end, instead of one finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def budget_clock_stopped(monkeypatch):
     """The budget's clock (``recipe.clock``) stopped at 0: the head stage takes none of the budget, so a budgeted
@@ -182,15 +197,35 @@ def make_checkpoint(path: Path, method: str = "baseline", classes=("a", "b", "c"
     return (path, model) if return_model else path
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]):
+    """``make(folder)``'s value, made once per test run in a folder of its own: under pytest-xdist the first worker
+    to ask makes it and the others wait for it (a file lock) and read it back, where each would otherwise make its
+    own (the cub10 head took ~45 s a worker). What is made this way is only read by the tests using it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent / name  # the run's folder, above each worker's own
+    with FileLock(f"{root}.lock"):
+        done = root / "made.pickle"
+        if done.is_file():
+            return pickle.loads(done.read_bytes())
+        root.mkdir(exist_ok=True)
+        value = make(root)
+        done.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def cub10_checkpoint(tmp_path_factory) -> Path:
     """A linear head on frozen ImageNet lite0 for 10 cub100 species (real photos, 224 px), trained once per
-    session and shared by the slow real-data tests."""
+    test run and shared by the slow real-data tests."""
     require_data(CUB100)
+    return made_once(tmp_path_factory, "cub10", _train_cub10)
+
+
+def _train_cub10(root: Path) -> Path:
     from finegrain.data import load_dataset
     from finegrain.engine.train import fit
 
-    root = tmp_path_factory.mktemp("cub10")
     index = load_dataset(CUB100, val_fraction=0.0)
     with (root / "cub10.csv").open("w", newline="") as f:
         writer = csv.writer(f)

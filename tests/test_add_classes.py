@@ -17,7 +17,7 @@ from finegrain.export import export_onnx
 from finegrain.models.added_classes import AddedClassesLinear
 from finegrain.predict import Predictor
 
-from .conftest import tiny_config_factory
+from .conftest import made_once, tiny_config_factory
 from .test_textprior import COLOURS, SHAPES, attribute_table, shape_image
 
 NEW = ("yellow_disc", "yellow_square")  # never trained on: one reference photo and their attribute rows
@@ -30,7 +30,10 @@ def trained(tmp_path_factory):
     """A default-head (probe) model on six colour x shape classes (half of their photos held out for validation: the
     check of `classes add` needs enough of them), test photos of all eight, and its accuracy on the known classes'
     test photos among the six (before anything is added)."""
-    root = tmp_path_factory.mktemp("add")
+    return made_once(tmp_path_factory, "add", _train)
+
+
+def _train(root: Path):
     rng = np.random.default_rng(0)
     for colour in COLOURS:
         for shape in SHAPES:

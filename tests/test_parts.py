@@ -20,7 +20,7 @@ from finegrain.models.regions import box_iou, crop_resize, threshold_boxes
 from finegrain.models.wsdan import attention_crop, attention_drop, bilinear_attention_pool
 from finegrain.report.evaluation import evaluate_checkpoint
 
-from .conftest import make_checkpoint, make_part_cub
+from .conftest import made_once, make_checkpoint, make_part_cub
 
 NAMES = ["beak", "crown", "tail", "left eye"]
 
@@ -163,7 +163,7 @@ def test_wsdan_training_step_uses_three_views_and_moves_the_centres():
 
 @pytest.fixture(scope="module")
 def pattern_cub(tmp_path_factory):
-    return make_part_cub(tmp_path_factory.mktemp("parts") / "cub")
+    return made_once(tmp_path_factory, "parts", lambda folder: make_part_cub(folder / "cub"))
 
 
 def _train_and_test(data, method: str, tmp_path, **model_kwargs) -> dict:
@@ -178,7 +178,7 @@ def _train_and_test(data, method: str, tmp_path, **model_kwargs) -> dict:
 
 @pytest.fixture(scope="module")
 def pattern_baseline(pattern_cub, tmp_path_factory) -> dict:
-    return _train_and_test(pattern_cub, "baseline", tmp_path_factory.mktemp("baseline"))
+    return made_once(tmp_path_factory, "baseline", lambda folder: _train_and_test(pattern_cub, "baseline", folder))
 
 
 @pytest.mark.slow

@@ -143,6 +143,7 @@ def test_auto_head_keeps_the_better_on_validation(imagefolder, tiny_config):
     assert result.model.head.l2 == (recipe["chosen"] == "probe")
 
 
+@pytest.mark.slow
 def test_budget_is_honoured_and_the_recipe_names_its_decision(imagefolder, tiny_config, tmp_path):
     """A tiny budget: the head first, fine-tuning only for the epochs the rest allows (a distilling teacher's pass
     counted); the run ends in time, and RUN_DIR holds the stage with the better validation top-1, with what its

@@ -74,6 +74,7 @@ def test_qat_config_is_checked(overrides, words):
         TrainConfig().replace(**{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_cli_qat_fine_tunes_and_writes_an_int8_model(tmp_path, imagefolder, tiny_config):
     run = fit(tiny_config(imagefolder, epochs=4, test_fraction=0.3)).run_dir
     out = tmp_path / "qat"

@@ -13,7 +13,7 @@ from finegrain.export.ort_top1 import predictions_under
 from finegrain.export.quantize import int8_copy, quantize_onnx
 from finegrain.predict import Predictor
 
-from .conftest import make_checkpoint, require_data
+from .conftest import made_once, make_checkpoint, require_data
 
 #: QEMU presenting an AVX2-only AMD Zen 3 (installs Debian's qemu-user on first use; see its header)
 AS_AVX2 = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "as-avx2"
@@ -23,7 +23,10 @@ AS_AVX2 = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "as-
 def cub10_int8(tmp_path_factory, cub10_checkpoint) -> dict:
     """The fp32 ONNX file of a head trained on 10 cub100 species, the default int8 copy (what export --int8 writes,
     float stages and all) and 128 of their real test photos, preprocessed: made once for both CPUs' tests."""
-    ckpt, work = cub10_checkpoint, tmp_path_factory.mktemp("int8")
+    return made_once(tmp_path_factory, "cub10_int8", lambda work: _int8_files(cub10_checkpoint, work))
+
+
+def _int8_files(ckpt: Path, work: Path) -> dict:
     fp32 = export_onnx(ckpt, work / "m.onnx")["path"]
     calib = Checkpoint.load(ckpt).calibration_samples(64)
     assert len(calib) == 64 and all(s.split == "train" for s in calib)
@@ -62,6 +65,7 @@ def test_int8_answers_the_same_on_an_avx2_only_cpu(cub10_int8):
     assert (emulated.argmax(1) == native.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_the_float_stage_search_keeps_the_stages_nearest_fp32_and_only_those_float(tmp_path, cub):
     """keep_float='auto' (what export --int8 does): stages are tried in float greedily, a stage kept only where it
     brings int8 nearer fp32 by FLOAT_GAIN, at most MAX_FLOAT_STAGES; the file holds exactly that: the kept stages'

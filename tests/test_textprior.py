@@ -127,6 +127,7 @@ def test_a_method_without_class_prior_cannot_add_classes():
         model.add_classes(torch.zeros(1, 3))
 
 
+@pytest.mark.slow
 def test_textprior_learns_and_scores_unseen_classes_from_attributes(shapes, tiny_config):
     """Trained on six colour x shape classes; two more added from their attribute rows alone are recognised."""
     cfg = tiny_config(shapes / "data", method="textprior", freeze_backbone=True, cache_features=True, epochs=30,
@@ -156,6 +157,7 @@ def test_textprior_learns_and_scores_unseen_classes_from_attributes(shapes, tiny
         assert e.evidence and {a["name"] for a in e.evidence[:2]} == {"blue", "square"}
 
 
+@pytest.mark.slow
 def test_reference_image_adds_a_class_by_imprinting(shapes, tiny_config, tmp_path):
     """A class known only by one reference photo (no attributes) is recognised on photos like it."""
     cfg = tiny_config(shapes / "data", method="textprior", freeze_backbone=True, cache_features=True, epochs=30,

@@ -26,6 +26,7 @@ def test_frozen_head_learns_the_task(cub, tiny_config):
     assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 15
 
 
+@pytest.mark.slow
 def test_full_finetuning_learns_the_task(tmp_path, tiny_config):
     data = make_imagefolder(tmp_path / "f", num_classes=2, per_class=30)
     result = fit(tiny_config(data, epochs=4, freeze_backbone=False, lr=1e-3, amp="bf16", ema=True, ema_decay=0.9,
@@ -183,6 +184,7 @@ def test_bad_stages_are_refused_with_the_fix(cub, tiny_config):
         tiny_config(cub, cache_features=False, stages=[{"epochs": 1, "jigsaw": 0}])
 
 
+@pytest.mark.slow
 def test_logs_off_a_terminal_have_no_bar_frames_and_quiet_prints_nothing(tmp_path, imagefolder):
     """Output to a file (not a terminal): plain lines, no carriage-return frames of progress bars; --quiet: only
     errors, so a successful run prints nothing."""

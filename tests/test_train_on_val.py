@@ -36,6 +36,7 @@ def test_validation_images_are_trained_on_and_the_saved_split_is_unchanged(tmp_p
     assert _split_rows(tmp_path / "refit") == _split_rows(tmp_path / "plain")
 
 
+@pytest.mark.slow
 def test_the_budget_recipe_keeps_them_from_its_head_and_plans_for_them(tmp_path, tiny_config):
     data = make_imagefolder(tmp_path / "data", num_classes=3, per_class=10)
     result = train_within_budget(tiny_config(data, head="auto", budget=0.5, train_on_val=True))

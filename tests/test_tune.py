@@ -10,6 +10,7 @@ from finegrain.cli import main
 from finegrain.errors import ConfigError
 
 
+@pytest.mark.slow
 def test_three_trials_resume_after_a_kill_and_best_yaml_trains(imagefolder, tiny_config, tmp_path, monkeypatch):
     base = tiny_config(imagefolder)
     study = tmp_path / "study"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from finegrain.engine import unlabeled_judge
@@ -75,6 +76,7 @@ def _judged_run(tmp_path, tiny_config, **options) -> tuple[dict, str]:
     return json.loads((run / "unlabeled.json").read_text()), (run / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_the_folds_train_and_answer_every_labelled_image_and_the_kept_run_follows_their_verdict(tmp_path, tiny_config):
     """Real trainings (a frozen backbone's head, cheap): every training image is answered once by a model that did
     not train on it, and the kept run is what the verdict says."""
