@@ -6,12 +6,6 @@ import contextlib
 import csv
 import os
 import pickle
-
-# pytest-xdist (`-n N`): the N workers share the cores, each with its share of threads, set before torch is imported:
-# OpenMP threads oversubscribed spin against each other (a head's two threads ran at 1% of their idle speed beside
-# another PyTorch job: finegrain.env.HEAD_THREADS)
-if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 import shutil
 import socket
 import subprocess
@@ -19,6 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+# pytest-xdist (`-n N`): the N workers share the cores, each with its share of threads, set before torch is imported:
+# OpenMP threads oversubscribed spin against each other (a head's two threads ran at 1% of their idle speed beside
+# another PyTorch job: finegrain.env.HEAD_THREADS)
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 import numpy as np
 import pytest
