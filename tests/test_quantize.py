@@ -98,3 +98,22 @@ def test_the_float_stage_search_keeps_the_stages_nearest_fp32_and_only_those_flo
     assert Predictor.load(made["path"]).model.meta["float_stages"] == ",".join(kept)
     with pytest.raises(ExportError, match="chooses on images"):
         quantize_onnx(fp32, samples[:8], tmp_path / "r.onnx", keep_float="auto")
+
+
+def test_the_float_stage_search_pairs_the_kept_stage_only_with_the_first_rounds_runners_up():
+    """Later rounds try only ROUND_WIDTH stages, those that alone came nearest fp32 in the first round: a stage that
+    alone moved int8 away from fp32 (f) or ranked below them (e) is not tried beside the kept one, even where that
+    pair would have been nearest (the old search tried every pair: 20 quantizations for lite0 instead of 14)."""
+    from finegrain.export.quantize import ROUND_WIDTH, _float_search
+
+    assert ROUND_WIDTH == 3
+    groups = {s: [f"{s}/conv1", f"{s}/conv2"] for s in "abcdef"}
+    kl = {"none": 1.0, "a": 0.5, "b": 0.6, "c": 0.7, "d": 0.8, "e": 0.95, "f": 1.2,
+          "ab": 0.3, "ac": 0.35, "ad": 0.45, "ae": 0.2, "af": 0.1}  # fmt: skip
+
+    def quantized(names, file):
+        return Path("".join(sorted({n.split("/")[0] for n in names})) or "none")
+
+    kept, tried, file = _float_search(groups, quantized, lambda path: (kl[path.name], 1.0))
+    assert list(tried) == ["none", *"abcdef", "a+b", "a+c", "a+d"]
+    assert kept == ["a", "b"] and file == Path("ab")
