@@ -41,6 +41,7 @@ from finegrain.data.stream import PREFIX as STREAM
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.addons import ADDONS, build_addons
 from finegrain.engine.addons.distill import DistillAddOn
+from finegrain.engine.depthwise import fp32_depthwise
 from finegrain.engine.evaluate import autocast, right, run_answers
 from finegrain.engine.features import frozen_pass
 from finegrain.engine.keep_stage import kept_stage
@@ -168,7 +169,7 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     y = torch.randint(0, num_classes, (batch,)).to(device)
 
     def one_step() -> None:
-        with autocast(device, amp):
+        with autocast(device, amp), fp32_depthwise(module, device, amp):  # as the training step computes
             with torch.no_grad():
                 for teacher in teachers:
                     teacher(x)

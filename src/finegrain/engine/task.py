@@ -24,6 +24,7 @@ from finegrain.data.source import data_source
 from finegrain.data.transforms import Preprocess, eval_transform, train_transform
 from finegrain.engine import distributed as fgdist
 from finegrain.engine.context import Context
+from finegrain.engine.depthwise import fp32_depthwise
 from finegrain.engine.evaluate import autocast, to_device
 from finegrain.engine.features import extract_features
 from finegrain.env import HEAD_THREADS
@@ -178,7 +179,9 @@ def step(ctx: Context, task: Task, module: nn.Module, batch: Sequence) -> tuple[
     for addon in ctx.addons:
         criterion = addon.criterion(criterion, x, batch, task.images)
     targets = batch[-1] if isinstance(batch[-1], dict) else None  # e.g. part boxes, for the method's loss
-    with autocast(ctx.device, task.precision(ctx.amp)):
-        kw = {} if targets is None else {"targets": {k: v.to(ctx.device) for k, v in targets.items()}}
-        out = module(x, **kw)
-    return ctx.model.compute_loss(out, y, criterion)  # (the head alone gives logits: the default loss)
+    precision = task.precision(ctx.amp)
+    with fp32_depthwise(module, ctx.device, precision):  # (an add-on's forward too: --consistency)
+        with autocast(ctx.device, precision):
+            kw = {} if targets is None else {"targets": {k: v.to(ctx.device) for k, v in targets.items()}}
+            out = module(x, **kw)
+        return ctx.model.compute_loss(out, y, criterion)  # (the head alone gives logits: the default loss)
