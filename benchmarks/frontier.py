@@ -37,6 +37,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def finegrain_cli(data: Path, run_dir: Path, seed: int, *options: str) -> dict:
     finegrain = str(Path(sys.executable).with_name("finegrain"))
     cmd = [finegrain, "train", "--data", str(data), "--run-dir", str(run_dir), "--seed", str(seed),
            "--cache-dir", str(run_dir / "cache"), *options]  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a piece run again (a renamed default) starts cold, as the first did
+    run_dir.mkdir(parents=True)
     cpu0, machine0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu_s()
     start = time.perf_counter()
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
