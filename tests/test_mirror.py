@@ -55,9 +55,9 @@ def test_candidates_below_the_share_are_kept_as_evidence_not_pairs():
     """mirror.json lists the strongest candidate pairs even when none is a pair, so a miss can be read off it."""
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
     as_mirror = labels.clone()
-    as_mirror[:4], as_mirror[10:13] = 1, 0  # 7 of 20 go across: 0.35 pooled, below MIN_SHARE
+    as_mirror[:2], as_mirror[10:12] = 1, 0  # 4 of 20 go across: 0.2 pooled, below MIN_SHARE
     candidates = candidate_pairs(labels, as_mirror, labels, 3)
-    assert [(c["classes"], c["share"], c["pooled"]) for c in candidates] == [((0, 1), (0.4, 0.3), 0.35)]
+    assert [(c["classes"], c["share"], c["pooled"]) for c in candidates] == [((0, 1), (0.2, 0.2), 0.2)]
     assert pairs_from_answers(labels, as_mirror, labels, 3) == []
-    as_mirror[13:16] = 0  # 10 of 20: a pair
+    as_mirror[12:14] = 0  # 6 of 20: 0.3, a pair
     assert [p["classes"] for p in pairs_from_answers(labels, as_mirror, labels, 3)] == [(0, 1)]
