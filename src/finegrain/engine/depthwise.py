@@ -1,12 +1,13 @@
 """Large depthwise convolutions train in fp32 while the rest of a bf16 training step stays in bf16, on a CPU.
 
 Why: oneDNN's bf16 backward of depthwise convolutions with 5x5 kernels is several times slower than its fp32 one,
-and EfficientNet-Lite's later stages are mostly such convolutions. Measured on an AMD EPYC Zen 4 (family 25 model
-17, AVX-512 with native bf16, 2 cores, batch 32, channels-last, 2026-12-07; /tmp scripts, two rounds each): one
-depthwise 5x5 convolution of 1,152 channels at 7x7, forward + backward, 53 ms in bf16 against 15 ms in fp32 (3x3:
-3.5 against 3.3 ms; the pointwise convolutions are faster in bf16, 7.4 against 11.1 ms); a training step of lite0's
-last two stages on cached 112x14x14 maps 93-98 -> 189-195 images/s with the 5x5 depthwise convolutions in fp32
-(157-175 with the 3x3 ones too); a whole-network step at 176 px 34 -> 44-47, at 224 px 20-25 -> 28-33. fp32 is the
+and EfficientNet-Lite's later stages are mostly such convolutions. On an AMD EPYC Zen 4 (family 25 model 17, AVX-512
+with native bf16, 2 cores, 2026-12-07), the recipe's own speed probe, median of 3 alternating rounds
+(``python benchmarks/depthwise_precision.py``): lite0's last two stages on cached maps 110 -> 191 images/s, the whole
+network at 176 px 40 -> 53, at 224 px 25 -> 32. One-off checks the same day (not kept as benchmarks): one 5x5
+depthwise convolution of 1,152 channels at 7x7, batch 32, forward + backward, 53 ms in bf16 against 15 in fp32,
+while 3x3 ones were even (3.5 / 3.3 ms) and pointwise ones faster in bf16 (7.4 / 11.1 ms); with the 3x3 ones in fp32
+too, the maps step gained less (157-175 images/s). fp32 is the
 more precise of the two, so the outputs change only by bf16's rounding. Only the forward passes of training steps
 (and the recipe's speed probe, so that plans see the same speed) are affected: inference keeps its precision.
 """
