@@ -7,9 +7,9 @@ with native bf16, 2 cores, 2026-12-07), the recipe's own speed probe, median of 
 network at 176 px 40 -> 53, at 224 px 25 -> 32. One-off checks the same day (not kept as benchmarks): one 5x5
 depthwise convolution of 1,152 channels at 7x7, batch 32, forward + backward, 53 ms in bf16 against 15 in fp32,
 while 3x3 ones were even (3.5 / 3.3 ms) and pointwise ones faster in bf16 (7.4 / 11.1 ms); with the 3x3 ones in fp32
-too, the maps step gained less (157-175 images/s). fp32 is the
-more precise of the two, so the outputs change only by bf16's rounding. Only the forward passes of training steps
-(and the recipe's speed probe, so that plans see the same speed) are affected: inference keeps its precision.
+too, the maps step gained less (157-175 images/s). fp32 is the more precise of the two, so the outputs change only
+by bf16's rounding. Only the forward passes of training steps (and the recipe's speed probe, so that plans see the
+same speed) are affected: inference keeps its precision.
 """
 
 from __future__ import annotations
