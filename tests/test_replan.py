@@ -3,6 +3,7 @@
 import pytest
 
 import finegrain.engine.train as train_module
+from finegrain.engine.addons.mirror_check import MirrorCheckAddOn
 from finegrain.engine.replan import OVERSHOOT, replan_epochs
 from finegrain.engine.train import fit
 
@@ -61,6 +62,28 @@ def test_budget_ends_near_its_limit_when_the_speed_changes(imagefolder, tiny_con
     assert len(result.history) == result.history[-1]["planned_epochs"] != first_plan
     lrs, floor = [r["lr"] for r in result.history], tiny_config(imagefolder).optim.min_lr
     assert lrs[-1] == pytest.approx(floor, abs=1e-7) and lrs[-2] > 10 * floor  # annealed at the end, not before
+
+
+def test_an_add_ons_one_off_work_is_not_taken_for_a_slower_epoch(imagefolder, tiny_config, monkeypatch):
+    """The mirror check (15 s once, before epoch 2) counts in the elapsed time but not as an epoch's time: 10-s epochs
+    in 60 s after it fit 4, and no plan after it asks for fewer (counted as an epoch's, the plan fell to 3, then rose
+    back to 4, moving the cosine lr back and forth)."""
+    machine = SlowingMachine([10])
+    monkeypatch.setattr(train_module, "clock", machine)
+    monkeypatch.setattr(train_module, "train_one_epoch", machine.run_epoch(train_module.train_one_epoch))
+    decide = MirrorCheckAddOn._decide
+
+    def slow_decide(self):
+        machine.now += 15
+        decide(self)
+
+    monkeypatch.setattr(MirrorCheckAddOn, "_decide", slow_decide)
+    cfg = tiny_config(imagefolder, freeze_backbone=False, mirror_check=True, epochs=4, time_limit=1.0,
+                      replan_epochs=True, warmup_epochs=0)  # fmt: skip
+    history = fit(cfg).history
+    plans = [r["planned_epochs"] for r in history]
+    assert len(history) == 4 and machine.now == 55, plans
+    assert min(plans[1:]) == 4, plans
 
 
 def test_without_replanning_the_first_plan_stands(imagefolder, tiny_config, monkeypatch):

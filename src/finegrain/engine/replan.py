@@ -5,7 +5,9 @@ accuracy issue measured both ways on a 2-core AMD EPYC Zen 5: a probe taken whil
 at 10.5 img/s, the run then went at ~25 img/s and stopped with half of its 20 minutes unused; the other way round,
 ``--time-limit`` cut a cosine schedule part-way (a cub100 student ran 1 of 37 planned epochs, docs/training.md).
 Re-planning after every epoch from the last epoch's wall time lets the schedule grow or shrink so it ends, annealed,
-at the limit.
+at the limit. That time is the epoch's steps and validation: an add-on's one-off work before them (the mirror check,
+~17 s once) counts in the elapsed time only. Counted as an epoch's, it cut a 30-minute flowers17 plan from 57 epochs to
+43 for one epoch, which moved its cosine lr back and forth (AMD EPYC Zen 4, 2026-12-07).
 """
 
 from __future__ import annotations

@@ -223,7 +223,6 @@ def fit(
     epoch = start_epoch
     cost = lambda e, n: math.prod(a.epoch_cost(e, n) for a in ctx.addons)  # noqa: E731  (replan_epochs' epoch costs)
     while epoch < planned:
-        epoch_start = clock()
         if history and not cfg.recipe.replan_epochs and _out_of_time(cfg, loop_start, history[-1]["epoch_seconds"]):
             ctx.log(f"--time-limit {cfg.recipe.time_limit:.1f} min: no time for epoch {epoch + 1}; {RunDir.BEST} "
                     "has the best validated epoch")  # fmt: skip
@@ -231,6 +230,7 @@ def fit(
         ctx.planned_epochs = planned
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(ctx, task)
+        steps_start = clock()  # the re-plan's epoch time: an add-on's one-off work above (the mirror check) is not
         sampler.set_epoch(epoch)
         loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
@@ -245,10 +245,10 @@ def fit(
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
             mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start,
-                                 (clock() - epoch_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
+                                 (clock() - steps_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
             planned = int(fgdist.all_reduce_sum(torch.tensor(float(mine if info.is_main else 0))).item())
             if planned * steps != scheduler.t_initial:
-                ctx.log(f"epoch {epoch + 1} took {clock() - epoch_start:.0f} s: {planned} epoch(s) now fit in "
+                ctx.log(f"epoch {epoch + 1} took {clock() - steps_start:.0f} s: {planned} epoch(s) now fit in "
                         f"--time-limit {cfg.recipe.time_limit:.1f} min")  # fmt: skip
                 scheduler.t_initial = planned * steps  # the cosine schedule now ends with the new plan
             row["planned_epochs"] = planned
