@@ -230,7 +230,7 @@ def fit(
         ctx.planned_epochs = planned
         if epoch > start_epoch and any([a.epoch_start(ctx, task, epoch) for a in ctx.addons]):
             sampler, loader, val_loader = make_loaders(ctx, task)
-        steps_start = clock()  # the re-plan's epoch time: an add-on's one-off work above (the mirror check) is not
+        steps_start = clock()  # the re-plan's epoch time leaves out an add-on's one-off work above (the mirror check)
         sampler.set_epoch(epoch)
         loader.generator.manual_seed((cfg.run.seed * 1_000_003 + epoch) * 1009 + info.rank)
         row = {"epoch": epoch + 1, **{k: v for a in ctx.addons for k, v in a.epoch_info(epoch).items()}}
