@@ -244,11 +244,12 @@ def fit(
                          channels_last=task.channels_last(cfg), keep_predictions=keeper.wants_answers)  # fmt: skip
             row.update({f"val_{k}": m[k] for k in ("n", "top1", "top5", "mean_class_acc", "loss")})
         if cfg.recipe.replan_epochs:  # rank 0's plan for every rank
-            mine = replan_epochs(60 * cfg.recipe.time_limit, clock() - loop_start,
-                                 (clock() - steps_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
+            now = clock()
+            mine = replan_epochs(60 * cfg.recipe.time_limit, now - loop_start,
+                                 (now - steps_start) / cost(epoch, planned), epoch + 1, cost)  # fmt: skip
             planned = int(fgdist.all_reduce_sum(torch.tensor(float(mine if info.is_main else 0))).item())
             if planned * steps != scheduler.t_initial:
-                ctx.log(f"epoch {epoch + 1} took {clock() - steps_start:.0f} s: {planned} epoch(s) now fit in "
+                ctx.log(f"epoch {epoch + 1} took {now - steps_start:.0f} s: {planned} epoch(s) now fit in "
                         f"--time-limit {cfg.recipe.time_limit:.1f} min")  # fmt: skip
                 scheduler.t_initial = planned * steps  # the cosine schedule now ends with the new plan
             row["planned_epochs"] = planned
