@@ -5,10 +5,7 @@ For each of the four domains, on one machine:
 - ``budget``: ``finegrain train --budget N`` for N in ``--budgets`` (seed 0 unless ``--budget-seeds``);
 - ``peer``: ``../shared/peers/timm_train.py`` fine-tuning ImageNet lite0 with its own options (AdamW lr 1e-3, one
   warm-up epoch, batch 32, 224 px, cosine) for as many epochs as fit ``--peer-minutes`` on this machine (stopped at
-  that limit if it runs long), every epoch's test top-1 read against its cumulative time. Its epochs are planned
-  from its earlier schedules' epochs on the same data and CPU where there are some (a piece renamed
-  ``peer-LABEL_seedN.json`` when a seed is run again), else from a speed probe; a seed run under two plans counts
-  in the summary with its better one.
+  that limit if it runs long), every epoch's test top-1 read against its cumulative time.
 
 finegrain runs as a user runs it: the CLI in a subprocess, a cold feature cache inside the run folder, its wall time
 from start to exit (evaluation on the test split not counted). The peer's minutes leave out its own per-epoch test
@@ -45,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,57 +100,23 @@ def finegrain_cli(data: Path, run_dir: Path, seed: int, *options: str) -> dict:
             "recipe": json.loads(recipe.read_text()) if recipe.is_file() else None}  # fmt: skip
 
 
-def measured_peer_epoch_s(name: str) -> tuple[float, list[str]] | None:
-    """Wall seconds per epoch of the peer's earlier schedules for ``name`` on this CPU (their mean, evaluation and
-    start-up included; runs marked busy left out), and the pieces it came from; None where there are none.
-
-    Why not the probe alone: four lite0 steps on random tensors read this machine's speed in a few seconds, and read
-    it low at times. On the Zen 4 (2026-12-07) gtsrb's peer, seed 1, planned 5 epochs from 7.28 img/s (seed 0 read
-    11.23 and planned 8) and ended at 22.8 of its 30 minutes; its flowers17 runs planned 14 epochs from 9.65 img/s
-    and ended at 24.4 and 28.0 minutes, where the Zen 5's ran 18 and 20. An earlier schedule's own epochs on the same
-    data and CPU measure what the probe estimates. The mean, not the fastest: two schedules of the same length ran
-    1.74 and 2.00 min per epoch there, and a plan from the fastest would be cut at the limit unannealed."""
-    rows = []
-    for path in sorted(piece_path(name, "x").parent.glob("peer*_seed*.json")):
-        r = json.loads(path.read_text())
-        if r.get("curve") and not r.get("busy"):
-            rows.append((r["curve"][-1]["wall_s"] / len(r["curve"]), path.stem))
-    if not rows:
-        return None
-    return statistics.mean(s for s, _ in rows), [stem for _, stem in rows]
-
-
-def peer_piece(name: str, work: Path, seed: int, minutes: float, probe_img_s: Callable[[], float]) -> dict:
-    """The peer for as many epochs as fit ``minutes``: planned from its earlier schedules' epochs on this data and
-    CPU where there are some, else from a speed probe (``probe_img_s()``, taken once per invocation)."""
+def peer_piece(name: str, work: Path, seed: int, minutes: float, img_s: float) -> dict:
     _, _, n_train = build_tree(name, work, seed)
-    measured = measured_peer_epoch_s(name)
-    if measured:
-        epoch_s, sources = measured
-        plan = {"from": "earlier schedules' epochs", "pieces": sources, "epoch_s": round(epoch_s, 1)}
-    else:
-        img_s = probe_img_s()
-        n_test = sum(1 for _ in (work / name / "data" / "validation").rglob("*") if _.is_file() or _.is_symlink())
-        epoch_s = n_train / img_s + n_test / (EVAL_SPEEDUP * img_s)
-        plan = {"from": "speed probe", "train_img_s": round(img_s, 2), "epoch_s": round(epoch_s, 1)}
+    n_test = sum(1 for _ in (work / name / "data" / "validation").rglob("*") if _.is_file() or _.is_symlink())
+    epoch_s = n_train / img_s + n_test / (EVAL_SPEEDUP * img_s)
     epochs = max(1, int(minutes * 60 // epoch_s))
-    print(f"peer {name} seed {seed}: {n_train} training images, {epochs} epoch(s) planned in {minutes} min ({plan})")
+    print(f"peer {name} seed {seed}: {n_train} training images, {epochs} epoch(s) planned in {minutes} min")
     r = run_peer(name, work, epochs, seed, lite0_timm_weights(work), limit_s=minutes * 60 + 60)
     r["curve"] = [{**p, "minutes": round(p["train_wall_s"] / 60, 2)} for p in r["curve"]]
     inside = [p for p in r["curve"] if p["minutes"] <= minutes]
     best = max(inside or r["curve"][:1], key=lambda p: p["test_top1"])
-    return {**r, "plan": plan, "planned_minutes": minutes,
+    return {**r, "train_img_s_probe": round(img_s, 2), "planned_minutes": minutes,
             "best_top1": best["test_top1"], "best_minutes": best["minutes"]}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
     work = Path(args.work)
-    speeds: list[float] = []
-
-    def probe() -> float:  # taken once, when a peer first needs it
-        speeds[:] = speeds or [train_throughput()]
-        return speeds[0]
-
+    img_s = None
     for seed in args.seeds:  # seed-major: every dataset gets a first seed before any gets a second
         for name in args.datasets:
             data = DATASETS[name]
@@ -172,7 +134,8 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 print(f"{name} {part}: running ({time.strftime('%H:%M:%S')})", flush=True)
                 if kind == "peer":
-                    row = peer_piece(name, work / f"peer_seed{seed}", seed, args.peer_minutes, probe)
+                    img_s = img_s or train_throughput()
+                    row = peer_piece(name, work / f"peer_seed{seed}", seed, args.peer_minutes, img_s)
                 else:
                     run_dir = work / name / part
                     options = ["--budget", kind.removeprefix("budget"), *shlex.split(args.options)]
@@ -218,16 +181,9 @@ def summarize(args: argparse.Namespace) -> None:
             if rows:
                 budgets[f"{b:g}"] = mean_point(rows)
         d["budget"] = budgets
-        by_seed: dict = {}  # peer_seedN, and peer-LABEL_seedN: the same seed under an earlier plan
-        for k, v in pieces.items():
-            if m := re.match(r"peer(-.+)?_seed(\d+)$", k):
-                by_seed.setdefault(int(m[2]), []).append((k, v))
-        # a seed run under two plans counts with its better one: the reading most favourable to the peer
-        chosen = [max(runs, key=lambda kv: kv[1]["best_top1"]) for _, runs in sorted(by_seed.items())]
-        peers = [v for _, v in chosen]
+        peers = [v for k, v in pieces.items() if k.startswith("peer_seed")]
         if peers:
-            d["peer"] = {"pieces": [k for k, _ in chosen],
-                         "best_top1": round(statistics.mean(p["best_top1"] for p in peers), 2),
+            d["peer"] = {"best_top1": round(statistics.mean(p["best_top1"] for p in peers), 2),
                          "best_minutes": round(statistics.mean(p["best_minutes"] for p in peers), 2),
                          "curve": mean_curve([p["curve"] for p in peers]), "n_seeds": len(peers),
                          "busy": any(p["busy"] for p in peers),
