@@ -10,7 +10,10 @@ where the head validated higher, flowers17 ``--budget 15 --backbone tf_efficient
 fine-tuned 98 of 102, z 0.58), kept the head, which tested 261 of 272 against the fine-tuned network's 269. The rule
 is ``--keep-epoch auto``'s (engine/epochs.py): a paired comparison over the images the two answer differently, the
 same ``MIN_Z``. A head better beyond noise (fine-tuning too short, or harmful) is still kept; the answers are read
-(one pass over the validation split per stage) only where the head leads."""
+(one pass over the validation split per stage) only where the head leads. Tried and not adopted (AMD EPYC Zen 4,
+2026-12-07, ``benchmarks/short_finetune.py``, docs/stage-choice.md): the plainly higher validation score for
+fine-tunings of 1-3 epochs, which those 16 runs did not cover: over the four domains' ``--budget 5`` heads, two seeds,
+it raised test top-1 by 0.5-1.3 pt on average, all of it tomato's (+4.8), and cost gtsrb and flowers17 0.6-0.7."""
 
 from __future__ import annotations
 

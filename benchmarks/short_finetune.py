@@ -1,0 +1,77 @@
+"""A whole-network fine-tuning of 1, 2 or 3 epochs against the head it starts from: top-1 on validation and test.
+
+Where the recipe's seconds left buy no epoch on cached maps but one or two whole-network epochs, it runs those
+(``engine/recipe.py``'s ``plan_finetuning``) and keeps them unless the head validates better beyond noise. This asks
+whether so short a fine-tuning is worth running at all: from each ``--budget`` run's head (``RUN_DIR/head``), the
+recipe's whole-network stage (its config, lr, warm-up of a quarter of the epochs, crops of 0.8x the test input) for
+1, 2 and 3 epochs, each from the head again, without a time limit; and which of head and fine-tuned network the
+recipe's rule (``engine/keep_stage.py``) would keep. A stage already trained in ``RUN_DIR/short_finetune`` is
+re-read, not trained again (minutes: its epochs' training seconds).
+
+    python benchmarks/short_finetune.py RUN_DIR ... --out benchmarks/results/short_finetune.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from finegrain.checkpoint import Checkpoint
+from finegrain.config import TrainConfig
+from finegrain.data.transforms import eval_transform
+from finegrain.engine.keep_stage import kept_stage
+from finegrain.engine.recipe import finetune_config, train_size, validation_right
+from finegrain.engine.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _runs import over_runs, probabilities, top1  # noqa: E402
+
+EPOCHS = (1, 2, 3)
+
+
+def scores(checkpoint: Checkpoint, splits: list[str]) -> dict:
+    model = checkpoint.build_model().eval().to(memory_format=torch.channels_last)
+    data = checkpoint.dataset()
+    out = {}
+    for split in splits:
+        samples = data.split(split)
+        y = torch.tensor([s.label for s in samples])
+        out[split] = top1(probabilities(model, samples, eval_transform(model.preprocess)), y)
+    return out
+
+
+def measure(run: Path, _flag: str, splits: list[str]) -> dict:
+    head = Checkpoint.load(run / "head" / "best.pt")
+    result = {"head": scores(head, splits)}
+    stage = TrainConfig.from_yaml(run / "finetune" / "config.yaml")  # the recipe's fine-tuning, as it ran
+    test_size = head.preprocess.input_size
+    whole = stage.replace(train_stages=0, cutmix=None,
+                          train_input_size=stage.model.train_input_size or train_size(test_size))  # fmt: skip
+    workers = whole.speed.workers
+    for epochs in EPOCHS:
+        cfg = finetune_config(whole, head, epochs, run / "short_finetune" / f"epochs{epochs}")
+        history = Path(cfg.run.run_dir) / "metrics.jsonl"
+        rows = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
+        if len(rows) < epochs or not (Path(cfg.run.run_dir) / "best.pt").is_file():
+            fit(cfg)
+            rows = [json.loads(line) for line in history.read_text().splitlines()]
+        kept = Checkpoint.load(Path(cfg.run.run_dir) / "best.pt")
+        stages = {"head": {"val_top1": head.metrics["val_top1"], "run_dir": str(run / "head")},
+                  "finetune": {"val_top1": kept.metrics["val_top1"], "run_dir": cfg.run.run_dir}}  # fmt: skip
+        keep, why = kept_stage(stages, lambda stage, dirs=stages: validation_right(dirs[stage]["run_dir"], workers))
+        minutes = sum(r["epoch_seconds"] for r in rows) / 60
+        result[f"{epochs} epochs"] = {**scores(kept, splits), "minutes": round(minutes, 2), "kept": keep, "why": why}
+        print(run.name, epochs, result[f"{epochs} epochs"], flush=True)
+    return result
+
+
+def main() -> None:
+    over_runs(__doc__, "benchmarks/results/short_finetune.json", measure,
+              "RUN_DIR of a --budget run (RUN_DIR/head, RUN_DIR/finetune/config.yaml)", epochs=EPOCHS)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
