@@ -6,9 +6,12 @@ whether so short a fine-tuning is worth running at all: from each ``--budget`` r
 recipe's whole-network stage (its config, lr, warm-up of a quarter of the epochs, crops of 0.8x the test input) for
 1, 2 and 3 epochs, each from the head again, without a time limit; and which of head and fine-tuned network the
 recipe's rule (``engine/keep_stage.py``) would keep. A stage already trained in ``RUN_DIR/short_finetune`` is
-re-read, not trained again (minutes: its epochs' training seconds).
+re-read, not trained again (minutes: its epochs' training seconds). ``RUN_DIR:lr=5e-5,epochs=2`` fine-tunes at that
+lr instead of the recipe's, for those epochs only (into ``RUN_DIR/short_finetune/lr=5e-5_epochsN``; give them their own
+``--out``).
 
     python benchmarks/short_finetune.py RUN_DIR ... --out benchmarks/results/short_finetune.json
+    python benchmarks/short_finetune.py RUN_DIR:lr=5e-5,epochs=2 ... --out benchmarks/results/short_finetune_lr5e-5.json
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def scores(checkpoint: Checkpoint, splits: list[str]) -> dict:
     return out
 
 
-def measure(run: Path, _flag: str, splits: list[str]) -> dict:
+def measure(run: Path, flag: str, splits: list[str]) -> dict:
     head = Checkpoint.load(run / "head" / "best.pt")
     result = {"head": scores(head, splits)}
     stage = TrainConfig.from_yaml(run / "finetune" / "config.yaml")  # the recipe's fine-tuning, as it ran
@@ -51,8 +54,12 @@ def measure(run: Path, _flag: str, splits: list[str]) -> dict:
     whole = stage.replace(train_stages=0, cutmix=None,
                           train_input_size=stage.model.train_input_size or train_size(test_size))  # fmt: skip
     workers = whole.speed.workers
-    for epochs in EPOCHS:
-        cfg = finetune_config(whole, head, epochs, run / "short_finetune" / f"epochs{epochs}")
+    asked = dict(part.split("=") for part in flag.split(",")) if flag else {}
+    lr = asked.get("lr")
+    for epochs in [int(asked["epochs"])] if "epochs" in asked else EPOCHS:
+        name = f"{f'lr={lr}_' if lr else ''}epochs{epochs}"
+        cfg = finetune_config(whole, head, epochs, run / "short_finetune" / name)
+        cfg = cfg.replace(lr=float(lr)) if lr else cfg
         history = Path(cfg.run.run_dir) / "metrics.jsonl"
         rows = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
         if len(rows) < epochs or not (Path(cfg.run.run_dir) / "best.pt").is_file():
