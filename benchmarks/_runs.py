@@ -11,6 +11,7 @@ import torch
 from _results import write_json
 
 from finegrain.data import ImageDataset
+from finegrain.data.transforms import eval_transform
 from finegrain.engine.evaluate import autocast
 
 
@@ -28,6 +29,16 @@ def probabilities(model, samples, transform) -> torch.Tensor:
 def top1(p: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 in percent of (summed) probabilities ``p`` against labels ``y``."""
     return round(100 * float((p.argmax(1) == y).double().mean()), 2)
+
+
+def split_top1(model, data, splits: list[str]) -> dict[str, float]:
+    """Top-1 in percent of ``model`` (eval mode) on each of ``data``'s ``splits``, through its own eval transform."""
+    out = {}
+    for split in splits:
+        samples = data.split(split)
+        y = torch.tensor([s.label for s in samples])
+        out[split] = top1(probabilities(model, samples, eval_transform(model.preprocess)), y)
+    return out
 
 
 def over_runs(doc: str, out: str, measure: Callable[[Path, str, list[str]], dict], runs_help: str, **meta) -> None:

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from finegrain.checkpoint import Checkpoint
-from finegrain.data.transforms import eval_transform
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runs import over_runs, probabilities, top1  # noqa: E402
+from _runs import over_runs, split_top1  # noqa: E402
 
 ALPHAS = (0.0, 0.5, 0.7, 0.85, 1.0)
 
@@ -34,11 +33,8 @@ def measure(run: Path, _flag: str, splits: list[str]) -> dict:
         model.load_state_dict({k: alpha * v + (1 - alpha) * start[k] if v.is_floating_point() else v
                                for k, v in end.items()})  # fmt: skip
         model = model.to(memory_format=torch.channels_last)
-        for split in splits:
-            samples = data.split(split)
-            y = torch.tensor([s.label for s in samples])
-            p = probabilities(model, samples, eval_transform(model.preprocess))
-            result[f"{split} alpha={alpha:g}"] = top1(p, y)
+        for split, score in split_top1(model, data, splits).items():
+            result[f"{split} alpha={alpha:g}"] = score
     return result
 
 

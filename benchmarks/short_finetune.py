@@ -16,7 +16,6 @@ lr instead of the recipe's, for those epochs only (into ``RUN_DIR/short_finetune
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,26 +23,21 @@ import torch
 
 from finegrain.checkpoint import Checkpoint
 from finegrain.config import TrainConfig
-from finegrain.data.transforms import eval_transform
 from finegrain.engine.keep_stage import kept_stage
 from finegrain.engine.recipe import finetune_config, train_size, validation_right
+from finegrain.engine.tracking import read_metrics
 from finegrain.engine.train import fit
+from finegrain.run_layout import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _runs import over_runs, probabilities, top1  # noqa: E402
+from _runs import over_runs, split_top1  # noqa: E402
 
 EPOCHS = (1, 2, 3)
 
 
 def scores(checkpoint: Checkpoint, splits: list[str]) -> dict:
     model = checkpoint.build_model().eval().to(memory_format=torch.channels_last)
-    data = checkpoint.dataset()
-    out = {}
-    for split in splits:
-        samples = data.split(split)
-        y = torch.tensor([s.label for s in samples])
-        out[split] = top1(probabilities(model, samples, eval_transform(model.preprocess)), y)
-    return out
+    return split_top1(model, checkpoint.dataset(), splits)
 
 
 def measure(run: Path, flag: str, splits: list[str]) -> dict:
@@ -60,12 +54,11 @@ def measure(run: Path, flag: str, splits: list[str]) -> dict:
         name = f"{f'lr={lr}_' if lr else ''}epochs{epochs}"
         cfg = finetune_config(whole, head, epochs, run / "short_finetune" / name)
         cfg = cfg.replace(lr=float(lr)) if lr else cfg
-        history = Path(cfg.run.run_dir) / "metrics.jsonl"
-        rows = [json.loads(line) for line in history.read_text().splitlines()] if history.is_file() else []
-        if len(rows) < epochs or not (Path(cfg.run.run_dir) / "best.pt").is_file():
+        stage_dir = Path(cfg.run.run_dir)
+        if len(read_metrics(stage_dir)) < epochs or not (stage_dir / RunDir.BEST).is_file():
             fit(cfg)
-            rows = [json.loads(line) for line in history.read_text().splitlines()]
-        kept = Checkpoint.load(Path(cfg.run.run_dir) / "best.pt")
+        rows = read_metrics(stage_dir)
+        kept = Checkpoint.load(stage_dir / RunDir.BEST)
         stages = {"head": {"val_top1": head.metrics["val_top1"], "run_dir": str(run / "head")},
                   "finetune": {"val_top1": kept.metrics["val_top1"], "run_dir": cfg.run.run_dir}}  # fmt: skip
         keep, why = kept_stage(stages, lambda stage, dirs=stages: validation_right(dirs[stage]["run_dir"], workers))
