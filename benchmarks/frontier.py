@@ -17,9 +17,10 @@ ends and skipped when present, so the benchmark resumes run by run; ``--summariz
 ``benchmarks/results/frontier_<dataset>.png``. When the default changes, its pieces are renamed
 ``default-LABEL_seedN.json`` (e.g. ``default-wholeft``: the head, then whole-network fine-tuning) and summarised as
 ``earlier_defaults.LABEL``. A tried option on a budget runs as its own pieces, ``--variant LABEL --options "..."``
-(``budgetN-LABEL_seedS.json``), which the summary leaves out. A piece records the cores its run used and the cores
-everything else on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is marked ``busy`` (its
-minutes are inflated).
+(``budgetN-LABEL_seedS.json``), which the summary leaves out, as it leaves out a peer run for a fixed number of
+epochs instead of its probe's plan (``--peer-epochs N``, ``peer-eN_seedS.json``). A piece records the cores its run
+used and the cores everything else on the machine used meanwhile (``/proc/stat``): above 0.3 of a core the run is
+marked ``busy`` (its minutes are inflated).
 
     python benchmarks/frontier.py --parts peer --seeds 0          # 4 x 30 min
     python benchmarks/frontier.py --parts default budget --seeds 0 1
@@ -100,11 +101,12 @@ def finegrain_cli(data: Path, run_dir: Path, seed: int, *options: str) -> dict:
             "recipe": json.loads(recipe.read_text()) if recipe.is_file() else None}  # fmt: skip
 
 
-def peer_piece(name: str, work: Path, seed: int, minutes: float, img_s: float) -> dict:
+def peer_piece(name: str, work: Path, seed: int, minutes: float, img_s: float, epochs: int | None = None) -> dict:
+    """The peer's run, for ``epochs`` if given, else as many as the probe's ``img_s`` fits in ``minutes``."""
     _, _, n_train = build_tree(name, work, seed)
     n_test = sum(1 for _ in (work / name / "data" / "validation").rglob("*") if _.is_file() or _.is_symlink())
     epoch_s = n_train / img_s + n_test / (EVAL_SPEEDUP * img_s)
-    epochs = max(1, int(minutes * 60 // epoch_s))
+    epochs = epochs or max(1, int(minutes * 60 // epoch_s))
     print(f"peer {name} seed {seed}: {n_train} training images, {epochs} epoch(s) planned in {minutes} min")
     r = run_peer(name, work, epochs, seed, lite0_timm_weights(work), limit_s=minutes * 60 + 60)
     r["curve"] = [{**p, "minutes": round(p["train_wall_s"] / 60, 2)} for p in r["curve"]]
@@ -112,6 +114,11 @@ def peer_piece(name: str, work: Path, seed: int, minutes: float, img_s: float) -
     best = max(inside or r["curve"][:1], key=lambda p: p["test_top1"])
     return {**r, "train_img_s_probe": round(img_s, 2), "planned_minutes": minutes,
             "best_top1": best["test_top1"], "best_minutes": best["minutes"]}  # fmt: skip
+
+
+def peer_part(epochs: int | None, seed: int) -> str:
+    """The peer piece's name: its probe's plan, or a fixed number of epochs (left out of the summary)."""
+    return f"peer-e{epochs}_seed{seed}" if epochs else f"peer_seed{seed}"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
             data = DATASETS[name]
             todo = []
             if "peer" in args.parts:
-                todo.append(("peer", f"peer_seed{seed}"))
+                todo.append(("peer", peer_part(args.peer_epochs, seed)))
             if "default" in args.parts:
                 todo.append(("default", f"default_seed{seed}"))
             if "budget" in args.parts and seed in args.budget_seeds:
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
                 print(f"{name} {part}: running ({time.strftime('%H:%M:%S')})", flush=True)
                 if kind == "peer":
                     img_s = img_s or train_throughput()
-                    row = peer_piece(name, work / f"peer_seed{seed}", seed, args.peer_minutes, img_s)
+                    row = peer_piece(name, work / part, seed, args.peer_minutes, img_s, args.peer_epochs)
                 else:
                     run_dir = work / name / part
                     options = ["--budget", kind.removeprefix("budget"), *shlex.split(args.options)]
@@ -253,6 +260,7 @@ def main() -> None:
     p.add_argument("--variant", help="budget pieces only: a label for --options (pieces budgetN-VARIANT_seedS.json)")
     p.add_argument("--options", default="", help='with --variant: more train options, one argument: --options="--ema"')
     p.add_argument("--peer-minutes", type=float, default=30.0)
+    p.add_argument("--peer-epochs", type=int, help="the peer's epochs, not its probe's plan (pieces peer-eN_seedS)")
     p.add_argument("--work", default=os.path.expanduser("~/.cache/finegrain/frontier"))
     p.add_argument("--summarize", action="store_true", help="merge the pieces into frontier.json and the pictures")
     p.add_argument("--cpu", help="with --summarize: the pieces folder of another CPU")

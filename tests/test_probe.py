@@ -302,3 +302,30 @@ def test_finegrain_train_spends_the_default_budget_unless_a_schedule_is_given(im
         argv = [*argv, "--config", str(tmp_path / "c.yaml")]
     assert main(["train", "--data", str(imagefolder), "--run-dir", str(tmp_path / "run"), *argv]) == 0
     assert taken == [expected]
+
+
+def test_fine_tuning_speed_times_the_compiled_step_when_training_compiles(imagefolder, tiny_config, monkeypatch):
+    """With --compile, training runs the compiled module: the plan's speed must be that one's (on a CPU it was the
+    slower of the two, benchmarks/compile_speed.py), compiled once, outside the timed steps."""
+    compiled = []
+
+    class Slow(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.2)
+            return self.module(x)
+
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or Slow(module))
+    cfg = tiny_config(imagefolder, compile=True)
+    model = model_from_config(cfg, ["a", "b", "c"])
+    rate = finetune_speed(model, 3, cfg, torch.device("cpu"))
+    assert compiled == [model] and rate <= cfg.optim.batch_size / 0.2
+
+
+def test_compile_on_a_cpu_warns_that_it_was_measured_no_faster(imagefolder, tiny_config, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module: module)  # the warning, not the compiling, is under test
+    with pytest.warns(UserWarning, match="--compile on a CPU: measured no faster"):
+        fit(tiny_config(imagefolder, compile=True, epochs=1))

@@ -241,8 +241,8 @@ class SpeedOptions:
     workers: int = option(default_workers(), "DataLoader worker processes")
     device: str = option("auto", "auto, cpu, cuda")
     compile: bool = option(
-        False, "torch.compile the training step's model (for GPUs: a minute of compiling first; not measured on "
-        "CPU, where compiling lite0 costs more than a short run saves)",
+        False, "torch.compile the training step's model (for GPUs: a minute of compiling first; on a CPU it "
+        "warns: no faster there, benchmarks/compile_speed.py)",
     )  # fmt: skip
 
     def validate(self) -> None:

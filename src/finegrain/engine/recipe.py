@@ -149,7 +149,8 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     The fastest, not the mean: a step slowed by other work on the machine must not cancel fine-tuning. On a loaded
     2-core machine (2026-11-28) the mean of 3 steps read 4.6-7.3 img/s against 15-18 idle, and the recipe then
     kept the head on two of four datasets. An estimate that is too high costs at most one epoch: ``--time-limit``
-    stops before any later epoch that would end past the budget, but the first one always runs."""
+    stops before any later epoch that would end past the budget, but the first one always runs. With ``--compile``
+    the compiled step is timed, as training runs it (benchmarks/compile_speed.py: slower on a CPU)."""
     model = model.to(device).train()
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -167,13 +168,14 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     freeze_bn_stats(module)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
     y = torch.randint(0, num_classes, (batch,)).to(device)
+    stepped = torch.compile(module) if cfg.speed.compile else module  # compiled in the untimed warm-up step
 
     def one_step() -> None:
-        with autocast(device, amp), fp32_depthwise(module, device, amp):  # as the training step computes
+        with autocast(device, amp), fp32_depthwise(stepped, device, amp):  # as the training step computes
             with torch.no_grad():
                 for teacher in teachers:
                     teacher(x)
-            out = module(x)
+            out = stepped(x)
         loss, _ = model.compute_loss(out, y, nn.functional.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,12 @@ class FitResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+#: why ``--compile`` warns on a CPU (``python benchmarks/compile_speed.py``, AMD EPYC Zen 4, 2026-12-07)
+COMPILE_ON_CPU = (
+    "--compile on a CPU: measured no faster there (AMD EPYC Zen 4: lite0's whole-network step 0.87x eager, its last "
+    "stages on cached maps 1.06x, after 33-77 s of compiling; benchmarks/compile_speed.py). It is meant for GPUs: "
+    "drop --compile on this machine."
+)
 SYNC_EVERY = 10  # steps between reads of the running loss (the progress bar, the NaN check)
 clock = time.perf_counter  # the wall clock --time-limit and --replan-epochs read (tests inject a slower machine)
 
@@ -207,6 +214,8 @@ def fit(
     if info.enabled:
         module = DistributedDataParallel(module, find_unused_parameters=task.unused_parameters(model))
     if cfg.speed.compile:  # after DDP, as PyTorch's DDP + compile guide has it; checkpoints keep the plain module
+        if device.type == "cpu" and info.is_main:
+            warnings.warn(COMPILE_ON_CPU, stacklevel=2)
         module = torch.compile(module)
     optimizer = make_optimizer(task.trainable, cfg, model)
     steps = len(loader)
