@@ -1,5 +1,5 @@
 """What ``--compile`` (``torch.compile`` of the training step's model) buys a fine-tuning step on this machine: the
-recipe's own speed probe (``finetune_speed``, which compiles as training does when asked) of lite0's last two stages
+recipe's own speed probe (``finetune_speed``, which compiles the step's module when asked) of lite0's last two stages
 on cached maps and of the whole network at 176 px, eager and compiled, alternating round by round, as images/s and
 ratios, with the seconds the compiled probe spent in all (its compile is in the untimed warm-up step). Each round
 starts from a fresh model and compiles cold: ``torch._dynamo.reset``, Inductor's graph caches off and its cache
@@ -51,14 +51,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for case, (stages, size) in CASES.items():
             for variant in ("eager", "compiled"):
-                cfg = TrainConfig().replace(train_input_size=size, compile=variant == "compiled")
+                cfg = TrainConfig().replace(train_input_size=size)
                 torch._dynamo.reset()
                 if not args.warm_cache:
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
                 busy.append(busy_share(0.2) or 0.0)
                 model = create_model("baseline", num_classes=100)
                 start = time.perf_counter()
-                rates[case][variant].append(finetune_speed(model, 100, cfg, cpu, args.steps, train_stages=stages))
+                rate = finetune_speed(model, 100, cfg, cpu, args.steps, train_stages=stages,
+                                      compiled=variant == "compiled")  # fmt: skip
+                rates[case][variant].append(rate)
                 if variant == "compiled":
                     seconds[case].append(round(time.perf_counter() - start, 1))
     print(f"{'step':<22} {'eager img/s':>12} {'compiled':>9} {'ratio':>6} {'compiled probe s':>17}")

@@ -139,7 +139,8 @@ def train(cfg: TrainConfig, given: Iterable[str] = (), started: float | None = N
 
 
 def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device: torch.device, steps: int = 3,
-                   teachers: Sequence[nn.Module] = (), train_stages: int = 0) -> float:  # fmt: skip
+                   teachers: Sequence[nn.Module] = (), train_stages: int = 0,
+                   compiled: bool = False) -> float:  # fmt: skip
     """Training images/s of fine-tuning on this machine, at the run's batch, training input size and precision: of the
     whole network on images, or (``train_stages``) of its last stages and head on the cached maps of the frozen rest;
     ``teachers`` (distillation's) run on every batch too. One step to warm up, then the fastest of ``steps`` timed
@@ -149,8 +150,12 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     The fastest, not the mean: a step slowed by other work on the machine must not cancel fine-tuning. On a loaded
     2-core machine (2026-11-28) the mean of 3 steps read 4.6-7.3 img/s against 15-18 idle, and the recipe then
     kept the head on two of four datasets. An estimate that is too high costs at most one epoch: ``--time-limit``
-    stops before any later epoch that would end past the budget, but the first one always runs. With ``--compile``
-    the compiled step is timed, as training runs it (benchmarks/compile_speed.py: slower on a CPU)."""
+    stops before any later epoch that would end past the budget, but the first one always runs.
+
+    ``compiled`` times the step ``torch.compile``'d (its compile in the untimed warm-up), for
+    benchmarks/compile_speed.py. The recipe's probes stay eager even under ``--compile``: compiling there would cost
+    a budget a compile per probe (33-77 s each on a Zen 4, a minute on a GPU), and the re-plans after each epoch
+    read the speed training has (the first epoch's time includes its compile)."""
     model = model.to(device).train()
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -168,7 +173,7 @@ def finetune_speed(model: nn.Module, num_classes: int, cfg: TrainConfig, device:
     freeze_bn_stats(module)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
     y = torch.randint(0, num_classes, (batch,)).to(device)
-    stepped = torch.compile(module) if cfg.speed.compile else module  # compiled in the untimed warm-up step
+    stepped = torch.compile(module) if compiled else module  # compiled in the untimed warm-up step
 
     def one_step() -> None:
         with autocast(device, amp), fp32_depthwise(stepped, device, amp):  # as the training step computes
