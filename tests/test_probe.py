@@ -321,10 +321,10 @@ def test_fine_tuning_speed_times_the_compiled_step_when_asked(imagefolder, tiny_
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or Slow(module))
     cfg = tiny_config(imagefolder, compile=True)
     model = model_from_config(cfg, ["a", "b", "c"])
-    eager = finetune_speed(model, 3, cfg, torch.device("cpu"))
+    finetune_speed(model, 3, cfg, torch.device("cpu"))
     assert compiled == []  # the recipe's probe under --compile: eager (see finetune_speed)
     rate = finetune_speed(model, 3, cfg, torch.device("cpu"), compiled=True)
-    assert compiled == [model] and rate <= cfg.optim.batch_size / 0.2 < eager
+    assert compiled == [model] and rate <= cfg.optim.batch_size / 0.2  # every timed step ran the compiled module
 
 
 def test_compile_on_a_cpu_warns_that_it_was_measured_no_faster(imagefolder, tiny_config, monkeypatch):
