@@ -4,8 +4,7 @@ on cached maps and of the whole network at 176 px, eager and compiled, alternati
 ratios, with the seconds the compiled probe spent in all (its compile is in the untimed warm-up step). Each round
 starts from a fresh model and compiles cold: ``torch._dynamo.reset``, Inductor's graph caches off and its cache
 folder (built kernels) a new empty one, as the first run on a machine does (with ``--warm-cache`` its caches stay
-on, as for a later run on the same machine). Random tensors,
-finegrain's default precision and layout.
+on, as for a later run on the same machine). Random tensors, finegrain's default precision and layout.
 
     python benchmarks/compile_speed.py --out benchmarks/results/compile_speed_<cpu>.json
 """
@@ -50,8 +49,8 @@ def main() -> None:
     busy = []
     for _ in range(args.rounds):
         for case, (stages, size) in CASES.items():
+            cfg = TrainConfig().replace(train_input_size=size)
             for variant in ("eager", "compiled"):
-                cfg = TrainConfig().replace(train_input_size=size)
                 torch._dynamo.reset()
                 if not args.warm_cache:
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
